@@ -1,0 +1,280 @@
+//! The command line: `worker`, `normalize`, `publish`, `topology`.
+
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use tracing_subscriber::EnvFilter;
+
+use crate::broker;
+use crate::config::{Config, LogFormat};
+use crate::decode::{Payload, decode};
+use crate::normalize::normalize;
+use crate::reason::ReasonCode;
+
+/// Exit code of a rejected message (sysexits EX_DATAERR).
+pub const EXIT_DATA_ERROR: u8 = 65;
+/// Exit code when an input file cannot be read (sysexits EX_NOINPUT).
+pub const EXIT_NO_INPUT: u8 = 66;
+/// Exit code for configuration and broker failures.
+pub const EXIT_FAILURE: u8 = 1;
+
+const SETTINGS_HELP: &str = "\
+Settings come from defaults, then the TOML file given by --config, then
+LESSON_REPLAY_* environment variables (see the README for the full table):
+  LESSON_REPLAY_AMQP_URL          broker URL [amqp://guest:***@127.0.0.1:5672/%2f]
+  LESSON_REPLAY_INBOUND_EXCHANGE  [tic.recordings]
+  LESSON_REPLAY_WORK_QUEUE        [lesson-replay.recordings]
+  LESSON_REPLAY_PARKING_QUEUE     [lesson-replay.parking]
+  LESSON_REPLAY_RECORDS_EXCHANGE  [lesson-replay.records]
+  LESSON_REPLAY_RECORDS_QUEUE     [lesson-replay.records]
+  LESSON_REPLAY_DELIVERY_LIMIT    [20]
+  LESSON_REPLAY_CONCURRENCY       messages in flight (prefetch) [16]
+  LESSON_REPLAY_SIGNATURE         required | if-present | off [if-present]
+  LESSON_REPLAY_TIC_KEYS          SDKAPPID=TICKEY,... (secret)
+  LESSON_REPLAY_SHUTDOWN_GRACE_SECS [25]
+  LESSON_REPLAY_LOG_FORMAT        auto | json | text [auto]";
+
+#[derive(Debug, Parser)]
+#[command(name = "lesson-replay", version, about = "TIC recording messages in, lesson-replay records out", after_help = SETTINGS_HELP)]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, global = true, env = "LESSON_REPLAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Consume TIC messages and publish lesson-replay records (the service).
+    Worker,
+    /// Turn one message into a record on stdout, without any network.
+    ///
+    /// Exit 0 with the record on stdout; exit 0 with `skipped: ...` on stderr
+    /// for a message without a finished recording; exit 65 with
+    /// `error: <reason_code>: <message>` on stderr for a rejected message.
+    Normalize {
+        /// The message file, or `-` for standard input.
+        #[arg(default_value = "-")]
+        file: PathBuf,
+        /// The sdkappid when the body has none (as the x-tic-sdkappid header would).
+        #[arg(long)]
+        sdkappid: Option<i64>,
+    },
+    /// Publish message files to the inbound exchange (declares the topology first).
+    Publish {
+        /// Message files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// x-tic-sign header.
+        #[arg(long)]
+        sign: Option<String>,
+        /// x-tic-random header.
+        #[arg(long)]
+        random: Option<String>,
+        /// x-tic-sdkappid header.
+        #[arg(long)]
+        sdkappid: Option<i64>,
+        /// Routing key on the inbound exchange.
+        #[arg(long, default_value = "tic.recording")]
+        routing_key: String,
+    },
+    /// Declare the exchanges and queues, then exit.
+    Topology,
+}
+
+/// Run the command line; returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Normalize { file, sdkappid } = &cli.command {
+        return run_normalize(file, *sdkappid);
+    }
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    init_logging(config.log_format);
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Worker => crate::worker::run(config, shutdown_signal())
+                .await
+                .map_err(|e| e.to_string()),
+            Command::Topology => declare_only(&config).await.map_err(|e| e.to_string()),
+            Command::Publish {
+                files,
+                sign,
+                random,
+                sdkappid,
+                routing_key,
+            } => {
+                let headers = callback_headers(sign, random, sdkappid);
+                publish_files(&config, &files, headers, &routing_key).await
+            }
+            Command::Normalize { .. } => unreachable!("handled above"),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Completes on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown signal received");
+}
+
+fn read_input(file: &Path) -> std::io::Result<Vec<u8>> {
+    if file.as_os_str() == "-" {
+        let mut body = Vec::new();
+        std::io::stdin().read_to_end(&mut body)?;
+        Ok(body)
+    } else {
+        std::fs::read(file)
+    }
+}
+
+fn run_normalize(file: &Path, sdkappid: Option<i64>) -> ExitCode {
+    let body = match read_input(file) {
+        Ok(body) => body,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", file.display());
+            return ExitCode::from(EXIT_NO_INPUT);
+        }
+    };
+    let outcome = decode(&body).and_then(|announcement| match announcement.payload {
+        Payload::Finished(recording) => {
+            normalize(&recording, announcement.sdkappid.or(sdkappid)).map(Some)
+        }
+        Payload::NotFinished(reason) => {
+            eprintln!("skipped: {reason}");
+            Ok(None)
+        }
+    });
+    match outcome {
+        Ok(Some(record)) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&record).expect("a record always serializes")
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err(rejection) => {
+            debug_assert!(ReasonCode::ALL.contains(&rejection.code));
+            eprintln!("error: {rejection}");
+            ExitCode::from(EXIT_DATA_ERROR)
+        }
+    }
+}
+
+async fn declare_only(config: &Config) -> Result<(), lapin::Error> {
+    let connection = broker::connect(config, "lesson-replay topology").await?;
+    let channel = connection.create_channel().await?;
+    broker::declare_topology(&channel, config).await?;
+    tracing::info!("topology declared");
+    connection.close(200, "done".into()).await
+}
+
+/// The callback's URL parameters as AMQP headers.
+pub fn callback_headers(
+    sign: Option<String>,
+    random: Option<String>,
+    sdkappid: Option<i64>,
+) -> FieldTable {
+    let mut headers = FieldTable::default();
+    if let Some(sign) = sign {
+        broker::set_header(&mut headers, broker::HEADER_SIGN, &sign);
+    }
+    if let Some(random) = random {
+        broker::set_header(&mut headers, broker::HEADER_RANDOM, &random);
+    }
+    if let Some(app) = sdkappid {
+        headers.insert(
+            ShortString::from(broker::HEADER_SDKAPPID),
+            AMQPValue::LongLongInt(app),
+        );
+    }
+    headers
+}
+
+async fn publish_files(
+    config: &Config,
+    files: &[PathBuf],
+    headers: FieldTable,
+    routing_key: &str,
+) -> Result<(), String> {
+    let connection = broker::connect(config, "lesson-replay publish")
+        .await
+        .map_err(|e| e.to_string())?;
+    let channel = broker::confirm_channel(&connection)
+        .await
+        .map_err(|e| e.to_string())?;
+    broker::declare_topology(&channel, config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
+    for file in files {
+        let body = read_input(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        let properties = broker::json_properties()
+            .with_headers(headers.clone())
+            .with_timestamp(now);
+        broker::publish_confirmed(
+            &channel,
+            &config.inbound_exchange,
+            routing_key,
+            &body,
+            properties,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        println!("published {}", file.display());
+    }
+    connection
+        .close(200, "done".into())
+        .await
+        .map_err(|e| e.to_string())
+}

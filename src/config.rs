@@ -1,0 +1,225 @@
+//! Configuration: defaults, then an optional TOML file, then `LESSON_REPLAY_*`
+//! environment variables (each setting's variable is its name in upper case,
+//! e.g. `amqp_url` → `LESSON_REPLAY_AMQP_URL`). Secrets are wrapped so that
+//! `Debug` output never shows them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::pipeline::SignaturePolicy;
+use crate::verify::{SignatureMode, TicKeys};
+
+pub const ENV_PREFIX: &str = "LESSON_REPLAY_";
+
+/// Every setting of the worker. The README's settings table mirrors this struct.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// AMQP URL of the broker (may contain a password).
+    pub amqp_url: SecretString,
+    /// Topic exchange the upstream publishes TIC messages to.
+    pub inbound_exchange: String,
+    /// Quorum queue the workers consume, bound to `inbound_exchange` with `#`.
+    pub work_queue: String,
+    /// Queue where rejected messages are parked, with their reason.
+    pub parking_queue: String,
+    /// Topic exchange records are published to.
+    pub records_exchange: String,
+    /// Queue bound to `records_exchange` with `#`, so records are kept before any consumer binds.
+    pub records_queue: String,
+    /// Deliveries of one message before the broker dead-letters it to the parking queue.
+    pub delivery_limit: u32,
+    /// Messages processed at once (the consumer prefetch).
+    pub concurrency: u16,
+    /// `required`, `if-present` or `off`.
+    pub signature: SignatureMode,
+    /// TicKeys per sdkappid: `1400042982=KEY,...` or, in TOML, a table.
+    pub tic_keys: TicKeysSetting,
+    /// Seconds in-flight messages get to finish on shutdown.
+    pub shutdown_grace_secs: u64,
+    /// `auto` (JSON unless stderr is a terminal), `json` or `text`.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            amqp_url: SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            inbound_exchange: "tic.recordings".into(),
+            work_queue: "lesson-replay.recordings".into(),
+            parking_queue: "lesson-replay.parking".into(),
+            records_exchange: "lesson-replay.records".into(),
+            records_queue: "lesson-replay.records".into(),
+            delivery_limit: 20,
+            concurrency: 16,
+            signature: SignatureMode::IfPresent,
+            tic_keys: TicKeysSetting::default(),
+            shutdown_grace_secs: 25,
+            log_format: LogFormat::Auto,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Auto,
+    Json,
+    Text,
+}
+
+/// TicKeys as configured: a `ID=KEY,...` list (environment) or a table (TOML).
+#[derive(Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TicKeysSetting {
+    List(SecretString),
+    Table(BTreeMap<String, SecretString>),
+}
+
+impl Default for TicKeysSetting {
+    fn default() -> Self {
+        TicKeysSetting::Table(BTreeMap::new())
+    }
+}
+
+impl std::fmt::Debug for TicKeysSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+impl TicKeysSetting {
+    pub fn parse(&self) -> Result<TicKeys, String> {
+        match self {
+            TicKeysSetting::List(list) => TicKeys::parse_list(list.expose_secret()),
+            TicKeysSetting::Table(table) => {
+                let mut keys = TicKeys::default();
+                for (id, key) in table {
+                    let id = id
+                        .parse()
+                        .map_err(|_| format!("tic_keys: sdkappid {id:?} is not an integer"))?;
+                    keys.insert(id, key.clone());
+                }
+                Ok(keys)
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Load defaults, then `file` (when given), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} not found",
+                    file.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]));
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.concurrency == 0 {
+            return Err(ConfigError::Invalid(
+                "concurrency must be at least 1".into(),
+            ));
+        }
+        if self.delivery_limit == 0 {
+            return Err(ConfigError::Invalid(
+                "delivery_limit must be at least 1".into(),
+            ));
+        }
+        let keys = self.tic_keys.parse().map_err(ConfigError::Invalid)?;
+        if self.signature == SignatureMode::Required && keys.is_empty() {
+            return Err(ConfigError::Invalid(
+                "signature = required but no tic_keys are configured".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn signature_policy(&self) -> SignaturePolicy {
+        SignaturePolicy {
+            mode: self.signature,
+            // validate() has parsed it already.
+            keys: self.tic_keys.parse().unwrap_or_default(),
+        }
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "lr.toml",
+                "concurrency = 4\nwork_queue = \"from-file\"\n[tic_keys]\n1400000001 = \"FILEKEY\"\n",
+            )?;
+            jail.set_env("LESSON_REPLAY_WORK_QUEUE", "from-env");
+            jail.set_env("LESSON_REPLAY_SIGNATURE", "required");
+            let config = Config::load(Some(Path::new("lr.toml"))).expect("loads");
+            assert_eq!(config.concurrency, 4);
+            assert_eq!(config.work_queue, "from-env");
+            assert_eq!(config.signature, SignatureMode::Required);
+            assert_eq!(config.records_queue, "lesson-replay.records");
+            assert_eq!(config.tic_keys.parse().unwrap().len(), 1);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("LESSON_REPLAY_AMQP_URL", "amqp://user:hunter2@broker/%2f");
+            jail.set_env("LESSON_REPLAY_TIC_KEYS", "1400000001=TOPSECRETKEY");
+            let config = Config::load(None).expect("loads");
+            let shown = format!("{config:?}");
+            assert!(
+                !shown.contains("hunter2") && !shown.contains("TOPSECRETKEY"),
+                "{shown}"
+            );
+            assert_eq!(config.signature_policy().keys.len(), 1);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_settings_and_bad_values_are_errors() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "concurency = 4\n")?;
+            assert!(Config::load(Some(Path::new("bad.toml"))).is_err());
+            jail.set_env("LESSON_REPLAY_SIGNATURE", "required");
+            assert!(Config::load(None).is_err(), "required without keys");
+            Ok(())
+        });
+    }
+}

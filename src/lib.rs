@@ -1,0 +1,22 @@
+//! lesson-replay: TIC "recording finished" messages in, lesson-replay records out.
+//!
+//! A message flows through the modules in this order:
+//!
+//! 1. [`worker`] consumes it from RabbitMQ ([`broker`] holds the AMQP details);
+//! 2. [`pipeline::decide`] turns it into a decision, with no I/O:
+//!    [`decode`] (four JSON formats) → [`verify`] (signature) →
+//!    [`normalize`] (durations, repairs, ids) + [`layout`] (screen layout);
+//! 3. [`worker`] publishes the [`record::Record`] or parks the message with a
+//!    [`reason::ReasonCode`], then acknowledges it.
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod decode;
+pub mod layout;
+pub mod normalize;
+pub mod pipeline;
+pub mod reason;
+pub mod record;
+pub mod verify;
+pub mod worker;

@@ -1,0 +1,184 @@
+//! The decision for one inbound message, with no I/O: decode → verify →
+//! normalize. The worker (and `lesson-replay normalize`) call [`decide`] and
+//! only carry out what it says.
+
+use crate::decode::{Payload, decode};
+use crate::normalize::normalize;
+use crate::reason::Rejection;
+use crate::record::Record;
+use crate::verify::{SignatureMode, SignedFields, TicKeys, verify};
+
+/// What travelled next to the body: the callback's URL parameters (as AMQP
+/// headers `x-tic-sign`, `x-tic-random`, `x-tic-sdkappid`) and the AMQP
+/// `timestamp` property.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Envelope {
+    pub sign: Option<String>,
+    pub random: Option<String>,
+    pub sdkappid: Option<String>,
+    /// AMQP `timestamp` property, Unix seconds.
+    pub timestamp: Option<i64>,
+}
+
+/// How signatures are checked.
+#[derive(Debug, Clone, Default)]
+pub struct SignaturePolicy {
+    pub mode: SignatureMode,
+    pub keys: TicKeys,
+}
+
+/// What to do with a message.
+#[derive(Debug, Clone)]
+pub enum Decision {
+    /// Publish this record, then acknowledge the message.
+    Publish(Box<Record>),
+    /// No finished recording: acknowledge and count as skipped.
+    Skip(Rejection),
+    /// Bad input: park the message with this reason.
+    Reject(Rejection),
+}
+
+/// Decide what one message becomes.
+pub fn decide(body: &[u8], envelope: &Envelope, policy: &SignaturePolicy) -> Decision {
+    match try_decide(body, envelope, policy) {
+        Ok(decision) => decision,
+        Err(rejection) => Decision::Reject(rejection),
+    }
+}
+
+fn try_decide(
+    body: &[u8],
+    envelope: &Envelope,
+    policy: &SignaturePolicy,
+) -> Result<Decision, Rejection> {
+    let announcement = decode(body)?;
+    let sdkappid = match announcement.sdkappid {
+        Some(id) => Some(id),
+        None => header_sdkappid(envelope)?,
+    };
+    verify(
+        policy.mode,
+        &policy.keys,
+        SignedFields {
+            sdkappid,
+            sign: envelope.sign.as_deref(),
+            expire_time: announcement.expire_time,
+            sent_at: announcement.sent_at.or(envelope.timestamp),
+        },
+    )?;
+    match announcement.payload {
+        Payload::NotFinished(reason) => Ok(Decision::Skip(reason)),
+        Payload::Finished(recording) => Ok(Decision::Publish(Box::new(normalize(
+            &recording, sdkappid,
+        )?))),
+    }
+}
+
+fn header_sdkappid(envelope: &Envelope) -> Result<Option<i64>, Rejection> {
+    envelope
+        .sdkappid
+        .as_deref()
+        .map(|raw| {
+            raw.trim().parse().map_err(|_| {
+                Rejection::field(
+                    "header x-tic-sdkappid",
+                    format!("{raw:?} is not an integer"),
+                )
+            })
+        })
+        .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reason::ReasonCode;
+    use crate::verify::compute_sign;
+
+    const BODY: &str = r#"{"callback_type":"record_finished","expire_time":1700000100,"timestamp":1700000000,
+        "task_id":"t1","room_id":1,"group_id":"1","start_time":1700000000,"stop_time":1700000060,"video_info":[]}"#;
+
+    fn policy(mode: SignatureMode) -> SignaturePolicy {
+        SignaturePolicy {
+            mode,
+            keys: TicKeys::parse_list("1400000001=SECRETKEY").unwrap(),
+        }
+    }
+
+    #[test]
+    fn sdkappid_comes_from_the_header_when_the_body_has_none() {
+        let envelope = Envelope {
+            sdkappid: Some("1400000001".into()),
+            sign: Some(compute_sign("SECRETKEY", 1700000100)),
+            ..Envelope::default()
+        };
+        match decide(BODY.as_bytes(), &envelope, &policy(SignatureMode::Required)) {
+            Decision::Publish(record) => assert_eq!(record.sdkappid, Some(1400000001)),
+            other => panic!("{other:?}"),
+        }
+        let no_header = decide(
+            BODY.as_bytes(),
+            &Envelope::default(),
+            &policy(SignatureMode::IfPresent),
+        );
+        assert!(matches!(no_header, Decision::Publish(r) if r.sdkappid.is_none()));
+    }
+
+    #[test]
+    fn body_timestamp_wins_over_the_amqp_timestamp_for_expiry() {
+        let envelope = Envelope {
+            sdkappid: Some("1400000001".into()),
+            sign: Some(compute_sign("SECRETKEY", 1700000100)),
+            timestamp: Some(1800000000),
+            ..Envelope::default()
+        };
+        assert!(matches!(
+            decide(BODY.as_bytes(), &envelope, &policy(SignatureMode::Required)),
+            Decision::Publish(_)
+        ));
+        // Without a body timestamp the AMQP property decides: sent after expiry.
+        let body = BODY.replace(r#""timestamp":1700000000,"#, "");
+        match decide(body.as_bytes(), &envelope, &policy(SignatureMode::Required)) {
+            Decision::Reject(r) => assert_eq!(r.code, ReasonCode::SignatureExpired),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_bad_header_sdkappid_is_rejected() {
+        let envelope = Envelope {
+            sdkappid: Some("abc".into()),
+            ..Envelope::default()
+        };
+        match decide(BODY.as_bytes(), &envelope, &policy(SignatureMode::Off)) {
+            Decision::Reject(r) => assert!(r.message.starts_with("header x-tic-sdkappid"), "{r}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn signature_is_checked_before_skipping() {
+        let started = r#"{"callback_type":"record_started","room_id":1,"expire_time":5}"#;
+        let envelope = Envelope {
+            sdkappid: Some("1400000001".into()),
+            sign: Some("forged".into()),
+            ..Envelope::default()
+        };
+        match decide(
+            started.as_bytes(),
+            &envelope,
+            &policy(SignatureMode::IfPresent),
+        ) {
+            Decision::Reject(r) => assert_eq!(r.code, ReasonCode::SignatureInvalid),
+            other => panic!("{other:?}"),
+        }
+        match decide(
+            started.as_bytes(),
+            &Envelope::default(),
+            &policy(SignatureMode::IfPresent),
+        ) {
+            Decision::Skip(r) => assert_eq!(r.code, ReasonCode::RecordingStarted),
+            other => panic!("{other:?}"),
+        }
+    }
+}

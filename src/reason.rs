@@ -1,0 +1,107 @@
+//! The reason-code vocabulary: one short string per way a message can fail to
+//! become a record. The same strings appear in CLI errors, in the headers of
+//! parked messages and in logs, so an operator can grep one word end to end.
+
+use std::fmt;
+
+/// Why a message was not turned into a published record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReasonCode {
+    /// The body is not valid JSON (or nests deeper than the parser allows).
+    InvalidJson,
+    /// Valid JSON, but none of the four TIC message formats.
+    UnknownFormat,
+    /// A field is missing, has the wrong type, or holds an impossible value.
+    InvalidField,
+    /// `signature=required` and the message carries no `x-tic-sign`.
+    SignatureMissing,
+    /// The signature does not match, or cannot be checked (no key, no `expire_time`).
+    SignatureInvalid,
+    /// `expire_time` is earlier than the time the callback was sent.
+    SignatureExpired,
+    /// TIC reported a failed recording (`error_code` other than 0).
+    UpstreamError,
+    /// A `record_started` callback: no finished recording yet (skipped, not an error).
+    RecordingStarted,
+    /// A query answer whose `status` is not `finished` (skipped, not an error).
+    NotFinished,
+}
+
+impl ReasonCode {
+    /// Every code, in documentation order.
+    pub const ALL: [ReasonCode; 9] = [
+        ReasonCode::InvalidJson,
+        ReasonCode::UnknownFormat,
+        ReasonCode::InvalidField,
+        ReasonCode::SignatureMissing,
+        ReasonCode::SignatureInvalid,
+        ReasonCode::SignatureExpired,
+        ReasonCode::UpstreamError,
+        ReasonCode::RecordingStarted,
+        ReasonCode::NotFinished,
+    ];
+
+    /// The stable wire name (snake_case).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReasonCode::InvalidJson => "invalid_json",
+            ReasonCode::UnknownFormat => "unknown_format",
+            ReasonCode::InvalidField => "invalid_field",
+            ReasonCode::SignatureMissing => "signature_missing",
+            ReasonCode::SignatureInvalid => "signature_invalid",
+            ReasonCode::SignatureExpired => "signature_expired",
+            ReasonCode::UpstreamError => "upstream_error",
+            ReasonCode::RecordingStarted => "recording_started",
+            ReasonCode::NotFinished => "not_finished",
+        }
+    }
+}
+
+impl fmt::Display for ReasonCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A reason code with a human-readable explanation.
+///
+/// Used both for rejections (the message is parked) and for skips (the message
+/// is acknowledged and counted). The message never contains secrets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Rejection {
+    pub code: ReasonCode,
+    pub message: String,
+}
+
+impl Rejection {
+    pub fn new(code: ReasonCode, message: impl Into<String>) -> Self {
+        Rejection {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A field-level error, always naming the field's path.
+    pub fn field(path: &str, problem: impl fmt::Display) -> Self {
+        Rejection::new(ReasonCode::InvalidField, format!("{path}: {problem}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_names_are_unique_snake_case() {
+        let names: std::collections::HashSet<_> =
+            ReasonCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(names.len(), ReasonCode::ALL.len());
+        for name in names {
+            assert!(
+                name.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                "{name}"
+            );
+        }
+    }
+}
