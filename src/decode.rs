@@ -229,7 +229,10 @@ fn decode_realtime(format: Format, value: Value) -> Result<Announcement, Rejecti
         (Format::QueryAnswer, _, Some("finished")) => None,
         (Format::QueryAnswer, _, status) => Some(Rejection::new(
             ReasonCode::NotFinished,
-            format!("query answer with status {status:?}, not \"finished\""),
+            format!(
+                "query answer with status \"{}\", not \"finished\"",
+                status.unwrap_or("")
+            ),
         )),
         _ => None,
     };

@@ -20,23 +20,31 @@ const REPLAY_NAMESPACE: Uuid = Uuid::from_u128(0x6c65_7373_6f6e_4a72_a570_6c61_7
 const MAX_PLAUSIBLE_BITS_PER_S: f64 = 20_000_000.0;
 /// How far a track may end beyond the recording span before its duration is suspect.
 const SPAN_TOLERANCE: f64 = 1.05;
+/// No lesson recording lasts a day; a longer declared span is a unit mistake.
+const MAX_PLAUSIBLE_SPAN_MS: i64 = 24 * 3600 * 1000;
 
 /// The replay id of a recording: a UUID v5, stable across formats and redeliveries.
 ///
 /// With a task id it derives from `(sdkappid, task_id)` only, so a callback and
 /// a query answer for the same task agree. Without one (result records,
 /// post-class results without `TaskId`) it derives from
-/// `(source, sdkappid, room_id, start_time)`.
+/// `(source, sdkappid, room_id, start_time, mixed or not)`.
 pub fn replay_id(sdkappid: Option<i64>, recording: &Recording) -> String {
     let app = sdkappid.map(|a| a.to_string()).unwrap_or_default();
     let name = match recording.task_id.as_deref().filter(|t| !t.is_empty()) {
         Some(task) => format!("task:{app}:{task}"),
-        None => format!(
-            "recording:{}:{app}:{}:{}",
-            source_of(recording).as_str(),
-            recording.room_id,
-            recording.start_time
-        ),
+        None => {
+            // A mixed and an unmixed post-class recording of one lesson are two recordings.
+            let mixed =
+                !recording.videos.is_empty() && recording.videos.iter().all(|v| v.video_type == 3);
+            format!(
+                "recording:{}:{app}:{}:{}:{}",
+                source_of(recording).as_str(),
+                recording.room_id,
+                recording.start_time,
+                if mixed { "mixed" } else { "tracks" }
+            )
+        }
     };
     Uuid::new_v5(&REPLAY_NAMESPACE, name.as_bytes()).to_string()
 }
@@ -175,6 +183,33 @@ fn recording_span(recording: &Recording, warnings: &mut Vec<Warning>) -> Option<
                 "the recording stops before it starts: the timeline is taken from the tracks",
             ));
             None
+        }
+        Some(ms) if ms > MAX_PLAUSIBLE_SPAN_MS && !recording.post_class => {
+            // The contract's own result example has stop - start = 1 440 000 "s":
+            // a millisecond length added to a seconds timestamp. Read it as ms
+            // when the tracks (declared ms) fit that reading.
+            let as_ms = ms / 1000;
+            let tracks_end = recording
+                .videos
+                .iter()
+                .map(|v| v.video_play_time.saturating_add(v.video_duration))
+                .max()
+                .unwrap_or(0);
+            if tracks_end > 0 && tracks_end as f64 <= as_ms as f64 * SPAN_TOLERANCE {
+                warnings.push(Warning::new(
+                    "span_unit_ms",
+                    format!(
+                        "stop_time - start_time = {as_ms} is implausible in seconds, read as ms"
+                    ),
+                ));
+                Some(as_ms)
+            } else {
+                warnings.push(Warning::new(
+                    "span_implausible",
+                    format!("the recording declares {} hours", ms / 3_600_000),
+                ));
+                Some(ms)
+            }
         }
         Some(ms) => Some(ms),
     }
@@ -485,6 +520,26 @@ mod tests {
         .unwrap();
         assert_eq!(r.tracks[0].duration_ms, 100);
         assert_eq!(codes(&r), ["duration_implausible"]);
+    }
+
+    #[test]
+    fn a_span_of_days_matching_the_tracks_in_ms_is_read_as_ms() {
+        // Contract §2.5: stop - start = 1 440 000, tracks end at 1 440 000 ms.
+        let r = normalize(
+            &recording(1_440_000, vec![video(120_000, 1241, 1_320_000, 2, "")]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(r.duration_ms, 1_440_000);
+        assert_eq!(codes(&r), ["span_unit_ms"]);
+        // Two days with a ten-minute track: 172.8 s cannot hold it, keep it and say so.
+        let r = normalize(
+            &recording(172_800, vec![video(0, 1000, 600_000, 0, "a")]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(r.duration_ms, 172_800_000);
+        assert_eq!(codes(&r), ["span_implausible"]);
     }
 
     #[test]

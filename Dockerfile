@@ -1,0 +1,18 @@
+# Build stage: compile the release binary.
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN cargo build --release --locked
+
+# Runtime stage: a small image running as a non-root user.
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --no-create-home lesson-replay
+COPY --from=build /src/target/release/lesson-replay /usr/local/bin/lesson-replay
+COPY examples /examples
+USER 10001
+ENV LESSON_REPLAY_LOG_FORMAT=json
+ENTRYPOINT ["lesson-replay"]
+CMD ["worker"]

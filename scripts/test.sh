@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit tests and the integration tests
+# against a real RabbitMQ (started here when it is not running).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/ensure-rabbitmq.sh
+
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --all-targets --locked

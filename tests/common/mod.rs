@@ -1,0 +1,240 @@
+//! Shared helpers for the integration tests: every test gets its own uniquely
+//! named exchanges and queues on the real broker, runs the real worker in
+//! process, and deletes what it declared when done.
+
+#![allow(dead_code)] // Each test binary uses a different subset.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lesson_replay::broker;
+use lesson_replay::config::Config;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tic");
+pub const RECORD_EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/proto/examples");
+pub const SCHEMA: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/proto/lesson-replay.v1.schema.json"
+);
+
+/// The broker the tests use: `LESSON_REPLAY_TEST_AMQP_URL`, else the local one.
+pub fn amqp_url() -> String {
+    std::env::var("LESSON_REPLAY_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A configuration whose exchange and queue names belong to this test alone.
+pub fn isolated_config(test: &str) -> Config {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let unique = format!(
+        "test.{test}.{}.{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    Config {
+        amqp_url: SecretString::from(amqp_url()),
+        inbound_exchange: format!("{unique}.tic"),
+        work_queue: format!("{unique}.work"),
+        parking_queue: format!("{unique}.parking"),
+        records_exchange: format!("{unique}.records-x"),
+        records_queue: format!("{unique}.records"),
+        concurrency: 4,
+        shutdown_grace_secs: 5,
+        ..Config::default()
+    }
+}
+
+/// A test's own connection to the broker, for publishing and inspecting queues.
+pub struct Broker {
+    pub config: Config,
+    pub connection: Connection,
+    pub channel: Channel,
+}
+
+impl Broker {
+    /// Connect and declare the test's topology.
+    pub async fn new(config: Config) -> Broker {
+        let connection = Connection::connect(
+            config.amqp_url.expose_secret(),
+            ConnectionProperties::default(),
+        )
+        .await
+        .expect("RabbitMQ is reachable (scripts/test.sh starts it)");
+        let channel = broker::confirm_channel(&connection).await.unwrap();
+        broker::declare_topology(&channel, &config).await.unwrap();
+        Broker {
+            config,
+            connection,
+            channel,
+        }
+    }
+
+    /// Publish a message body to the inbound exchange, as the callback service does.
+    pub async fn publish(&self, body: &[u8], headers: FieldTable) {
+        let properties = broker::json_properties().with_headers(headers);
+        broker::publish_confirmed(
+            &self.channel,
+            &self.config.inbound_exchange,
+            "tic.test",
+            body,
+            properties,
+        )
+        .await
+        .unwrap();
+    }
+
+    /// The next message of `queue`, waiting up to `wait`; acknowledged.
+    pub async fn next(&self, queue: &str, wait: Duration) -> Option<(Value, BasicProperties)> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let got = self
+                .channel
+                .basic_get(queue.into(), BasicGetOptions::default())
+                .await
+                .unwrap();
+            if let Some(message) = got {
+                message
+                    .delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .unwrap();
+                let body = serde_json::from_slice(&message.delivery.data).unwrap_or_else(|_| {
+                    Value::String(String::from_utf8_lossy(&message.delivery.data).into())
+                });
+                return Some((body, message.delivery.properties));
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Exactly `n` messages from `queue` (fails the test if they do not come).
+    pub async fn take(&self, queue: &str, n: usize) -> Vec<(Value, BasicProperties)> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            match self.next(queue, Duration::from_secs(20)).await {
+                Some(m) => out.push(m),
+                None => panic!("expected {n} messages on {queue}, got {}", out.len()),
+            }
+        }
+        out
+    }
+
+    /// Messages currently ready in `queue`.
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let options = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        self.channel
+            .queue_declare(queue.into(), options, FieldTable::default())
+            .await
+            .unwrap()
+            .message_count()
+    }
+
+    /// Delete everything this test declared (also done on drop, even after a panic).
+    pub async fn cleanup(self) {
+        delete_topology(&self.channel, &self.config).await;
+        let _ = self.connection.close(200, "test done".into()).await;
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if !self.connection.status().connected() {
+            return; // cleanup() ran.
+        }
+        // A failed test never reaches cleanup(): delete its topology from a
+        // thread of its own, since this may run inside the test's runtime.
+        let config = self.config.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let url = config.amqp_url.expose_secret().to_owned();
+                if let Ok(connection) =
+                    Connection::connect(&url, ConnectionProperties::default()).await
+                    && let Ok(channel) = connection.create_channel().await
+                {
+                    delete_topology(&channel, &config).await;
+                    let _ = connection.close(200, "test cleanup".into()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+async fn delete_topology(channel: &Channel, c: &Config) {
+    for queue in [&c.work_queue, &c.parking_queue, &c.records_queue] {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for exchange in [&c.inbound_exchange, &c.records_exchange] {
+        let _ = channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+}
+
+/// The real worker, running in this process until [`RunningWorker::stop`].
+pub struct RunningWorker {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), lesson_replay::worker::WorkerError>>,
+}
+
+pub fn spawn_worker(config: Config) -> RunningWorker {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(lesson_replay::worker::run(config, async move {
+        let _ = stopped.await;
+    }));
+    RunningWorker {
+        stop: Some(stop),
+        task,
+    }
+}
+
+impl RunningWorker {
+    /// Stop it the way SIGTERM does and check it exits cleanly.
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("the worker stops within its grace period")
+            .expect("the worker task does not panic")
+            .expect("the worker exits cleanly");
+    }
+}
+
+/// Fail the test when `record` does not match the pinned JSON Schema.
+pub fn assert_valid_record(record: &Value) {
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(SCHEMA).unwrap()).unwrap();
+    let validator = jsonschema::validator_for(&schema).expect("the schema compiles");
+    let errors: Vec<String> = validator
+        .iter_errors(record)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "record violates the schema: {errors:#?}\n{record:#}"
+    );
+}
+
+/// Header value as text.
+pub fn header(properties: &BasicProperties, name: &str) -> Option<String> {
+    broker::header_text(properties.headers().as_ref(), name)
+}

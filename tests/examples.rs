@@ -1,0 +1,181 @@
+//! Every example message of the contract through the pure path and through the
+//! `normalize` command: records equal the pinned examples in `proto/examples/`
+//! and validate against the schema; broken examples are rejected with a reason.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::{EXAMPLES, RECORD_EXAMPLES, assert_valid_record};
+use lesson_replay::pipeline::{Decision, Envelope, SignaturePolicy, decide};
+use lesson_replay::reason::ReasonCode;
+use serde_json::Value;
+
+/// What each example must become.
+enum Expect {
+    Record,
+    Skip(ReasonCode),
+    Reject(ReasonCode),
+}
+
+fn expectations() -> Vec<(&'static str, Expect)> {
+    vec![
+        ("realtime-result-record", Expect::Record),
+        ("realtime-query-finished", Expect::Record),
+        ("callback-record-finished", Expect::Record),
+        ("post-class-unmixed", Expect::Record),
+        ("post-class-mixed", Expect::Record),
+        (
+            "callback-record-started",
+            Expect::Skip(ReasonCode::RecordingStarted),
+        ),
+        (
+            "realtime-query-recording",
+            Expect::Skip(ReasonCode::NotFinished),
+        ),
+        // The documents' own examples, verbatim: missing commas (§4.5.2) and a trailing comma (§4.5.1).
+        (
+            "callback-record-finished.doc",
+            Expect::Reject(ReasonCode::InvalidJson),
+        ),
+        (
+            "callback-record-started.doc",
+            Expect::Reject(ReasonCode::InvalidJson),
+        ),
+    ]
+}
+
+fn example(name: &str) -> Vec<u8> {
+    std::fs::read(Path::new(EXAMPLES).join(format!("{name}.json"))).unwrap()
+}
+
+fn pinned_record(name: &str) -> Value {
+    let text =
+        std::fs::read_to_string(Path::new(RECORD_EXAMPLES).join(format!("{name}.record.json")))
+            .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn every_example_file_has_an_expectation() {
+    let mut names: Vec<String> = std::fs::read_dir(EXAMPLES)
+        .unwrap()
+        .map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .trim_end_matches(".json")
+                .to_owned()
+        })
+        .collect();
+    names.sort();
+    let mut expected: Vec<String> = expectations().iter().map(|(n, _)| n.to_string()).collect();
+    expected.sort();
+    assert_eq!(names, expected);
+}
+
+#[test]
+fn examples_become_the_pinned_records_or_their_reason() {
+    for (name, expect) in expectations() {
+        let decision = decide(
+            &example(name),
+            &Envelope::default(),
+            &SignaturePolicy::default(),
+        );
+        match (expect, decision) {
+            (Expect::Record, Decision::Publish(record)) => {
+                let got = serde_json::to_value(&*record).unwrap();
+                assert_valid_record(&got);
+                assert_eq!(
+                    got,
+                    pinned_record(name),
+                    "{name}: record differs from proto/examples"
+                );
+            }
+            (Expect::Skip(code), Decision::Skip(r))
+            | (Expect::Reject(code), Decision::Reject(r)) => {
+                assert_eq!(r.code, code, "{name}: {r}");
+            }
+            (_, other) => panic!("{name}: unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn pinned_record_examples_validate_against_the_schema() {
+    for entry in std::fs::read_dir(RECORD_EXAMPLES).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        assert_valid_record(&serde_json::from_str(&text).unwrap());
+    }
+}
+
+#[test]
+fn the_schema_rejects_what_it_should() {
+    let mut record = pinned_record("realtime-query-finished");
+    record["tracks"][0]["kind"] = Value::from("hologram");
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(common::SCHEMA).unwrap()).unwrap();
+    assert!(!jsonschema::is_valid(&schema, &record));
+}
+
+fn run_normalize(args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lesson-replay"))
+        .arg("normalize")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or_default()).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn normalize_command_prints_the_record() {
+    let file = format!("{EXAMPLES}/realtime-query-finished.json");
+    let (code, stdout, stderr) = run_normalize(&[&file, "--sdkappid", "1400000001"], None);
+    assert_eq!(code, 0, "{stderr}");
+    let record: Value = serde_json::from_str(&stdout).unwrap();
+    assert_valid_record(&record);
+    assert_eq!(record["sdkappid"], 1400000001);
+    assert_eq!(record["task_id"], "g68cee8e90jcq4ogg8jb");
+}
+
+#[test]
+fn normalize_command_reads_stdin_and_reports_rejections_with_exit_65() {
+    let (code, stdout, stderr) =
+        run_normalize(&["-"], Some(&example("callback-record-finished.doc")));
+    assert_eq!(code, 65);
+    assert!(stdout.is_empty());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: invalid_json: "), "{stderr}");
+
+    let (code, _, stderr) = run_normalize(&["-"], Some(br#"{"room_id":"x","video_info":[]}"#));
+    assert_eq!(code, 65);
+    assert!(
+        stderr.starts_with("error: invalid_field: room_id: "),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn normalize_command_skips_unfinished_recordings_with_exit_0() {
+    let file = format!("{EXAMPLES}/callback-record-started.json");
+    let (code, stdout, stderr) = run_normalize(&[&file], None);
+    assert_eq!(code, 0);
+    assert!(stdout.is_empty());
+    assert!(
+        stderr.starts_with("skipped: recording_started: "),
+        "{stderr}"
+    );
+}
