@@ -21,6 +21,20 @@ pub enum ReasonCode {
     SignatureExpired,
     /// TIC reported a failed recording (`error_code` other than 0).
     UpstreamError,
+    /// The VOD origin answered 404 or 410: the file is gone.
+    VodNotFound,
+    /// The VOD origin refused the file (another 4xx).
+    VodUnavailable,
+    /// The file is larger than `max_file_bytes`.
+    FileTooLarge,
+    /// The bytes received differ from `Content-Length` or the declared `video_size`.
+    SizeMismatch,
+    /// Download failed for a reason a retry may cure (5xx, 429, timeout, reset).
+    FetchFailed,
+    /// The S3-compatible store failed (unavailable, throttling, credentials).
+    ArchiveFailed,
+    /// The broker did not confirm the record.
+    PublishFailed,
     /// A `record_started` callback: no finished recording yet (skipped, not an error).
     RecordingStarted,
     /// A query answer whose `status` is not `finished` (skipped, not an error).
@@ -29,7 +43,7 @@ pub enum ReasonCode {
 
 impl ReasonCode {
     /// Every code, in documentation order.
-    pub const ALL: [ReasonCode; 9] = [
+    pub const ALL: [ReasonCode; 16] = [
         ReasonCode::InvalidJson,
         ReasonCode::UnknownFormat,
         ReasonCode::InvalidField,
@@ -37,6 +51,13 @@ impl ReasonCode {
         ReasonCode::SignatureInvalid,
         ReasonCode::SignatureExpired,
         ReasonCode::UpstreamError,
+        ReasonCode::VodNotFound,
+        ReasonCode::VodUnavailable,
+        ReasonCode::FileTooLarge,
+        ReasonCode::SizeMismatch,
+        ReasonCode::FetchFailed,
+        ReasonCode::ArchiveFailed,
+        ReasonCode::PublishFailed,
         ReasonCode::RecordingStarted,
         ReasonCode::NotFinished,
     ];
@@ -51,9 +72,26 @@ impl ReasonCode {
             ReasonCode::SignatureInvalid => "signature_invalid",
             ReasonCode::SignatureExpired => "signature_expired",
             ReasonCode::UpstreamError => "upstream_error",
+            ReasonCode::VodNotFound => "vod_not_found",
+            ReasonCode::VodUnavailable => "vod_unavailable",
+            ReasonCode::FileTooLarge => "file_too_large",
+            ReasonCode::SizeMismatch => "size_mismatch",
+            ReasonCode::FetchFailed => "fetch_failed",
+            ReasonCode::ArchiveFailed => "archive_failed",
+            ReasonCode::PublishFailed => "publish_failed",
             ReasonCode::RecordingStarted => "recording_started",
             ReasonCode::NotFinished => "not_finished",
         }
+    }
+}
+
+impl ReasonCode {
+    /// A failure a later attempt may cure: retried, never parked at once.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            ReasonCode::FetchFailed | ReasonCode::ArchiveFailed | ReasonCode::PublishFailed
+        )
     }
 }
 

@@ -1,0 +1,275 @@
+//! Probe: what an MP4 file itself says about its length and picture size.
+//!
+//! Finding the `moov` box is ours: [`parse_box_header`] reads top-level box
+//! headers, and [`MoovScanner`] captures `ftyp` and `moov` from bytes streaming
+//! past while skipping `mdat` by its size. The `moov` contents are parsed by
+//! Mozilla's `mp4parse` ([`parse_moov`]). All of it is pure: the range reads
+//! live in [`crate::fetch`].
+
+use std::io::Cursor;
+
+use crate::record::Probe;
+
+/// The largest `moov` we keep in memory (a multi-hour lesson needs a few MB).
+pub const MAX_MOOV_BYTES: u64 = 64 * 1024 * 1024;
+
+/// A top-level ISO-BMFF box header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoxHeader {
+    pub kind: [u8; 4],
+    /// Header length: 8, or 16 with a 64-bit size.
+    pub header_len: u64,
+    /// Whole box length including the header; `None` when it runs to the end of the file.
+    pub size: Option<u64>,
+}
+
+impl BoxHeader {
+    pub fn is(&self, kind: &[u8; 4]) -> bool {
+        &self.kind == kind
+    }
+}
+
+/// Parse a box header from the start of `bytes`. `Ok(None)`: need more bytes.
+pub fn parse_box_header(bytes: &[u8]) -> Result<Option<BoxHeader>, String> {
+    if bytes.len() < 8 {
+        return Ok(None);
+    }
+    let size32 = u32::from_be_bytes(bytes[0..4].try_into().expect("4 bytes"));
+    let kind: [u8; 4] = bytes[4..8].try_into().expect("4 bytes");
+    if !kind.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+        return Err(format!("not an MP4 box header (type bytes {kind:02x?})"));
+    }
+    let (header_len, size) = match size32 {
+        0 => (8, None),
+        1 => {
+            if bytes.len() < 16 {
+                return Ok(None);
+            }
+            (16, Some(u64::from_be_bytes(bytes[8..16].try_into().expect("8 bytes"))))
+        }
+        n => (8, Some(u64::from(n))),
+    };
+    if size.is_some_and(|s| s < header_len) {
+        return Err(format!("box {} declares an impossible size", String::from_utf8_lossy(&kind)));
+    }
+    Ok(Some(BoxHeader { kind, header_len, size }))
+}
+
+/// Parse `ftyp` + `moov` (whole boxes, headers included) into a [`Probe`].
+pub fn parse_moov(ftyp: &[u8], moov: &[u8]) -> Result<Probe, String> {
+    let mut file = Vec::with_capacity(ftyp.len() + moov.len());
+    file.extend_from_slice(ftyp);
+    file.extend_from_slice(moov);
+    let context = mp4parse::read_mp4(&mut Cursor::new(file)).map_err(|e| format!("unparsable moov: {e:?}"))?;
+    let movie_scale = context.timescale.map(|t| t.0).filter(|t| *t > 0);
+    let mut duration_ms: Option<u64> = None;
+    let mut picture = None;
+    for track in context.tracks.iter() {
+        let from_media = match (track.duration, track.timescale) {
+            (Some(d), Some(scale)) if scale.0 > 0 => Some(d.0.saturating_mul(1000) / scale.0),
+            _ => None,
+        };
+        let from_header = match (&track.tkhd, movie_scale) {
+            (Some(tkhd), Some(scale)) => Some(tkhd.duration.saturating_mul(1000) / scale),
+            _ => None,
+        };
+        if let Some(ms) = from_media.or(from_header) {
+            duration_ms = Some(duration_ms.map_or(ms, |d| d.max(ms)));
+        }
+        if picture.is_none()
+            && track.track_type == mp4parse::TrackType::Video
+            && let Some(tkhd) = &track.tkhd
+        {
+            // tkhd stores 16.16 fixed point.
+            picture = Some((tkhd.width >> 16, tkhd.height >> 16));
+        }
+    }
+    let duration_ms = duration_ms.ok_or("the moov box declares no track duration")?;
+    Ok(Probe {
+        duration_ms: i64::try_from(duration_ms).map_err(|_| "duration out of range")?,
+        width: picture.map(|p| p.0),
+        height: picture.map(|p| p.1),
+    })
+}
+
+/// Captures `ftyp` and `moov` from a file streaming past, chunk by chunk,
+/// skipping every other box by its size. Memory: the two boxes only.
+#[derive(Debug, Default)]
+pub struct MoovScanner {
+    /// Bytes of the current box header seen so far.
+    header: Vec<u8>,
+    /// Remaining bytes of the current box to skip or capture.
+    remaining: u64,
+    /// The box being captured, if any.
+    capture: Option<([u8; 4], Vec<u8>)>,
+    ftyp: Option<Vec<u8>>,
+    moov: Option<Vec<u8>>,
+    failed: Option<String>,
+    /// The current box runs to the end of the file.
+    to_end: bool,
+}
+
+impl MoovScanner {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `moov` has been captured: the rest of the file is not needed for the probe.
+    pub fn done(&self) -> bool {
+        self.moov.is_some() || self.failed.is_some()
+    }
+
+    /// Feed the next bytes of the file.
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() && !self.done() {
+            if self.to_end {
+                return;
+            }
+            if self.remaining == 0 {
+                let take = chunk.len().min(16 - self.header.len());
+                self.header.extend_from_slice(&chunk[..take]);
+                match parse_box_header(&self.header) {
+                    Ok(None) => {
+                        chunk = &chunk[take..];
+                        continue;
+                    }
+                    Err(e) => {
+                        self.failed = Some(e);
+                        return;
+                    }
+                    Ok(Some(header)) => {
+                        // Give back what was read past the header.
+                        let extra = self.header.len() - header.header_len as usize;
+                        chunk = &chunk[take - extra..];
+                        self.start_box(header);
+                        continue;
+                    }
+                }
+            }
+            let take = chunk.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+            if let Some((_, buf)) = &mut self.capture {
+                buf.extend_from_slice(&chunk[..take]);
+            }
+            self.remaining -= take as u64;
+            chunk = &chunk[take..];
+            if self.remaining == 0 {
+                self.end_box();
+            }
+        }
+    }
+
+    fn start_box(&mut self, header: BoxHeader) {
+        let header_bytes = self.header[..header.header_len as usize].to_vec();
+        self.header.clear();
+        let Some(size) = header.size else {
+            if header.is(b"moov") {
+                self.failed = Some("a moov box without a size is not supported".into());
+            }
+            self.to_end = true;
+            return;
+        };
+        self.remaining = size - header.header_len;
+        if header.is(b"moov") || header.is(b"ftyp") {
+            if size > MAX_MOOV_BYTES {
+                self.failed = Some(format!("{} box of {size} bytes is too large", String::from_utf8_lossy(&header.kind)));
+                return;
+            }
+            self.capture = Some((header.kind, header_bytes));
+        }
+        if self.remaining == 0 {
+            self.end_box();
+        }
+    }
+
+    fn end_box(&mut self) {
+        match self.capture.take() {
+            Some((kind, bytes)) if &kind == b"moov" => self.moov = Some(bytes),
+            Some((_, bytes)) => self.ftyp = Some(bytes),
+            None => {}
+        }
+    }
+
+    /// The probe, once the file (or enough of it) went past.
+    pub fn finish(&self) -> Result<Probe, String> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        match (&self.ftyp, &self.moov) {
+            (Some(ftyp), Some(moov)) => parse_moov(ftyp, moov),
+            (None, _) => Err("no ftyp box: not an MP4 file".into()),
+            (_, None) => Err("no moov box found".into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FASTSTART: &[u8] = include_bytes!("../tests/fixtures/faststart-2s-320x240.mp4");
+    const MOOV_AT_END: &[u8] = include_bytes!("../tests/fixtures/moov-at-end-5s-160x120.mp4");
+
+    fn scan_in_chunks(file: &[u8], chunk: usize) -> MoovScanner {
+        let mut scanner = MoovScanner::new();
+        for piece in file.chunks(chunk) {
+            scanner.feed(piece);
+        }
+        scanner
+    }
+
+    #[test]
+    fn faststart_file_is_probed_from_any_chunking() {
+        for chunk in [1, 7, 4096, FASTSTART.len()] {
+            let probe = scan_in_chunks(FASTSTART, chunk).finish().unwrap();
+            assert!((1950..=2100).contains(&probe.duration_ms), "{chunk}: {probe:?}");
+            assert_eq!((probe.width, probe.height), (Some(320), Some(240)));
+        }
+    }
+
+    #[test]
+    fn moov_at_end_file_is_probed_after_skipping_mdat() {
+        let probe = scan_in_chunks(MOOV_AT_END, 1000).finish().unwrap();
+        assert!((4950..=5100).contains(&probe.duration_ms), "{probe:?}");
+        assert_eq!((probe.width, probe.height), (Some(160), Some(120)));
+    }
+
+    #[test]
+    fn faststart_scanner_is_done_before_the_media_data() {
+        let mut scanner = MoovScanner::new();
+        let mut fed = 0;
+        for piece in FASTSTART.chunks(256) {
+            if scanner.done() {
+                break;
+            }
+            scanner.feed(piece);
+            fed += piece.len();
+        }
+        assert!(scanner.done());
+        assert!(fed < FASTSTART.len() / 2, "read {fed} of {}", FASTSTART.len());
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(scan_in_chunks(b"<html>not a video</html>", 5).finish().is_err());
+        assert!(scan_in_chunks(&[0u8; 3], 1).finish().is_err());
+        let mut truncated = FASTSTART[..FASTSTART.len() / 3].to_vec();
+        truncated[40] ^= 0xff;
+        let _ = scan_in_chunks(&truncated, 100).finish();
+        let mut moov_only = MOOV_AT_END.to_vec();
+        moov_only.truncate(moov_only.len() - 10);
+        assert!(scan_in_chunks(&moov_only, 100).finish().is_err());
+    }
+
+    #[test]
+    fn box_headers_handle_64_bit_and_to_end_sizes() {
+        let mut large = vec![0, 0, 0, 1];
+        large.extend_from_slice(b"mdat");
+        large.extend_from_slice(&(5u64 << 32).to_be_bytes());
+        let h = parse_box_header(&large).unwrap().unwrap();
+        assert_eq!((h.header_len, h.size), (16, Some(5u64 << 32)));
+        assert_eq!(parse_box_header(&large[..12]).unwrap(), None);
+        let to_end = parse_box_header(b"\0\0\0\0mdat").unwrap().unwrap();
+        assert_eq!(to_end.size, None);
+        assert!(parse_box_header(b"\0\0\0\x04moov").is_err(), "size below header length");
+    }
+}
