@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/ensure-rabbitmq.sh
+scripts/ensure-s3s-fs.sh
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

@@ -187,7 +187,7 @@ fn run_normalize(file: &Path, sdkappid: Option<i64>) -> ExitCode {
     };
     let outcome = decode(&body).and_then(|announcement| match announcement.payload {
         Payload::Finished(recording) => {
-            normalize(&recording, announcement.sdkappid.or(sdkappid)).map(Some)
+            normalize(&recording, announcement.sdkappid.or(sdkappid)).map(|n| Some(n.record))
         }
         Payload::NotFinished(reason) => {
             eprintln!("skipped: {reason}");

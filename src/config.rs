@@ -45,6 +45,38 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     /// `auto` (JSON unless stderr is a terminal), `json` or `text`.
     pub log_format: LogFormat,
+
+    /// Probe every track's MP4 for its real duration and picture size.
+    pub probe: bool,
+    /// Seconds to wait for a TCP/TLS connection to the VOD origin.
+    pub fetch_connect_timeout_secs: u64,
+    /// Seconds without a byte from the VOD origin before the transfer counts as stalled.
+    pub fetch_idle_timeout_secs: u64,
+    /// Attempts per file (download or probe) within one delivery, with backoff.
+    pub fetch_attempts: usize,
+    /// Range resumes within one download attempt.
+    pub fetch_max_resumes: u32,
+    /// Larger files are refused (`file_too_large`).
+    pub max_file_bytes: u64,
+
+    /// Copy every track into the S3-compatible bucket.
+    pub archive: bool,
+    /// Endpoint URL of a non-AWS store (MinIO, COS, OSS, R2, ...).
+    pub s3_endpoint: Option<String>,
+    pub s3_region: String,
+    /// Path-style addressing (`endpoint/bucket/key`), needed by most non-AWS stores.
+    pub s3_force_path_style: bool,
+    /// Static credentials; without them the standard AWS chain is used.
+    pub s3_access_key_id: Option<SecretString>,
+    pub s3_secret_access_key: Option<SecretString>,
+    pub s3_bucket: Option<String>,
+    /// Key prefix of every object.
+    pub s3_prefix: String,
+    pub s3_storage_class: Option<String>,
+    /// Server-side encryption: `AES256` or `aws:kms`.
+    pub s3_sse: Option<String>,
+    /// Multipart part size in bytes (5 MiB ≤ size; ≤ 16 MiB for MinIO).
+    pub s3_part_size_bytes: usize,
 }
 
 impl Default for Config {
@@ -62,6 +94,23 @@ impl Default for Config {
             tic_keys: TicKeysSetting::default(),
             shutdown_grace_secs: 25,
             log_format: LogFormat::Auto,
+            probe: true,
+            fetch_connect_timeout_secs: 10,
+            fetch_idle_timeout_secs: 30,
+            fetch_attempts: 4,
+            fetch_max_resumes: 5,
+            max_file_bytes: 20 * 1024 * 1024 * 1024,
+            archive: false,
+            s3_endpoint: None,
+            s3_region: "us-east-1".into(),
+            s3_force_path_style: false,
+            s3_access_key_id: None,
+            s3_secret_access_key: None,
+            s3_bucket: None,
+            s3_prefix: "lesson-replay".into(),
+            s3_storage_class: None,
+            s3_sse: None,
+            s3_part_size_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -151,6 +200,21 @@ impl Config {
                 "delivery_limit must be at least 1".into(),
             ));
         }
+        if self.s3_part_size_bytes < 5 * 1024 * 1024 {
+            return Err(ConfigError::Invalid(
+                "s3_part_size_bytes must be at least 5 MiB (S3's minimum part)".into(),
+            ));
+        }
+        if self.archive && self.s3_bucket.as_deref().is_none_or(str::is_empty) {
+            return Err(ConfigError::Invalid(
+                "archive = true needs s3_bucket".into(),
+            ));
+        }
+        if self.fetch_attempts == 0 {
+            return Err(ConfigError::Invalid(
+                "fetch_attempts must be at least 1".into(),
+            ));
+        }
         let keys = self.tic_keys.parse().map_err(ConfigError::Invalid)?;
         if self.signature == SignatureMode::Required && keys.is_empty() {
             return Err(ConfigError::Invalid(
@@ -165,6 +229,15 @@ impl Config {
             mode: self.signature,
             // validate() has parsed it already.
             keys: self.tic_keys.parse().unwrap_or_default(),
+        }
+    }
+
+    pub fn fetch_settings(&self) -> crate::fetch::FetchSettings {
+        crate::fetch::FetchSettings {
+            connect_timeout: Duration::from_secs(self.fetch_connect_timeout_secs),
+            idle_timeout: Duration::from_secs(self.fetch_idle_timeout_secs),
+            max_file_bytes: self.max_file_bytes,
+            max_resumes: self.fetch_max_resumes,
         }
     }
 
@@ -202,6 +275,7 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.set_env("LESSON_REPLAY_AMQP_URL", "amqp://user:hunter2@broker/%2f");
             jail.set_env("LESSON_REPLAY_TIC_KEYS", "1400000001=TOPSECRETKEY");
+            jail.set_env("LESSON_REPLAY_S3_SECRET_ACCESS_KEY", "S3SECRETVALUE");
             let config = Config::load(None).expect("loads");
             let shown = format!("{config:?}");
             assert!(

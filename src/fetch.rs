@@ -62,9 +62,10 @@ impl FetchError {
             FetchError::TooLarge { .. } => ReasonCode::FileTooLarge,
             FetchError::SizeMismatch(_) => ReasonCode::SizeMismatch,
             FetchError::Sink(_) => ReasonCode::ArchiveFailed,
-            FetchError::Status(_) | FetchError::Interrupted { .. } | FetchError::IdleTimeout(_) | FetchError::Transport(_) => {
-                ReasonCode::FetchFailed
-            }
+            FetchError::Status(_)
+            | FetchError::Interrupted { .. }
+            | FetchError::IdleTimeout(_)
+            | FetchError::Transport(_) => ReasonCode::FetchFailed,
         }
     }
 
@@ -130,7 +131,10 @@ impl Fetcher {
         Ok(Fetcher { client, settings })
     }
 
-    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, FetchError> {
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, FetchError> {
         let response = tokio::time::timeout(self.settings.idle_timeout, request.send())
             .await
             .map_err(|_| FetchError::IdleTimeout(self.settings.idle_timeout))?
@@ -147,7 +151,12 @@ impl Fetcher {
 
     /// Stream `url` into `sink`, verifying its size against `Content-Length` and
     /// `declared_size`, resuming after a dropped connection where the origin allows.
-    pub async fn download<S: ChunkSink>(&self, url: &str, declared_size: Option<i64>, sink: &mut S) -> Result<Download, FetchError> {
+    pub async fn download<S: ChunkSink>(
+        &self,
+        url: &str,
+        declared_size: Option<i64>,
+        sink: &mut S,
+    ) -> Result<Download, FetchError> {
         let mut md5 = Md5::new();
         let mut scanner = MoovScanner::new();
         let mut received: u64 = 0;
@@ -175,12 +184,18 @@ impl Fetcher {
             } else if response.status() == StatusCode::PARTIAL_CONTENT {
                 let start = content_range(response.headers()).map(|r| r.0);
                 if start != Some(received) {
-                    return Err(FetchError::Interrupted { received, why: "the origin resumed at the wrong offset".into() });
+                    return Err(FetchError::Interrupted {
+                        received,
+                        why: "the origin resumed at the wrong offset".into(),
+                    });
                 }
             } else if resume_validator(response.headers()) == validator {
                 skip = received; // Same file, no range support: read past what we have.
             } else {
-                return Err(FetchError::Interrupted { received, why: "the file changed on the origin".into() });
+                return Err(FetchError::Interrupted {
+                    received,
+                    why: "the file changed on the origin".into(),
+                });
             }
 
             let mut body = response.bytes_stream();
@@ -203,12 +218,17 @@ impl Fetcher {
                 }
                 received += chunk.len() as u64;
                 if received > self.settings.max_file_bytes {
-                    return Err(FetchError::TooLarge { size: received, max: self.settings.max_file_bytes });
+                    return Err(FetchError::TooLarge {
+                        size: received,
+                        max: self.settings.max_file_bytes,
+                    });
                 }
                 if let Some(t) = total
                     && received > t
                 {
-                    return Err(FetchError::SizeMismatch(format!("the origin sent more than its Content-Length of {t}")));
+                    return Err(FetchError::SizeMismatch(format!(
+                        "the origin sent more than its Content-Length of {t}"
+                    )));
                 }
                 md5.update(&chunk);
                 if !scanner.done() {
@@ -237,7 +257,9 @@ impl Fetcher {
         if let Some(declared) = declared_size
             && u64::try_from(declared).ok() != Some(received)
         {
-            return Err(FetchError::SizeMismatch(format!("received {received} bytes, video_size declares {declared}")));
+            return Err(FetchError::SizeMismatch(format!(
+                "received {received} bytes, video_size declares {declared}"
+            )));
         }
         Ok(Download {
             size: received,
@@ -251,19 +273,39 @@ impl Fetcher {
     /// Probe `url` reading only box headers and the `moov` box with range
     /// requests: a few KB even when `moov` sits at the end of a multi-GB file.
     pub async fn probe_by_ranges(&self, url: &str) -> Result<RangeProbe, FetchError> {
-        let mut reader = RangeReader { fetcher: self, url, start: 0, buf: Vec::new(), total: None, bytes_read: 0, requests: 0 };
+        let mut reader = RangeReader {
+            fetcher: self,
+            url,
+            start: 0,
+            buf: Vec::new(),
+            total: None,
+            bytes_read: 0,
+            requests: 0,
+        };
         let probe = match reader.find_moov().await {
             Ok(found) => found.and_then(|(ftyp, moov)| parse_moov(&ftyp, &moov)),
             Err(RangeError::NoRanges) => {
                 // The origin ignores Range: stream from the start until moov went past.
-                return self.probe_by_streaming(url, reader.bytes_read, reader.requests).await;
+                return self
+                    .probe_by_streaming(url, reader.bytes_read, reader.requests)
+                    .await;
             }
             Err(RangeError::Fetch(e)) => return Err(e),
         };
-        Ok(RangeProbe { probe, bytes_read: reader.bytes_read, requests: reader.requests, total_size: reader.total })
+        Ok(RangeProbe {
+            probe,
+            bytes_read: reader.bytes_read,
+            requests: reader.requests,
+            total_size: reader.total,
+        })
     }
 
-    async fn probe_by_streaming(&self, url: &str, already_read: u64, requests: u32) -> Result<RangeProbe, FetchError> {
+    async fn probe_by_streaming(
+        &self,
+        url: &str,
+        already_read: u64,
+        requests: u32,
+    ) -> Result<RangeProbe, FetchError> {
         let response = self.send(self.client.get(url)).await?;
         let total_size = response.content_length();
         let mut body = response.bytes_stream();
@@ -280,7 +322,12 @@ impl Fetcher {
                 }
             }
         }
-        Ok(RangeProbe { probe: scanner.finish(), bytes_read, requests: requests + 1, total_size })
+        Ok(RangeProbe {
+            probe: scanner.finish(),
+            bytes_read,
+            requests: requests + 1,
+            total_size,
+        })
     }
 }
 
@@ -317,16 +364,19 @@ impl RangeReader<'_> {
             return Ok(());
         }
         // Keep what is already there when the new range continues it.
-        let from = if offset >= self.start && offset <= have_end { have_end } else { offset };
+        let from = if offset >= self.start && offset <= have_end {
+            have_end
+        } else {
+            offset
+        };
         if from != have_end {
             self.start = offset;
             self.buf.clear();
         }
-        let request = self
-            .fetcher
-            .client
-            .get(self.url)
-            .header(header::RANGE, format!("bytes={from}-{}", end.max(from + 1) - 1));
+        let request = self.fetcher.client.get(self.url).header(
+            header::RANGE,
+            format!("bytes={from}-{}", end.max(from + 1) - 1),
+        );
         let response = self.fetcher.send(request).await?;
         self.requests += 1;
         if response.status() != StatusCode::PARTIAL_CONTENT {
@@ -335,7 +385,10 @@ impl RangeReader<'_> {
         if let Some((_, total)) = content_range(response.headers()) {
             self.total = total.or(self.total);
         }
-        let bytes = response.bytes().await.map_err(|e| FetchError::Transport(error_chain(&e)))?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| FetchError::Transport(error_chain(&e)))?;
         self.bytes_read += bytes.len() as u64;
         self.buf.extend_from_slice(&bytes);
         Ok(())
@@ -363,7 +416,9 @@ impl RangeReader<'_> {
                 Err(e) => return Ok(Err(e)),
             };
             let Some(size) = header.size else {
-                return Ok(Err("no moov box before a box that runs to the end of the file".into()));
+                return Ok(Err(
+                    "no moov box before a box that runs to the end of the file".into(),
+                ));
             };
             if header.is(b"moov") || header.is(b"ftyp") {
                 if size > MAX_MOOV_BYTES {
@@ -391,8 +446,15 @@ impl RangeReader<'_> {
 
 /// The validator that makes a resume safe: a strong ETag, else Last-Modified.
 fn resume_validator(headers: &HeaderMap) -> Option<String> {
-    let text = |name| headers.get(name).and_then(|v: &header::HeaderValue| v.to_str().ok()).map(str::to_owned);
-    text(header::ETAG).filter(|e| !e.starts_with("W/")).or_else(|| text(header::LAST_MODIFIED))
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &header::HeaderValue| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    text(header::ETAG)
+        .filter(|e| !e.starts_with("W/"))
+        .or_else(|| text(header::LAST_MODIFIED))
 }
 
 /// `Content-Range: bytes START-END/TOTAL` → (START, TOTAL).
@@ -436,9 +498,15 @@ mod tests {
     #[test]
     fn content_range_is_parsed() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONTENT_RANGE, HeaderValue::from_static("bytes 100-199/5000"));
+        headers.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_static("bytes 100-199/5000"),
+        );
         assert_eq!(content_range(&headers), Some((100, Some(5000))));
-        headers.insert(header::CONTENT_RANGE, HeaderValue::from_static("bytes 0-9/*"));
+        headers.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_static("bytes 0-9/*"),
+        );
         assert_eq!(content_range(&headers), Some((0, None)));
     }
 
@@ -447,8 +515,14 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::ETAG, HeaderValue::from_static("W/\"abc\""));
         assert_eq!(resume_validator(&headers), None);
-        headers.insert(header::LAST_MODIFIED, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
-        assert_eq!(resume_validator(&headers).as_deref(), Some("Wed, 21 Oct 2015 07:28:00 GMT"));
+        headers.insert(
+            header::LAST_MODIFIED,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(
+            resume_validator(&headers).as_deref(),
+            Some("Wed, 21 Oct 2015 07:28:00 GMT")
+        );
         headers.insert(header::ETAG, HeaderValue::from_static("\"strong\""));
         assert_eq!(resume_validator(&headers).as_deref(), Some("\"strong\""));
     }
@@ -463,8 +537,14 @@ mod tests {
         assert!(!FetchError::SizeMismatch(String::new()).is_transient());
         assert!(FetchError::IdleTimeout(Duration::from_secs(1)).is_transient());
         assert!(FetchError::Sink(String::new()).is_transient());
-        assert!(matches!(check_size(10, Some(11), 100), Err(FetchError::SizeMismatch(_))));
-        assert!(matches!(check_size(200, None, 100), Err(FetchError::TooLarge { .. })));
+        assert!(matches!(
+            check_size(10, Some(11), 100),
+            Err(FetchError::SizeMismatch(_))
+        ));
+        assert!(matches!(
+            check_size(200, None, 100),
+            Err(FetchError::TooLarge { .. })
+        ));
         assert!(check_size(10, Some(10), 100).is_ok());
     }
 }

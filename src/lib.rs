@@ -9,12 +9,14 @@
 //! 3. [`worker`] publishes the [`record::Record`] or parks the message with a
 //!    [`reason::ReasonCode`], then acknowledges it.
 
+pub mod archive;
 pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod decode;
 pub mod fetch;
 pub mod layout;
+pub mod media;
 pub mod normalize;
 pub mod pipeline;
 pub mod probe;

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::decode::{Recording, VideoInfo};
 use crate::layout::compute_layout;
 use crate::reason::Rejection;
-use crate::record::{Kind, Record, SCHEMA_VERSION, Source, Track, Warning};
+use crate::record::{Kind, Probe, Record, SCHEMA_VERSION, Source, Track, Warning};
 
 /// Namespace of the v5 UUIDs used as replay ids. Never change it: ids would change.
 const REPLAY_NAMESPACE: Uuid = Uuid::from_u128(0x6c65_7373_6f6e_4a72_a570_6c61_7900_0001);
@@ -22,6 +22,9 @@ const MAX_PLAUSIBLE_BITS_PER_S: f64 = 20_000_000.0;
 const SPAN_TOLERANCE: f64 = 1.05;
 /// No lesson recording lasts a day; a longer declared span is a unit mistake.
 const MAX_PLAUSIBLE_SPAN_MS: i64 = 24 * 3600 * 1000;
+/// A probed duration further than this from the declared one replaces it.
+const PROBE_TOLERANCE: f64 = 0.02;
+const TOO_MANY_CAMERAS: &str = "too_many_cameras";
 
 /// The replay id of a recording: a UUID v5, stable across formats and redeliveries.
 ///
@@ -57,8 +60,49 @@ fn source_of(recording: &Recording) -> Source {
     }
 }
 
+/// A record with what it was derived from that later stages still need.
+#[derive(Debug, Clone)]
+pub struct Normalized {
+    pub record: Record,
+    /// The declared span of the recording, when usable.
+    pub span_ms: Option<i64>,
+}
+
+impl Normalized {
+    /// Recompute the timeline length and the layout after track durations changed.
+    pub fn relayout(&mut self) {
+        let record = &mut self.record;
+        let last_end = record.tracks.iter().map(Track::end_ms).max().unwrap_or(0);
+        record.duration_ms = self.span_ms.unwrap_or(0).max(last_end);
+        let (layout, warnings) = compute_layout(&record.tracks, record.duration_ms);
+        record.layout = layout;
+        record.warnings.retain(|w| w.code != TOO_MANY_CAMERAS);
+        record.warnings.extend(warnings);
+    }
+
+    /// Record what the file says about track `index`; the probed duration wins
+    /// when it disagrees with the declared one by more than 2 %.
+    pub fn apply_probe(&mut self, index: usize, probe: Probe) {
+        let track = &mut self.record.tracks[index];
+        let declared = track.duration_ms;
+        let off_by = (probe.duration_ms - declared).abs() as f64;
+        if off_by > PROBE_TOLERANCE * declared.max(1) as f64 {
+            let warning = Warning::new(
+                "duration_probed",
+                format!(
+                    "track {}: the file lasts {} ms, not the {} ms declared; the file's length is used",
+                    track.track_id, probe.duration_ms, declared
+                ),
+            );
+            track.duration_ms = probe.duration_ms;
+            self.record.warnings.push(warning);
+        }
+        self.record.tracks[index].probe = Some(probe);
+    }
+}
+
 /// Build the record for a finished recording.
-pub fn normalize(recording: &Recording, sdkappid: Option<i64>) -> Result<Record, Rejection> {
+pub fn normalize(recording: &Recording, sdkappid: Option<i64>) -> Result<Normalized, Rejection> {
     let mut warnings = Vec::new();
     if recording.room_id < 0 {
         return Err(Rejection::field(
@@ -126,7 +170,7 @@ pub fn normalize(recording: &Recording, sdkappid: Option<i64>) -> Result<Record,
             recording.room_id.to_string()
         }
     };
-    Ok(Record {
+    let record = Record {
         schema_version: SCHEMA_VERSION,
         replay_id: replay_id(sdkappid, recording),
         source: source_of(recording),
@@ -141,7 +185,8 @@ pub fn normalize(recording: &Recording, sdkappid: Option<i64>) -> Result<Record,
         tracks,
         layout,
         warnings,
-    })
+    };
+    Ok(Normalized { record, span_ms })
 }
 
 fn field_name(recording: &Recording, snake: &'static str) -> &'static str {
@@ -459,7 +504,8 @@ mod tests {
             &recording(60, vec![video(0, 1_431_138, 22_504, 0, "a")]),
             None,
         )
-        .unwrap();
+        .unwrap()
+        .record;
         assert_eq!(r.tracks[0].duration_ms, 22_504);
         assert!(codes(&r).is_empty(), "{:?}", r.warnings);
     }
@@ -471,7 +517,8 @@ mod tests {
             &recording(4000, vec![video(0, 1_000_000_000, 3600, 0, "a")]),
             None,
         )
-        .unwrap();
+        .unwrap()
+        .record;
         assert_eq!(r.tracks[0].duration_ms, 3_600_000);
         assert_eq!(codes(&r), ["duration_unit_seconds"]);
         assert_eq!(r.duration_ms, 4_000_000);
@@ -484,14 +531,16 @@ mod tests {
             &recording(3600, vec![video(0, 2_000_000, 3000, 0, "a")]),
             None,
         )
-        .unwrap();
+        .unwrap()
+        .record;
         assert_eq!(r.tracks[0].duration_ms, 3000);
         // 50 MB in "3000": 133 Mbit/s in ms; in s 133 kbit/s and 3000 s fits the hour.
         let r = normalize(
             &recording(3600, vec![video(0, 50_000_000, 3000, 0, "a")]),
             None,
         )
-        .unwrap();
+        .unwrap()
+        .record;
         assert_eq!(r.tracks[0].duration_ms, 3_000_000);
         assert_eq!(codes(&r), ["duration_unit_seconds"]);
         // The same file in a 60 s recording: 3000 s would end far past the span.
@@ -499,14 +548,19 @@ mod tests {
             &recording(60, vec![video(0, 50_000_000, 3000, 0, "a")]),
             None,
         )
-        .unwrap();
+        .unwrap()
+        .record;
         assert_eq!(r.tracks[0].duration_ms, 3000);
         assert_eq!(codes(&r), ["duration_implausible"]);
         // 90 s of video in a 60 s recording: past the span by more than 5 %.
-        let r = normalize(&recording(60, vec![video(0, 1000, 90_000, 0, "a")]), None).unwrap();
+        let r = normalize(&recording(60, vec![video(0, 1000, 90_000, 0, "a")]), None)
+            .unwrap()
+            .record;
         assert_eq!(codes(&r), ["duration_implausible"]);
         // 62 s is within the 5 % tolerance.
-        let r = normalize(&recording(60, vec![video(0, 1000, 62_000, 0, "a")]), None).unwrap();
+        let r = normalize(&recording(60, vec![video(0, 1000, 62_000, 0, "a")]), None)
+            .unwrap()
+            .record;
         assert!(codes(&r).is_empty());
     }
 
@@ -517,7 +571,8 @@ mod tests {
             &recording(3600, vec![video(0, 10_000_000_000, 100, 0, "a")]),
             None,
         )
-        .unwrap();
+        .unwrap()
+        .record;
         assert_eq!(r.tracks[0].duration_ms, 100);
         assert_eq!(codes(&r), ["duration_implausible"]);
     }
@@ -529,7 +584,8 @@ mod tests {
             &recording(1_440_000, vec![video(120_000, 1241, 1_320_000, 2, "")]),
             None,
         )
-        .unwrap();
+        .unwrap()
+        .record;
         assert_eq!(r.duration_ms, 1_440_000);
         assert_eq!(codes(&r), ["span_unit_ms"]);
         // Two days with a ten-minute track: 172.8 s cannot hold it, keep it and say so.
@@ -537,16 +593,46 @@ mod tests {
             &recording(172_800, vec![video(0, 1000, 600_000, 0, "a")]),
             None,
         )
-        .unwrap();
+        .unwrap()
+        .record;
         assert_eq!(r.duration_ms, 172_800_000);
         assert_eq!(codes(&r), ["span_implausible"]);
+    }
+
+    #[test]
+    fn probes_replace_durations_that_are_off_by_more_than_two_percent() {
+        let mut n = normalize(
+            &recording(
+                0,
+                vec![video(0, 10, 10_000, 0, "a"), video(0, 10, 10_000, 2, "")],
+            ),
+            None,
+        )
+        .unwrap();
+        let probe = |ms| Probe {
+            duration_ms: ms,
+            width: Some(320),
+            height: Some(240),
+        };
+        n.apply_probe(0, probe(10_150)); // 1.5 %: declared kept
+        n.apply_probe(1, probe(20_000));
+        n.relayout();
+        let r = &n.record;
+        assert_eq!(
+            (r.tracks[0].duration_ms, r.tracks[1].duration_ms),
+            (10_000, 20_000)
+        );
+        assert_eq!(r.tracks[0].probe.as_ref().unwrap().duration_ms, 10_150);
+        assert_eq!(codes(r), ["zero_span", "duration_probed"]);
+        assert_eq!(r.duration_ms, 20_000);
+        assert_eq!(r.layout.last().unwrap().to_ms, 20_000);
     }
 
     #[test]
     fn traps_are_repaired_with_warnings() {
         let mut board = video(0, 100, 5000, 2, "pc_test1");
         board.video_format = Some("FLV".into());
-        let r = normalize(&recording(0, vec![board]), None).unwrap();
+        let r = normalize(&recording(0, vec![board]), None).unwrap().record;
         let t = &r.tracks[0];
         assert_eq!((t.user_id.as_deref(), t.format.as_str()), (None, "mp4"));
         assert_eq!(
@@ -584,7 +670,8 @@ mod tests {
             ),
             None,
         )
-        .unwrap();
+        .unwrap()
+        .record;
         let ids: Vec<&str> = r.tracks.iter().map(|t| t.track_id.as_str()).collect();
         assert_eq!(ids, ["0a0", "0a0-2", "0z500"]);
         assert_eq!(codes(&r), ["track_id_collision", "duplicate_track"]);

@@ -3,9 +3,8 @@
 //! only carry out what it says.
 
 use crate::decode::{Payload, decode};
-use crate::normalize::normalize;
+use crate::normalize::{Normalized, normalize};
 use crate::reason::Rejection;
-use crate::record::Record;
 use crate::verify::{SignatureMode, SignedFields, TicKeys, verify};
 
 /// What travelled next to the body: the callback's URL parameters (as AMQP
@@ -30,8 +29,8 @@ pub struct SignaturePolicy {
 /// What to do with a message.
 #[derive(Debug, Clone)]
 pub enum Decision {
-    /// Publish this record, then acknowledge the message.
-    Publish(Box<Record>),
+    /// Fetch/probe/archive the tracks, publish the record, then acknowledge the message.
+    Publish(Box<Normalized>),
     /// No finished recording: acknowledge and count as skipped.
     Skip(Rejection),
     /// Bad input: park the message with this reason.
@@ -113,7 +112,7 @@ mod tests {
             ..Envelope::default()
         };
         match decide(BODY.as_bytes(), &envelope, &policy(SignatureMode::Required)) {
-            Decision::Publish(record) => assert_eq!(record.sdkappid, Some(1400000001)),
+            Decision::Publish(n) => assert_eq!(n.record.sdkappid, Some(1400000001)),
             other => panic!("{other:?}"),
         }
         let no_header = decide(
@@ -121,7 +120,7 @@ mod tests {
             &Envelope::default(),
             &policy(SignatureMode::IfPresent),
         );
-        assert!(matches!(no_header, Decision::Publish(r) if r.sdkappid.is_none()));
+        assert!(matches!(no_header, Decision::Publish(n) if n.record.sdkappid.is_none()));
     }
 
     #[test]

@@ -45,14 +45,26 @@ pub fn parse_box_header(bytes: &[u8]) -> Result<Option<BoxHeader>, String> {
             if bytes.len() < 16 {
                 return Ok(None);
             }
-            (16, Some(u64::from_be_bytes(bytes[8..16].try_into().expect("8 bytes"))))
+            (
+                16,
+                Some(u64::from_be_bytes(
+                    bytes[8..16].try_into().expect("8 bytes"),
+                )),
+            )
         }
         n => (8, Some(u64::from(n))),
     };
     if size.is_some_and(|s| s < header_len) {
-        return Err(format!("box {} declares an impossible size", String::from_utf8_lossy(&kind)));
+        return Err(format!(
+            "box {} declares an impossible size",
+            String::from_utf8_lossy(&kind)
+        ));
     }
-    Ok(Some(BoxHeader { kind, header_len, size }))
+    Ok(Some(BoxHeader {
+        kind,
+        header_len,
+        size,
+    }))
 }
 
 /// Parse `ftyp` + `moov` (whole boxes, headers included) into a [`Probe`].
@@ -60,7 +72,8 @@ pub fn parse_moov(ftyp: &[u8], moov: &[u8]) -> Result<Probe, String> {
     let mut file = Vec::with_capacity(ftyp.len() + moov.len());
     file.extend_from_slice(ftyp);
     file.extend_from_slice(moov);
-    let context = mp4parse::read_mp4(&mut Cursor::new(file)).map_err(|e| format!("unparsable moov: {e:?}"))?;
+    let context = mp4parse::read_mp4(&mut Cursor::new(file))
+        .map_err(|e| format!("unparsable moov: {e:?}"))?;
     let movie_scale = context.timescale.map(|t| t.0).filter(|t| *t > 0);
     let mut duration_ms: Option<u64> = None;
     let mut picture = None;
@@ -146,7 +159,9 @@ impl MoovScanner {
                     }
                 }
             }
-            let take = chunk.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+            let take = chunk
+                .len()
+                .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
             if let Some((_, buf)) = &mut self.capture {
                 buf.extend_from_slice(&chunk[..take]);
             }
@@ -171,7 +186,10 @@ impl MoovScanner {
         self.remaining = size - header.header_len;
         if header.is(b"moov") || header.is(b"ftyp") {
             if size > MAX_MOOV_BYTES {
-                self.failed = Some(format!("{} box of {size} bytes is too large", String::from_utf8_lossy(&header.kind)));
+                self.failed = Some(format!(
+                    "{} box of {size} bytes is too large",
+                    String::from_utf8_lossy(&header.kind)
+                ));
                 return;
             }
             self.capture = Some((header.kind, header_bytes));
@@ -221,7 +239,10 @@ mod tests {
     fn faststart_file_is_probed_from_any_chunking() {
         for chunk in [1, 7, 4096, FASTSTART.len()] {
             let probe = scan_in_chunks(FASTSTART, chunk).finish().unwrap();
-            assert!((1950..=2100).contains(&probe.duration_ms), "{chunk}: {probe:?}");
+            assert!(
+                (1950..=2100).contains(&probe.duration_ms),
+                "{chunk}: {probe:?}"
+            );
             assert_eq!((probe.width, probe.height), (Some(320), Some(240)));
         }
     }
@@ -245,12 +266,20 @@ mod tests {
             fed += piece.len();
         }
         assert!(scanner.done());
-        assert!(fed < FASTSTART.len() / 2, "read {fed} of {}", FASTSTART.len());
+        assert!(
+            fed < FASTSTART.len() / 2,
+            "read {fed} of {}",
+            FASTSTART.len()
+        );
     }
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        assert!(scan_in_chunks(b"<html>not a video</html>", 5).finish().is_err());
+        assert!(
+            scan_in_chunks(b"<html>not a video</html>", 5)
+                .finish()
+                .is_err()
+        );
         assert!(scan_in_chunks(&[0u8; 3], 1).finish().is_err());
         let mut truncated = FASTSTART[..FASTSTART.len() / 3].to_vec();
         truncated[40] ^= 0xff;
@@ -270,6 +299,9 @@ mod tests {
         assert_eq!(parse_box_header(&large[..12]).unwrap(), None);
         let to_end = parse_box_header(b"\0\0\0\0mdat").unwrap().unwrap();
         assert_eq!(to_end.size, None);
-        assert!(parse_box_header(b"\0\0\0\x04moov").is_err(), "size below header length");
+        assert!(
+            parse_box_header(b"\0\0\0\x04moov").is_err(),
+            "size below header length"
+        );
     }
 }

@@ -20,12 +20,14 @@ use lapin::types::FieldTable;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio_util::task::TaskTracker;
+use tracing::field::Empty;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::broker::{self, PublishError};
 use crate::config::Config;
+use crate::media::Media;
 use crate::pipeline::{Decision, SignaturePolicy, decide};
-use crate::reason::Rejection;
+use crate::reason::{ReasonCode, Rejection};
 use crate::record::Record;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,12 +36,15 @@ pub enum WorkerError {
     Broker(#[from] lapin::Error),
     #[error("the broker cancelled the consumer of {0}")]
     ConsumerCancelled(String),
+    #[error("{0}")]
+    Startup(String),
 }
 
 /// What every delivery handler shares.
 struct Context {
     config: Config,
     policy: SignaturePolicy,
+    media: Media,
     publisher: Channel,
 }
 
@@ -47,6 +52,9 @@ struct Context {
 /// consumer, let in-flight messages finish within the grace period, close the
 /// channels and the connection. Unfinished messages are requeued by the broker.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+    let media = Media::from_config(&config)
+        .await
+        .map_err(WorkerError::Startup)?;
     let connection = broker::connect(&config, "lesson-replay worker").await?;
     let consumer_channel = connection.create_channel().await?;
     broker::declare_topology(&consumer_channel, &config).await?;
@@ -68,6 +76,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let grace = config.shutdown_grace();
     let context = Arc::new(Context {
         policy: config.signature_policy(),
+        media,
         publisher,
         config,
     });
@@ -107,71 +116,107 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     outcome
 }
 
-/// Decide what one delivery becomes and carry it out; ack only once the
-/// outcome is safely with the broker.
+/// What to do with a delivery once its processing is over.
+enum Outcome {
+    /// Its record is published (or it was skipped): acknowledge.
+    Done,
+    /// Permanent failure: copy it to the parking queue, then acknowledge.
+    Park(Rejection),
+    /// Transient failure: give it back to the broker for a later attempt.
+    Retry(Rejection),
+}
+
+/// Decide what one delivery becomes, carry it out, and settle it with the
+/// broker only once the outcome is safe there.
 async fn handle_delivery(context: Arc<Context>, delivery: Delivery) {
     let span = info_span!(
         "delivery",
-        replay_id = tracing::field::Empty,
-        task_id = tracing::field::Empty,
-        room_id = tracing::field::Empty,
-        sdkappid = tracing::field::Empty,
+        replay_id = Empty,
+        task_id = Empty,
+        room_id = Empty,
+        sdkappid = Empty,
         redelivered = delivery.redelivered
     );
     async move {
-        let envelope = broker::envelope_of(&delivery.properties);
-        let outcome = match decide(&delivery.data, &envelope, &context.policy) {
-            Decision::Publish(record) => {
-                let span = tracing::Span::current();
-                span.record("replay_id", record.replay_id.as_str());
-                span.record("room_id", record.room_id);
-                if let Some(task) = &record.task_id {
-                    span.record("task_id", task.as_str());
-                }
-                if let Some(app) = record.sdkappid {
-                    span.record("sdkappid", app);
-                }
-                publish_record(&context, &record, &delivery)
-                    .await
-                    .map(|()| {
-                        info!(
-                            tracks = record.tracks.len(),
-                            warnings = record.warnings.len(),
-                            "published"
-                        );
-                    })
-            }
-            Decision::Skip(reason) => {
-                info!(reason = %reason.code, "skipped: {}", reason.message);
-                Ok(())
-            }
-            Decision::Reject(reason) => {
-                park_message(&context, &delivery, &reason).await.map(|()| {
-                    warn!(reason = %reason.code, "parked: {}", reason.message);
-                })
-            }
-        };
-        let settled = match outcome {
-            Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
-            Err(e) => {
-                error!(error = %e, "could not settle the message: requeued");
-                // A short pause keeps a broken downstream from spinning the CPU.
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await
-            }
-        };
-        if let Err(e) = settled {
-            warn!(error = %e, "ack/nack failed: the broker redelivers the message");
-        }
+        let outcome = process(&context, &delivery).await;
+        settle(&context, &delivery, outcome).await;
     }
     .instrument(span)
     .await
+}
+
+async fn process(context: &Context, delivery: &Delivery) -> Outcome {
+    let envelope = broker::envelope_of(&delivery.properties);
+    let mut normalized = match decide(&delivery.data, &envelope, &context.policy) {
+        Decision::Publish(normalized) => normalized,
+        Decision::Skip(reason) => {
+            info!(reason = %reason.code, "skipped: {}", reason.message);
+            return Outcome::Done;
+        }
+        Decision::Reject(reason) => return Outcome::Park(reason),
+    };
+    let record = &normalized.record;
+    let span = tracing::Span::current();
+    span.record("replay_id", record.replay_id.as_str());
+    span.record("room_id", record.room_id);
+    if let Some(task) = &record.task_id {
+        span.record("task_id", task.as_str());
+    }
+    if let Some(app) = record.sdkappid {
+        span.record("sdkappid", app);
+    }
+    match context.media.enrich(&mut normalized).await {
+        Ok(()) => {}
+        Err(reason) if reason.code.is_transient() => return Outcome::Retry(reason),
+        Err(reason) => return Outcome::Park(reason),
+    }
+    let record = &normalized.record;
+    match publish_record(context, record, delivery).await {
+        Ok(()) => {
+            info!(
+                tracks = record.tracks.len(),
+                warnings = record.warnings.len(),
+                "published"
+            );
+            Outcome::Done
+        }
+        Err(e) => Outcome::Retry(Rejection::new(ReasonCode::PublishFailed, e.to_string())),
+    }
+}
+
+async fn settle(context: &Context, delivery: &Delivery, outcome: Outcome) {
+    let outcome = match outcome {
+        Outcome::Park(reason) => match park_message(context, delivery, &reason).await {
+            Ok(()) => {
+                warn!(reason = %reason.code, "parked: {}", reason.message);
+                Outcome::Done
+            }
+            Err(e) => Outcome::Retry(Rejection::new(
+                ReasonCode::PublishFailed,
+                format!("parking failed: {e}"),
+            )),
+        },
+        other => other,
+    };
+    let settled = match outcome {
+        Outcome::Done => delivery.acker.ack(BasicAckOptions::default()).await,
+        Outcome::Park(_) => unreachable!("parked above"),
+        Outcome::Retry(reason) => {
+            error!(reason = %reason.code, "not finished, requeued: {}", reason.message);
+            // A short pause keeps a broken downstream from spinning the CPU.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+        }
+    };
+    if let Err(e) = settled {
+        warn!(error = %e, "ack/nack failed: the broker redelivers the message");
+    }
 }
 
 /// The routing key of a record: `v1.<source>.<sdkappid or "unknown">`.

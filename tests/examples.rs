@@ -85,7 +85,7 @@ fn examples_become_the_pinned_records_or_their_reason() {
         );
         match (expect, decision) {
             (Expect::Record, Decision::Publish(record)) => {
-                let got = serde_json::to_value(&*record).unwrap();
+                let got = serde_json::to_value(&record.record).unwrap();
                 assert_valid_record(&got);
                 assert_eq!(
                     got,

@@ -1,0 +1,518 @@
+//! Archive: copies of the VOD files, and the record as `manifest.json`, in the
+//! school's own S3-compatible bucket.
+//!
+//! Keys are deterministic — `{prefix}/{sdkappid}/{room_id}/{replay_id}/{kind}-{user or
+//! "board"}-{track_id}.{format}` — so a redelivered message finds its objects
+//! with a HEAD and skips the upload. Every segment taken from a message is
+//! sanitized: a hostile user id never writes outside its lesson's folder.
+//!
+//! Uploads stream: the download feeds parts of `part_size` bytes into a
+//! multipart upload (a small file is a single PUT), aborted on any failure so
+//! no orphan parts remain. Memory per upload: about one part.
+
+use std::collections::HashMap;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{
+    CompletedMultipartUpload, CompletedPart, MetadataDirective, ServerSideEncryption, StorageClass,
+};
+use bytes::{Bytes, BytesMut};
+use secrecy::ExposeSecret;
+
+use crate::config::Config;
+use crate::fetch::ChunkSink;
+use crate::record::{Archive, Kind, Probe, Record, Track};
+
+/// Objects above this size cannot be copied in one request, so they keep no MD5 metadata.
+const MAX_COPY_BYTES: u64 = 5 * 1024 * 1024 * 1024;
+/// Object metadata written with every archived file.
+const META_MD5: &str = "md5";
+const META_DURATION: &str = "probe-duration-ms";
+const META_WIDTH: &str = "probe-width";
+const META_HEIGHT: &str = "probe-height";
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ArchiveError(pub String);
+
+fn s3_error<E: std::error::Error + 'static>(
+    what: &str,
+    e: aws_sdk_s3::error::SdkError<E>,
+) -> ArchiveError {
+    use aws_sdk_s3::error::DisplayErrorContext;
+    ArchiveError(format!("{what}: {}", DisplayErrorContext(e)))
+}
+
+/// The S3 side of the worker.
+#[derive(Clone)]
+pub struct Archiver {
+    client: Client,
+    bucket: String,
+    prefix: String,
+    storage_class: Option<StorageClass>,
+    sse: Option<ServerSideEncryption>,
+    part_size: usize,
+}
+
+impl Archiver {
+    /// The archiver `config` asks for, or `None` when archiving is off.
+    pub async fn from_config(config: &Config) -> Result<Option<Archiver>, ArchiveError> {
+        if !config.archive {
+            return Ok(None);
+        }
+        let bucket = config
+            .s3_bucket
+            .clone()
+            .filter(|b| !b.is_empty())
+            .ok_or_else(|| ArchiveError("archive = true needs s3_bucket".into()))?;
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(Region::new(config.s3_region.clone()));
+        if let Some(endpoint) = &config.s3_endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        match (&config.s3_access_key_id, &config.s3_secret_access_key) {
+            (Some(id), Some(secret)) => {
+                loader = loader.credentials_provider(Credentials::new(
+                    id.expose_secret(),
+                    secret.expose_secret(),
+                    None,
+                    None,
+                    "lesson-replay settings",
+                ));
+            }
+            (None, None) => {} // the standard AWS chain
+            _ => {
+                return Err(ArchiveError(
+                    "set both s3_access_key_id and s3_secret_access_key, or neither".into(),
+                ));
+            }
+        }
+        let shared = loader.load().await;
+        // Since aws-sdk-s3 1.69 the default checksums break MinIO, COS, OSS, R2, Garage.
+        let s3_config = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(config.s3_force_path_style)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .build();
+        Ok(Some(Archiver {
+            client: Client::from_conf(s3_config),
+            bucket,
+            prefix: config.s3_prefix.trim_matches('/').to_owned(),
+            storage_class: config.s3_storage_class.as_deref().map(StorageClass::from),
+            sse: config.s3_sse.as_deref().map(ServerSideEncryption::from),
+            part_size: config.s3_part_size_bytes,
+        }))
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// Fail fast at start-up when the bucket or the credentials are wrong.
+    pub async fn check(&self) -> Result<(), ArchiveError> {
+        self.client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                s3_error(
+                    &format!(
+                        "bucket {:?} is not usable (does it exist, are the credentials right?)",
+                        self.bucket
+                    ),
+                    e,
+                )
+            })
+    }
+
+    /// The key of a track's copy.
+    pub fn track_key(&self, record: &Record, track: &Track) -> String {
+        let owner = match (track.kind, &track.user_id) {
+            (_, Some(user)) => sanitize_segment(user),
+            (Kind::Whiteboard | Kind::Mixed, None) | (_, None) => "board".to_owned(),
+        };
+        let name = format!(
+            "{}-{}-{}.{}",
+            track.kind.as_str(),
+            owner,
+            sanitize_segment(&track.track_id),
+            sanitize_segment(&track.format)
+        );
+        format!("{}/{name}", self.lesson_folder(record))
+    }
+
+    /// The key of the record's `manifest.json`.
+    pub fn manifest_key(&self, record: &Record) -> String {
+        format!("{}/manifest.json", self.lesson_folder(record))
+    }
+
+    fn lesson_folder(&self, record: &Record) -> String {
+        let app = record
+            .sdkappid
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let folder = format!(
+            "{app}/{}/{}",
+            record.room_id,
+            sanitize_segment(&record.replay_id)
+        );
+        if self.prefix.is_empty() {
+            folder
+        } else {
+            format!("{}/{folder}", self.prefix)
+        }
+    }
+
+    fn uri(&self, key: &str) -> String {
+        format!("s3://{}/{key}", self.bucket)
+    }
+
+    /// The copy already in the bucket, when it has the expected size and the
+    /// MD5 metadata this worker writes: a redelivery costs a HEAD, not an upload.
+    pub async fn existing(
+        &self,
+        key: &str,
+        expected_size: Option<i64>,
+    ) -> Result<Option<(Archive, Option<Probe>)>, ArchiveError> {
+        let head = match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(head) => head,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => return Ok(None),
+            Err(e) => return Err(s3_error(&format!("HEAD {key}"), e)),
+        };
+        let size = head.content_length().unwrap_or(-1);
+        let metadata = head.metadata().cloned().unwrap_or_default();
+        let md5 = metadata.get(META_MD5).filter(|m| m.len() == 32);
+        let (Some(md5), true) = (md5, expected_size.is_none_or(|e| e == size)) else {
+            return Ok(None);
+        };
+        let number = |name: &str| metadata.get(name).and_then(|v| v.parse::<i64>().ok());
+        let probe = number(META_DURATION).map(|duration_ms| Probe {
+            duration_ms,
+            width: number(META_WIDTH).and_then(|v| u32::try_from(v).ok()),
+            height: number(META_HEIGHT).and_then(|v| u32::try_from(v).ok()),
+        });
+        let archive = Archive {
+            uri: self.uri(key),
+            bucket: self.bucket.clone(),
+            key: key.to_owned(),
+            size_bytes: size,
+            md5: md5.clone(),
+            etag: head.e_tag().map(str::to_owned),
+        };
+        Ok(Some((archive, probe)))
+    }
+
+    /// A streaming upload to `key`: feed it with [`ChunkSink::write`], then
+    /// [`Upload::finish`] or [`Upload::abort`].
+    pub fn upload(&self, key: String) -> Upload<'_> {
+        Upload {
+            archiver: self,
+            key,
+            buf: BytesMut::with_capacity(self.part_size),
+            upload_id: None,
+            parts: Vec::new(),
+            uploaded: 0,
+        }
+    }
+
+    /// Write the record as the lesson's `manifest.json`.
+    pub async fn put_manifest(&self, record: &Record) -> Result<String, ArchiveError> {
+        let key = self.manifest_key(record);
+        let body = serde_json::to_vec_pretty(record).expect("a record always serializes");
+        let mut request = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .content_type("application/json")
+            .body(ByteStream::from(body));
+        request = request
+            .set_storage_class(self.storage_class.clone())
+            .set_server_side_encryption(self.sse.clone());
+        request
+            .send()
+            .await
+            .map_err(|e| s3_error(&format!("PUT {key}"), e))?;
+        Ok(key)
+    }
+}
+
+fn metadata(md5: &str, probe: Option<&Probe>) -> HashMap<String, String> {
+    let mut meta = HashMap::from([(META_MD5.to_owned(), md5.to_owned())]);
+    if let Some(p) = probe {
+        meta.insert(META_DURATION.to_owned(), p.duration_ms.to_string());
+        if let Some(w) = p.width {
+            meta.insert(META_WIDTH.to_owned(), w.to_string());
+        }
+        if let Some(h) = p.height {
+            meta.insert(META_HEIGHT.to_owned(), h.to_string());
+        }
+    }
+    meta
+}
+
+/// One object being uploaded.
+pub struct Upload<'a> {
+    archiver: &'a Archiver,
+    key: String,
+    buf: BytesMut,
+    upload_id: Option<String>,
+    parts: Vec<CompletedPart>,
+    uploaded: u64,
+}
+
+impl ChunkSink for Upload<'_> {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), String> {
+        self.buf.extend_from_slice(&chunk);
+        if self.buf.len() >= self.archiver.part_size {
+            self.upload_part().await.map_err(|e| e.0)?;
+        }
+        Ok(())
+    }
+}
+
+impl Upload<'_> {
+    async fn upload_part(&mut self) -> Result<(), ArchiveError> {
+        let a = self.archiver;
+        let upload_id = match &self.upload_id {
+            Some(id) => id.clone(),
+            None => {
+                let created = a
+                    .client
+                    .create_multipart_upload()
+                    .bucket(&a.bucket)
+                    .key(&self.key)
+                    .content_type("video/mp4")
+                    .set_storage_class(a.storage_class.clone())
+                    .set_server_side_encryption(a.sse.clone())
+                    .send()
+                    .await
+                    .map_err(|e| s3_error(&format!("starting the upload of {}", self.key), e))?;
+                let id = created
+                    .upload_id()
+                    .ok_or_else(|| ArchiveError("no upload id".into()))?
+                    .to_owned();
+                self.upload_id = Some(id.clone());
+                id
+            }
+        };
+        let part: Bytes = self.buf.split().freeze();
+        self.buf.reserve(a.part_size);
+        let number = self.parts.len() as i32 + 1;
+        let size = part.len() as u64;
+        let answer = a
+            .client
+            .upload_part()
+            .bucket(&a.bucket)
+            .key(&self.key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .body(ByteStream::from(part))
+            .send()
+            .await
+            .map_err(|e| s3_error(&format!("part {number} of {}", self.key), e))?;
+        self.parts.push(
+            CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(answer.e_tag().map(str::to_owned))
+                .build(),
+        );
+        self.uploaded += size;
+        Ok(())
+    }
+
+    /// Complete the object and store its MD5 (and probe) as metadata.
+    pub async fn finish(
+        mut self,
+        md5: &str,
+        probe: Option<&Probe>,
+    ) -> Result<Archive, ArchiveError> {
+        let a = self.archiver;
+        let meta = metadata(md5, probe);
+        let etag = match self.upload_id.clone() {
+            None => {
+                let size = self.buf.len() as u64;
+                let body = self.buf.split().freeze();
+                let put = a
+                    .client
+                    .put_object()
+                    .bucket(&a.bucket)
+                    .key(&self.key)
+                    .content_type("video/mp4")
+                    .set_metadata(Some(meta))
+                    .set_storage_class(a.storage_class.clone())
+                    .set_server_side_encryption(a.sse.clone())
+                    .body(ByteStream::from(body))
+                    .send()
+                    .await
+                    .map_err(|e| s3_error(&format!("PUT {}", self.key), e))?;
+                self.uploaded = size;
+                put.e_tag().map(str::to_owned)
+            }
+            Some(upload_id) => {
+                if !self.buf.is_empty() || self.parts.is_empty() {
+                    self.upload_part().await?;
+                }
+                let done = CompletedMultipartUpload::builder()
+                    .set_parts(Some(std::mem::take(&mut self.parts)))
+                    .build();
+                a.client
+                    .complete_multipart_upload()
+                    .bucket(&a.bucket)
+                    .key(&self.key)
+                    .upload_id(&upload_id)
+                    .multipart_upload(done)
+                    .send()
+                    .await
+                    .map_err(|e| s3_error(&format!("completing {}", self.key), e))?;
+                self.upload_id = None;
+                self.store_metadata(meta).await?
+            }
+        };
+        Ok(Archive {
+            uri: a.uri(&self.key),
+            bucket: a.bucket.clone(),
+            key: self.key.clone(),
+            size_bytes: self.uploaded as i64,
+            md5: md5.to_owned(),
+            etag,
+        })
+    }
+
+    /// A multipart upload learns its MD5 only at the end: copy the object onto
+    /// itself with the metadata (server-side, no bytes through the worker).
+    async fn store_metadata(
+        &self,
+        meta: HashMap<String, String>,
+    ) -> Result<Option<String>, ArchiveError> {
+        let a = self.archiver;
+        if self.uploaded > MAX_COPY_BYTES {
+            tracing::warn!(key = %self.key, "object above 5 GiB: stored without MD5 metadata, a redelivery uploads it again");
+            return Ok(None);
+        }
+        let source = format!("{}/{}", a.bucket, encode_key(&self.key));
+        let copied = a
+            .client
+            .copy_object()
+            .bucket(&a.bucket)
+            .key(&self.key)
+            .copy_source(source)
+            .metadata_directive(MetadataDirective::Replace)
+            .set_metadata(Some(meta))
+            .content_type("video/mp4")
+            .set_storage_class(a.storage_class.clone())
+            .set_server_side_encryption(a.sse.clone())
+            .send()
+            .await
+            .map_err(|e| s3_error(&format!("storing the metadata of {}", self.key), e))?;
+        Ok(copied
+            .copy_object_result()
+            .and_then(|r| r.e_tag())
+            .map(str::to_owned))
+    }
+
+    /// Abandon the upload, deleting its parts.
+    pub async fn abort(self) {
+        let Some(upload_id) = &self.upload_id else {
+            return;
+        };
+        let a = self.archiver;
+        if let Err(e) = a
+            .client
+            .abort_multipart_upload()
+            .bucket(&a.bucket)
+            .key(&self.key)
+            .upload_id(upload_id)
+            .send()
+            .await
+        {
+            tracing::warn!(key = %self.key, error = %aws_sdk_s3::error::DisplayErrorContext(e), "could not abort the multipart upload");
+        }
+    }
+}
+
+/// A key segment made safe: `[A-Za-z0-9._-]` only, never `.` or `..`, at most 100 bytes.
+pub fn sanitize_segment(raw: &str) -> String {
+    let mut out: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(100)
+        .collect();
+    if out.is_empty() || out.starts_with('.') {
+        out.insert(0, '_');
+    }
+    out
+}
+
+/// Percent-encode a key for `x-amz-copy-source`, keeping the slashes.
+fn encode_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for byte in key.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_segments_cannot_leave_their_folder() {
+        for hostile in [
+            "../../etc/passwd",
+            "..",
+            ".",
+            "",
+            "a/b",
+            "evil\u{0}\n\r",
+            "..\\..\\x",
+            "/abs",
+            "ünïcode 老师",
+        ] {
+            let s = sanitize_segment(hostile);
+            assert!(
+                !s.contains('/') && !s.contains('\\') && s != "." && s != "..",
+                "{hostile:?} -> {s:?}"
+            );
+            assert!(!s.starts_with('.'), "{hostile:?} -> {s:?}");
+            assert!(
+                s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+                "{hostile:?} -> {s:?}"
+            );
+        }
+        assert_eq!(sanitize_segment("ios_test1"), "ios_test1");
+        assert_eq!(sanitize_segment(&"x".repeat(500)).len(), 100);
+    }
+
+    #[test]
+    fn copy_source_keys_are_encoded() {
+        assert_eq!(
+            encode_key("p/1/2/camera-a b+-3.mp4"),
+            "p/1/2/camera-a%20b%2B-3.mp4"
+        );
+    }
+}

@@ -1,0 +1,202 @@
+//! A real HTTP/1.1 VOD origin on 127.0.0.1 serving files from memory, with
+//! faults on demand: 503s, connections cut mid-body, bodies shorter than their
+//! Content-Length, no range support, 404, slow chunks. It counts what it serves.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Faults of one file.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Answer 503 to this many requests first.
+    pub fail_first: u32,
+    /// Close the connection after this many body bytes (fewer than the
+    /// Content-Length promised), for the next `cuts` responses.
+    pub cut_after: Option<u64>,
+    pub cuts: u32,
+    /// Cut with a TCP reset instead of a clean close: bytes in flight are lost.
+    pub reset: bool,
+    /// Ignore Range headers (always 200 with the whole file).
+    pub no_ranges: bool,
+    /// Send no ETag or Last-Modified.
+    pub no_validator: bool,
+    /// Pause between 16 KiB chunks.
+    pub chunk_delay: Option<Duration>,
+}
+
+#[derive(Default)]
+struct State {
+    files: HashMap<String, (Arc<Vec<u8>>, Faults)>,
+}
+
+#[derive(Clone)]
+pub struct Origin {
+    pub base: String,
+    state: Arc<Mutex<State>>,
+    served: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
+}
+
+impl Origin {
+    pub async fn start() -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let origin = Origin {
+            base,
+            state: Arc::default(),
+            served: Arc::default(),
+            requests: Arc::default(),
+        };
+        let server = origin.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let server = server.clone();
+                tokio::spawn(async move { server.serve(stream).await });
+            }
+        });
+        origin
+    }
+
+    /// Serve `body` at `path` (which starts with `/`), returning its URL.
+    pub fn add(&self, path: &str, body: Vec<u8>, faults: Faults) -> String {
+        self.state
+            .lock()
+            .unwrap()
+            .files
+            .insert(path.to_owned(), (Arc::new(body), faults));
+        format!("{}{path}", self.base)
+    }
+
+    /// Body bytes served so far, all files and requests.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::SeqCst)
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    async fn serve(&self, mut stream: TcpStream) {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut byte).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&byte[..n]),
+            }
+        }
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let mut lines = head.split("\r\n");
+        let path = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .unwrap_or("/")
+            .to_owned();
+        let headers: HashMap<String, String> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+
+        let found = {
+            let mut state = self.state.lock().unwrap();
+            state.files.get_mut(&path).map(|(body, faults)| {
+                let snapshot = faults.clone();
+                if faults.fail_first > 0 {
+                    faults.fail_first -= 1;
+                } else if faults.cuts > 0 {
+                    faults.cuts -= 1;
+                }
+                (body.clone(), snapshot)
+            })
+        };
+        let Some((body, faults)) = found else {
+            let _ = stream
+                .write_all(
+                    b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                )
+                .await;
+            return;
+        };
+        if faults.fail_first > 0 {
+            let _ = stream
+                .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await;
+            return;
+        }
+        let etag = format!("\"len-{}\"", body.len());
+        let total = body.len() as u64;
+        let range = headers
+            .get("range")
+            .filter(|_| !faults.no_ranges)
+            .filter(|_| headers.get("if-range").is_none_or(|v| *v == etag))
+            .and_then(|r| parse_range(r, total));
+        let (status, start, end) = match range {
+            Some((s, e)) => ("206 Partial Content", s, e),
+            None => ("200 OK", 0, total),
+        };
+        let mut response = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: video/mp4\r\ncontent-length: {}\r\naccept-ranges: {}\r\nconnection: close\r\n",
+            end - start,
+            if faults.no_ranges { "none" } else { "bytes" }
+        );
+        if range.is_some() {
+            response.push_str(&format!(
+                "content-range: bytes {start}-{}/{total}\r\n",
+                end.max(start + 1) - 1
+            ));
+        }
+        if !faults.no_validator {
+            response.push_str(&format!("etag: {etag}\r\n"));
+        }
+        response.push_str("\r\n");
+        if stream.write_all(response.as_bytes()).await.is_err() {
+            return;
+        }
+        let cut = if faults.cuts > 0 {
+            faults.cut_after
+        } else {
+            None
+        };
+        let mut sent = 0u64;
+        for chunk in body[start as usize..end as usize].chunks(16 * 1024) {
+            let mut chunk = chunk;
+            if let Some(limit) = cut {
+                if sent >= limit {
+                    break;
+                }
+                chunk = &chunk[..chunk.len().min((limit - sent) as usize)];
+            }
+            if stream.write_all(chunk).await.is_err() {
+                return;
+            }
+            sent += chunk.len() as u64;
+            self.served.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+            if let Some(delay) = faults.chunk_delay {
+                tokio::time::sleep(delay).await;
+            }
+        }
+        if cut.is_some() && faults.reset {
+            let _ = stream.set_zero_linger();
+        } else {
+            let _ = stream.shutdown().await;
+        }
+    }
+}
+
+/// `bytes=START-` or `bytes=START-END` → [start, end).
+fn parse_range(value: &str, total: u64) -> Option<(u64, u64)> {
+    let (start, end) = value.strip_prefix("bytes=")?.split_once('-')?;
+    let start: u64 = start.parse().ok()?;
+    let end = if end.is_empty() {
+        total
+    } else {
+        (end.parse::<u64>().ok()? + 1).min(total)
+    };
+    (start < total && start < end).then_some((start, end))
+}

@@ -1,0 +1,123 @@
+//! A real S3-compatible server for the tests: `s3s-fs` on a free loopback port
+//! with a temporary root (scripts/test.sh installs it when missing).
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{Credentials, Region};
+use lesson_replay::config::Config;
+use secrecy::SecretString;
+
+pub const ACCESS_KEY: &str = "lesson-replay-test";
+pub const SECRET_KEY: &str = "lesson-replay-test-secret";
+
+pub struct S3Server {
+    child: Child,
+    pub endpoint: String,
+    pub port: u16,
+    pub root: PathBuf,
+}
+
+/// The s3s-fs binary: `$S3S_FS_BIN`, else `s3s-fs` from `$CARGO_HOME/bin` or the PATH.
+fn binary() -> PathBuf {
+    if let Ok(path) = std::env::var("S3S_FS_BIN") {
+        return path.into();
+    }
+    let cargo_home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo")
+        });
+    let installed = cargo_home.join("bin/s3s-fs");
+    if installed.exists() {
+        installed
+    } else {
+        PathBuf::from("s3s-fs")
+    }
+}
+
+impl S3Server {
+    /// Start a server with one bucket, `bucket`.
+    pub fn start(bucket: &str) -> S3Server {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port, bucket, tempdir())
+    }
+
+    /// Start (or restart) on a given port and root.
+    pub fn start_on(port: u16, bucket: &str, root: PathBuf) -> S3Server {
+        std::fs::create_dir_all(root.join(bucket)).unwrap();
+        let child = Command::new(binary())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .arg(&root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("s3s-fs runs (scripts/test.sh installs it: cargo install s3s-fs@0.14.1 --features binary --locked)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "s3s-fs did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        S3Server {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            port,
+            root,
+        }
+    }
+
+    /// Stop the server (an outage), keeping its data.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Point `config` at this server and bucket, archiving on.
+    pub fn configure(&self, config: &mut Config, bucket: &str) {
+        config.archive = true;
+        config.s3_endpoint = Some(self.endpoint.clone());
+        config.s3_force_path_style = true;
+        config.s3_access_key_id = Some(SecretString::from(ACCESS_KEY));
+        config.s3_secret_access_key = Some(SecretString::from(SECRET_KEY));
+        config.s3_bucket = Some(bucket.to_owned());
+    }
+
+    /// A plain S3 client for inspecting the bucket.
+    pub fn client(&self) -> Client {
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(&self.endpoint)
+            .force_path_style(true)
+            .credentials_provider(Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test"))
+            .build();
+        Client::from_conf(config)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn tempdir() -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "lesson-replay-s3-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
