@@ -443,7 +443,8 @@ impl Upload<'_> {
     }
 }
 
-/// A key segment made safe: `[A-Za-z0-9._-]` only, never `.` or `..`, at most 100 bytes.
+/// A key segment made safe: `[A-Za-z0-9._-]` only, no `..` anywhere, no
+/// leading dot, at most 100 bytes.
 pub fn sanitize_segment(raw: &str) -> String {
     let mut out: String = raw
         .chars()
@@ -456,6 +457,9 @@ pub fn sanitize_segment(raw: &str) -> String {
         })
         .take(100)
         .collect();
+    while out.contains("..") {
+        out = out.replace("..", "__");
+    }
     if out.is_empty() || out.starts_with('.') {
         out.insert(0, '_');
     }
@@ -497,7 +501,10 @@ mod tests {
                 !s.contains('/') && !s.contains('\\') && s != "." && s != "..",
                 "{hostile:?} -> {s:?}"
             );
-            assert!(!s.starts_with('.'), "{hostile:?} -> {s:?}");
+            assert!(
+                !s.starts_with('.') && !s.contains(".."),
+                "{hostile:?} -> {s:?}"
+            );
             assert!(
                 s.chars()
                     .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),

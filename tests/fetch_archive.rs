@@ -398,3 +398,13 @@ async fn a_wrong_bucket_fails_the_start_up_check() {
     let err = archiver.check().await.unwrap_err();
     assert!(err.to_string().contains("no-such-bucket"), "{err}");
 }
+
+#[tokio::test]
+async fn a_small_faststart_file_is_probed_in_one_range_read() {
+    let origin = Origin::start().await;
+    let url = origin.add("/small.mp4", FASTSTART.to_vec(), Faults::default());
+    let read = fetcher().probe_by_ranges(&url).await.unwrap();
+    let probe = read.probe.unwrap();
+    assert_eq!((probe.width, probe.height), (Some(320), Some(240)));
+    assert_eq!(read.requests, 1);
+}

@@ -1,0 +1,253 @@
+//! The worker end to end with real parts: RabbitMQ, the test VOD origin and an
+//! s3s-fs bucket. Records come out with `probe` and `archive` filled, the
+//! bucket holds verified copies and a manifest equal to the record, and a
+//! redelivery costs no second download or upload.
+
+mod common;
+
+use std::time::Duration;
+
+use common::origin::{Faults, Origin};
+use common::s3::S3Server;
+use common::{Broker, assert_valid_record, header, isolated_config, spawn_worker};
+use lesson_replay::cli::callback_headers;
+use md5::{Digest, Md5};
+use serde_json::{Value, json};
+
+const FASTSTART: &[u8] = include_bytes!("fixtures/faststart-2s-320x240.mp4");
+const MOOV_AT_END: &[u8] = include_bytes!("fixtures/moov-at-end-5s-160x120.mp4");
+
+fn track(
+    url: &str,
+    id: &str,
+    kind: i64,
+    user: &str,
+    size: usize,
+    duration: i64,
+    offset: i64,
+) -> Value {
+    json!({"video_play_time": offset, "video_size": size, "video_format": "mp4", "video_duration": duration,
+           "video_url": url, "video_id": id, "video_type": kind, "user_id": user})
+}
+
+fn callback(task: &str, tracks: Vec<Value>) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "callback_type": "record_finished", "error_code": 0, "error_msg": "", "expire_time": 1700000600,
+        "timestamp": 1700000500, "task_id": task, "room_id": 42, "group_id": "42",
+        "record_user_id": "tic_record_user_42_1", "start_time": 1700000000, "stop_time": 1700000010,
+        "video_info": tracks
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recordings_are_archived_verified_and_not_uploaded_twice() {
+    let s3 = S3Server::start("school");
+    let origin = Origin::start().await;
+    let mut config = isolated_config("archive-e2e");
+    s3.configure(&mut config, "school");
+    config.probe = true;
+    let broker = Broker::new(config).await;
+    let worker = spawn_worker(broker.config.clone());
+
+    // The camera's origin is busy at first; its owner's id is hostile.
+    let camera = origin.add(
+        "/cam.mp4",
+        FASTSTART.to_vec(),
+        Faults {
+            fail_first: 2,
+            ..Faults::default()
+        },
+    );
+    let board = origin.add("/board.mp4", MOOV_AT_END.to_vec(), Faults::default());
+    let body = callback(
+        "task-archive",
+        vec![
+            track(
+                &camera,
+                "cam1",
+                0,
+                "../../../escape/teacher",
+                FASTSTART.len(),
+                2000,
+                0,
+            ),
+            // Declared 4 s, the file lasts 5 s: the probe wins.
+            track(&board, "board1", 2, "", MOOV_AT_END.len(), 4000, 500),
+        ],
+    );
+    broker
+        .publish(&body, callback_headers(None, None, Some(1400000001)))
+        .await;
+    let (record, _) = broker.take(&broker.config.records_queue, 1).await.remove(0);
+    assert_valid_record(&record);
+    let replay_id = record["replay_id"].as_str().unwrap().to_owned();
+    let folder = format!("lesson-replay/1400000001/42/{replay_id}/");
+
+    let client = s3.client();
+    for (t, source) in record["tracks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip([FASTSTART, MOOV_AT_END])
+    {
+        let probe = &t["probe"];
+        assert!(probe["duration_ms"].as_i64().unwrap() > 1900, "{t:#}");
+        let archive = &t["archive"];
+        let key = archive["key"].as_str().unwrap();
+        assert!(
+            key.starts_with(&folder) && !key[folder.len()..].contains('/') && !key.contains(".."),
+            "{key}"
+        );
+        assert_eq!(archive["md5"], hex::encode(Md5::digest(source)));
+        assert_eq!(archive["size_bytes"], source.len());
+        assert_eq!(archive["uri"], format!("s3://school/{key}"));
+        let object = client
+            .get_object()
+            .bucket("school")
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        let bytes = object.body.collect().await.unwrap().into_bytes();
+        assert!(
+            bytes == source,
+            "{key}: archived bytes differ from the origin's"
+        );
+    }
+    assert_eq!(record["tracks"][0]["probe"]["width"], 320);
+    assert_eq!(
+        record["tracks"][1]["duration_ms"].as_i64().unwrap() / 100,
+        50
+    );
+    assert!(
+        record["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["code"] == "duration_probed")
+    );
+
+    let manifest = client
+        .get_object()
+        .bucket("school")
+        .key(format!("{folder}manifest.json"))
+        .send()
+        .await
+        .unwrap();
+    let manifest: Value =
+        serde_json::from_slice(&manifest.body.collect().await.unwrap().into_bytes()).unwrap();
+    assert_eq!(
+        manifest, record,
+        "manifest.json equals the published record"
+    );
+
+    // The same callback again (TIC retries): same record, no download, no upload.
+    let requests_before = origin.requests();
+    broker
+        .publish(&body, callback_headers(None, None, Some(1400000001)))
+        .await;
+    let (again, properties) = broker.take(&broker.config.records_queue, 1).await.remove(0);
+    assert_eq!(again, record);
+    assert_eq!(
+        properties.message_id().as_ref().unwrap().as_str(),
+        replay_id
+    );
+    assert_eq!(
+        origin.requests(),
+        requests_before,
+        "the redelivery read nothing from the origin"
+    );
+    worker.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_archiving_every_track_is_probed_by_range_reads() {
+    let origin = Origin::start().await;
+    let mut config = isolated_config("probe-only");
+    config.probe = true;
+    let broker = Broker::new(config).await;
+    let worker = spawn_worker(broker.config.clone());
+    let board = origin.add("/board.mp4", MOOV_AT_END.to_vec(), Faults::default());
+    let html = origin.add(
+        "/page.mp4",
+        b"<html>oops</html>".to_vec(),
+        Faults::default(),
+    );
+    let body = callback(
+        "task-probe",
+        vec![
+            track(&board, "b", 2, "", MOOV_AT_END.len() + 1, 5000, 0),
+            track(&html, "h", 0, "u", 17, 1000, 0),
+        ],
+    );
+    broker.publish(&body, Default::default()).await;
+    let (record, _) = broker.take(&broker.config.records_queue, 1).await.remove(0);
+    assert_valid_record(&record);
+    let board = record["tracks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["track_id"] == "b")
+        .unwrap();
+    assert_eq!(board["probe"]["width"], 160);
+    assert!(board["archive"].is_null());
+    let codes: Vec<&str> = record["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["code"].as_str().unwrap())
+        .collect();
+    assert!(codes.contains(&"size_mismatch"), "{codes:?}");
+    assert!(
+        codes.contains(&"probe_failed"),
+        "not an MP4: a warning, not a crash: {codes:?}"
+    );
+    worker.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_fetch_failures_are_parked_with_their_reason() {
+    let s3 = S3Server::start("school");
+    let origin = Origin::start().await;
+    let mut config = isolated_config("fetch-park");
+    s3.configure(&mut config, "school");
+    let broker = Broker::new(config).await;
+    let worker = spawn_worker(broker.config.clone());
+
+    let missing = format!("{}/gone.mp4", origin.base);
+    broker
+        .publish(
+            &callback("t-404", vec![track(&missing, "g", 0, "u", 100, 1000, 0)]),
+            Default::default(),
+        )
+        .await;
+    let board = origin.add("/board.mp4", MOOV_AT_END.to_vec(), Faults::default());
+    broker
+        .publish(
+            &callback(
+                "t-size",
+                vec![track(&board, "b", 2, "", MOOV_AT_END.len() - 1, 5000, 0)],
+            ),
+            Default::default(),
+        )
+        .await;
+
+    let parked = broker.take(&broker.config.parking_queue, 2).await;
+    let mut reasons: Vec<String> = parked
+        .iter()
+        .map(|(_, p)| header(p, "x-lesson-replay-reason").unwrap())
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons, ["size_mismatch", "vod_not_found"]);
+    assert!(
+        broker
+            .next(&broker.config.records_queue, Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+    worker.stop().await;
+    broker.cleanup().await;
+}
