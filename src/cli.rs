@@ -35,7 +35,11 @@ LESSON_REPLAY_* environment variables (see the README for the full table):
   LESSON_REPLAY_SIGNATURE         required | if-present | off [if-present]
   LESSON_REPLAY_TIC_KEYS          SDKAPPID=TICKEY,... (secret)
   LESSON_REPLAY_SHUTDOWN_GRACE_SECS [25]
-  LESSON_REPLAY_LOG_FORMAT        auto | json | text [auto]";
+  LESSON_REPLAY_LOG_FORMAT        auto | json | text [auto]
+  LESSON_REPLAY_PROBE             probe every track's MP4 [true]
+  LESSON_REPLAY_ARCHIVE           copy tracks to S3 [false]; with LESSON_REPLAY_S3_BUCKET,
+                                  _S3_ENDPOINT, _S3_REGION, _S3_FORCE_PATH_STYLE, _S3_PREFIX,
+                                  _S3_ACCESS_KEY_ID, _S3_SECRET_ACCESS_KEY (secret), ...";
 
 #[derive(Debug, Parser)]
 #[command(name = "lesson-replay", version, about = "TIC recording messages in, lesson-replay records out", after_help = SETTINGS_HELP)]

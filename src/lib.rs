@@ -6,7 +6,9 @@
 //! 2. [`pipeline::decide`] turns it into a decision, with no I/O:
 //!    [`decode`] (four JSON formats) → [`verify`] (signature) →
 //!    [`normalize`] (durations, repairs, ids) + [`layout`] (screen layout);
-//! 3. [`worker`] publishes the [`record::Record`] or parks the message with a
+//! 3. [`media`] checks every track against its file — [`fetch`] (HTTP),
+//!    [`probe`] (MP4 `moov`), [`archive`] (S3) — and fills the record;
+//! 4. [`worker`] publishes the [`record::Record`] or parks the message with a
 //!    [`reason::ReasonCode`], then acknowledges it.
 
 pub mod archive;
