@@ -25,7 +25,9 @@ use secrecy::ExposeSecret;
 
 use crate::config::Config;
 use crate::fetch::ChunkSink;
+use crate::metrics::Metrics;
 use crate::record::{Archive, Kind, Probe, Record, Track};
+use tokio_util::task::TaskTracker;
 
 /// Objects above this size cannot be copied in one request, so they keep no MD5 metadata.
 const MAX_COPY_BYTES: u64 = 5 * 1024 * 1024 * 1024;
@@ -39,12 +41,27 @@ const META_HEIGHT: &str = "probe-height";
 #[error("{0}")]
 pub struct ArchiveError(pub String);
 
-fn s3_error<E: std::error::Error + 'static>(
-    what: &str,
-    e: aws_sdk_s3::error::SdkError<E>,
-) -> ArchiveError {
+type SdkError<E> = aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>;
+
+fn s3_error<E: std::error::Error + 'static>(what: &str, e: SdkError<E>) -> ArchiveError {
     use aws_sdk_s3::error::DisplayErrorContext;
     ArchiveError(format!("{what}: {}", DisplayErrorContext(e)))
+}
+
+/// Counts every S3 response by status class.
+trait Observed {
+    fn observed(self, metrics: &Metrics) -> Self;
+}
+
+impl<T, E> Observed for Result<T, SdkError<E>> {
+    fn observed(self, metrics: &Metrics) -> Self {
+        let status = match &self {
+            Ok(_) => Some(200),
+            Err(e) => e.raw_response().map(|r| r.status().as_u16()),
+        };
+        metrics.http_response("s3", status);
+        self
+    }
 }
 
 /// The S3 side of the worker.
@@ -56,11 +73,17 @@ pub struct Archiver {
     storage_class: Option<StorageClass>,
     sse: Option<ServerSideEncryption>,
     part_size: usize,
+    metrics: Metrics,
+    /// Aborts of uploads dropped half-way (shutdown, panic), awaited before exit.
+    cleanup: TaskTracker,
 }
 
 impl Archiver {
     /// The archiver `config` asks for, or `None` when archiving is off.
-    pub async fn from_config(config: &Config) -> Result<Option<Archiver>, ArchiveError> {
+    pub async fn from_config(
+        config: &Config,
+        metrics: Metrics,
+    ) -> Result<Option<Archiver>, ArchiveError> {
         if !config.archive {
             return Ok(None);
         }
@@ -105,7 +128,15 @@ impl Archiver {
             storage_class: config.s3_storage_class.as_deref().map(StorageClass::from),
             sse: config.s3_sse.as_deref().map(ServerSideEncryption::from),
             part_size: config.s3_part_size_bytes,
+            metrics,
+            cleanup: TaskTracker::new(),
         }))
+    }
+
+    /// Wait (at most `limit`) for the aborts of dropped uploads to finish.
+    pub async fn wait_for_cleanup(&self, limit: std::time::Duration) {
+        self.cleanup.close();
+        let _ = tokio::time::timeout(limit, self.cleanup.wait()).await;
     }
 
     pub fn bucket(&self) -> &str {
@@ -119,6 +150,7 @@ impl Archiver {
             .bucket(&self.bucket)
             .send()
             .await
+            .observed(&self.metrics)
             .map(|_| ())
             .map_err(|e| {
                 s3_error(
@@ -186,6 +218,7 @@ impl Archiver {
             .key(key)
             .send()
             .await
+            .observed(&self.metrics)
         {
             Ok(head) => head,
             Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => return Ok(None),
@@ -244,6 +277,7 @@ impl Archiver {
         request
             .send()
             .await
+            .observed(&self.metrics)
             .map_err(|e| s3_error(&format!("PUT {key}"), e))?;
         Ok(key)
     }
@@ -299,6 +333,7 @@ impl Upload<'_> {
                     .set_server_side_encryption(a.sse.clone())
                     .send()
                     .await
+                    .observed(&self.archiver.metrics)
                     .map_err(|e| s3_error(&format!("starting the upload of {}", self.key), e))?;
                 let id = created
                     .upload_id()
@@ -322,6 +357,7 @@ impl Upload<'_> {
             .body(ByteStream::from(part))
             .send()
             .await
+            .observed(&self.archiver.metrics)
             .map_err(|e| s3_error(&format!("part {number} of {}", self.key), e))?;
         self.parts.push(
             CompletedPart::builder()
@@ -330,6 +366,7 @@ impl Upload<'_> {
                 .build(),
         );
         self.uploaded += size;
+        a.metrics.uploaded_bytes.inc_by(size);
         Ok(())
     }
 
@@ -357,8 +394,10 @@ impl Upload<'_> {
                     .body(ByteStream::from(body))
                     .send()
                     .await
+                    .observed(&self.archiver.metrics)
                     .map_err(|e| s3_error(&format!("PUT {}", self.key), e))?;
                 self.uploaded = size;
+                a.metrics.uploaded_bytes.inc_by(size);
                 put.e_tag().map(str::to_owned)
             }
             Some(upload_id) => {
@@ -376,6 +415,7 @@ impl Upload<'_> {
                     .multipart_upload(done)
                     .send()
                     .await
+                    .observed(&self.archiver.metrics)
                     .map_err(|e| s3_error(&format!("completing {}", self.key), e))?;
                 self.upload_id = None;
                 self.store_metadata(meta).await?
@@ -416,6 +456,7 @@ impl Upload<'_> {
             .set_server_side_encryption(a.sse.clone())
             .send()
             .await
+            .observed(&self.archiver.metrics)
             .map_err(|e| s3_error(&format!("storing the metadata of {}", self.key), e))?;
         Ok(copied
             .copy_object_result()
@@ -424,21 +465,60 @@ impl Upload<'_> {
     }
 
     /// Abandon the upload, deleting its parts.
-    pub async fn abort(self) {
-        let Some(upload_id) = &self.upload_id else {
+    pub async fn abort(mut self) {
+        if let Some(upload_id) = self.upload_id.take() {
+            abort_upload(
+                self.archiver.client.clone(),
+                self.archiver.bucket.clone(),
+                self.key.clone(),
+                upload_id,
+                self.archiver.metrics.clone(),
+            )
+            .await;
+        }
+    }
+}
+
+/// An upload dropped half-way (its task aborted at shutdown, or a panic) is
+/// aborted in the background, so no orphan parts remain.
+impl Drop for Upload<'_> {
+    fn drop(&mut self) {
+        let (Some(upload_id), Ok(runtime)) =
+            (self.upload_id.take(), tokio::runtime::Handle::try_current())
+        else {
             return;
         };
         let a = self.archiver;
-        if let Err(e) = a
-            .client
-            .abort_multipart_upload()
-            .bucket(&a.bucket)
-            .key(&self.key)
-            .upload_id(upload_id)
-            .send()
-            .await
-        {
-            tracing::warn!(key = %self.key, error = %aws_sdk_s3::error::DisplayErrorContext(e), "could not abort the multipart upload");
+        let abort = abort_upload(
+            a.client.clone(),
+            a.bucket.clone(),
+            self.key.clone(),
+            upload_id,
+            a.metrics.clone(),
+        );
+        a.cleanup.spawn_on(abort, &runtime);
+    }
+}
+
+async fn abort_upload(
+    client: Client,
+    bucket: String,
+    key: String,
+    upload_id: String,
+    metrics: Metrics,
+) {
+    let aborted = client
+        .abort_multipart_upload()
+        .bucket(&bucket)
+        .key(&key)
+        .upload_id(upload_id)
+        .send()
+        .await
+        .observed(&metrics);
+    match aborted {
+        Ok(_) => tracing::info!(%key, "multipart upload aborted"),
+        Err(e) => {
+            tracing::warn!(%key, error = %aws_sdk_s3::error::DisplayErrorContext(e), "could not abort the multipart upload")
         }
     }
 }

@@ -5,11 +5,16 @@
 //!
 //! ```text
 //! tic.recordings (topic) --#--> lesson-replay.recordings (quorum, delivery limit)
-//!                                     | dead-letter (delivery limit reached)
-//!                                     v
-//!                               lesson-replay.parking (quorum)
+//!                                  ^          | dead-letter (delivery limit reached)
+//!        TTL expired: dead-letter  |          v
+//!  lesson-replay.recordings.retry.<N>s    lesson-replay.parking (classic)
+//!  (quorum, one per delay tier)
 //! lesson-replay.records (topic) --#--> lesson-replay.records (quorum)
 //! ```
+//!
+//! The parking queue is a classic queue: operators list and replay it by
+//! reading and requeueing, which a quorum queue would count towards its
+//! delivery limit (20 by default in RabbitMQ 4) and eventually drop.
 //!
 //! Every argument used here exists in RabbitMQ 3.10 and 4.x.
 
@@ -34,6 +39,8 @@ pub const HEADER_SDKAPPID: &str = "x-tic-sdkappid";
 pub const HEADER_REASON: &str = "x-lesson-replay-reason";
 pub const HEADER_ERROR: &str = "x-lesson-replay-error";
 pub const HEADER_PARKED_AT: &str = "x-lesson-replay-parked-at";
+/// W3C trace context, copied from the inbound message to its record.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
 
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
@@ -65,30 +72,28 @@ pub async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::
     Ok(channel)
 }
 
-fn quorum_queue_args(dead_letter_to: Option<(&str, u32)>) -> FieldTable {
+fn queue_type(kind: &str) -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), LongString::from("quorum").into());
-    if let Some((parking, delivery_limit)) = dead_letter_to {
-        args.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(delivery_limit.into()),
-        );
-        args.insert("x-dead-letter-exchange".into(), LongString::from("").into());
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            LongString::from(parking).into(),
-        );
-        // At-least-once dead-lettering (3.10+) needs reject-publish overflow.
-        args.insert(
-            "x-dead-letter-strategy".into(),
-            LongString::from("at-least-once").into(),
-        );
-        args.insert(
-            "x-overflow".into(),
-            LongString::from("reject-publish").into(),
-        );
-    }
+    args.insert("x-queue-type".into(), LongString::from(kind).into());
     args
+}
+
+/// Dead-letter to `target` through the default exchange, at least once
+/// (quorum queues, RabbitMQ 3.10+; it needs reject-publish overflow).
+fn dead_letter_to(args: &mut FieldTable, target: &str) {
+    args.insert("x-dead-letter-exchange".into(), LongString::from("").into());
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        LongString::from(target).into(),
+    );
+    args.insert(
+        "x-dead-letter-strategy".into(),
+        LongString::from("at-least-once").into(),
+    );
+    args.insert(
+        "x-overflow".into(),
+        LongString::from("reject-publish").into(),
+    );
 }
 
 /// Declare every exchange, queue and binding the worker uses. Idempotent.
@@ -115,21 +120,33 @@ pub async fn declare_topology(channel: &Channel, config: &Config) -> Result<(), 
         .queue_declare(
             config.parking_queue.as_str().into(),
             durable_queue,
-            quorum_queue_args(None),
+            queue_type("classic"),
         )
         .await?;
+    let mut work = queue_type("quorum");
+    work.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(config.delivery_limit.into()),
+    );
+    dead_letter_to(&mut work, &config.parking_queue);
     channel
-        .queue_declare(
-            config.work_queue.as_str().into(),
-            durable_queue,
-            quorum_queue_args(Some((&config.parking_queue, config.delivery_limit))),
-        )
+        .queue_declare(config.work_queue.as_str().into(), durable_queue, work)
         .await?;
+    for delay in config.retry_policy().tiers {
+        let mut tier = queue_type("quorum");
+        let ttl_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        tier.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl_ms));
+        dead_letter_to(&mut tier, &config.work_queue);
+        let name = crate::retry::tier_queue(&config.work_queue, delay);
+        channel
+            .queue_declare(name.as_str().into(), durable_queue, tier)
+            .await?;
+    }
     channel
         .queue_declare(
             config.records_queue.as_str().into(),
             durable_queue,
-            quorum_queue_args(None),
+            queue_type("quorum"),
         )
         .await?;
     let bindings = [

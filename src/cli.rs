@@ -10,9 +10,12 @@ use tracing_subscriber::EnvFilter;
 
 use crate::broker;
 use crate::config::{Config, LogFormat};
-use crate::decode::{Payload, decode};
+use crate::decode::{Limits, Payload, decode};
+use crate::metrics::Metrics;
 use crate::normalize::normalize;
 use crate::reason::ReasonCode;
+use crate::worker::Health;
+use tokio_util::sync::CancellationToken;
 
 /// Exit code of a rejected message (sysexits EX_DATAERR).
 pub const EXIT_DATA_ERROR: u8 = 65;
@@ -36,6 +39,7 @@ LESSON_REPLAY_* environment variables (see the README for the full table):
   LESSON_REPLAY_TIC_KEYS          SDKAPPID=TICKEY,... (secret)
   LESSON_REPLAY_SHUTDOWN_GRACE_SECS [25]
   LESSON_REPLAY_LOG_FORMAT        auto | json | text [auto]
+  LESSON_REPLAY_METRICS_ADDR      /metrics, /healthz, /readyz listener, empty = off [0.0.0.0:9090]
   LESSON_REPLAY_PROBE             probe every track's MP4 [true]
   LESSON_REPLAY_ARCHIVE           copy tracks to S3 [false]; with LESSON_REPLAY_S3_BUCKET,
                                   _S3_ENDPOINT, _S3_REGION, _S3_FORCE_PATH_STYLE, _S3_PREFIX,
@@ -107,9 +111,7 @@ pub fn main() -> ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Worker => crate::worker::run(config, shutdown_signal())
-                .await
-                .map_err(|e| e.to_string()),
+            Command::Worker => run_worker(config).await,
             Command::Topology => declare_only(&config).await.map_err(|e| e.to_string()),
             Command::Publish {
                 files,
@@ -154,21 +156,62 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Completes on the first SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// The service: the worker plus its metrics and health endpoints. The first
+/// SIGTERM/SIGINT starts an orderly stop; a second one quits at once.
+async fn run_worker(config: Config) -> Result<(), String> {
+    let health = Health::default();
+    let metrics = Metrics::new();
+    let stop = CancellationToken::new();
+    tokio::spawn(watch_signals(stop.clone()));
+    let server_stop = CancellationToken::new();
+    let server = match config.metrics_addr.trim() {
+        "" => None,
+        addr => {
+            let addr: std::net::SocketAddr = addr
+                .parse()
+                .map_err(|e| format!("metrics_addr {addr:?}: {e}"))?;
+            let listener = crate::metrics::serve(
+                addr,
+                metrics.clone(),
+                health.clone(),
+                server_stop.clone().cancelled_owned(),
+            );
+            Some(tokio::spawn(listener))
+        }
+    };
+    let result = crate::worker::run(config, stop.cancelled_owned(), health, metrics).await;
+    server_stop.cancel();
+    if let Some(server) = server
+        && let Ok(Err(e)) = server.await
+    {
+        tracing::warn!(error = %e, "metrics endpoint failed");
+    }
+    result.map_err(|e| e.to_string())
+}
+
+/// Cancel `stop` on the first SIGINT or SIGTERM; exit at once on the second.
+async fn watch_signals(stop: CancellationToken) {
+    next_signal().await;
+    tracing::info!("shutdown signal received: stopping (a second signal quits at once)");
+    stop.cancel();
+    next_signal().await;
+    tracing::warn!("second signal: quitting now");
+    std::process::exit(130);
+}
+
+async fn next_signal() {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler installs");
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
         tokio::select! {
-            _ = ctrl_c => {},
             _ = term.recv() => {},
+            _ = int.recv() => {},
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutdown signal received");
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn read_input(file: &Path) -> std::io::Result<Vec<u8>> {
@@ -189,15 +232,16 @@ fn run_normalize(file: &Path, sdkappid: Option<i64>) -> ExitCode {
             return ExitCode::from(EXIT_NO_INPUT);
         }
     };
-    let outcome = decode(&body).and_then(|announcement| match announcement.payload {
-        Payload::Finished(recording) => {
-            normalize(&recording, announcement.sdkappid.or(sdkappid)).map(|n| Some(n.record))
-        }
-        Payload::NotFinished(reason) => {
-            eprintln!("skipped: {reason}");
-            Ok(None)
-        }
-    });
+    let outcome =
+        decode(&body, &Limits::default()).and_then(|announcement| match announcement.payload {
+            Payload::Finished(recording) => {
+                normalize(&recording, announcement.sdkappid.or(sdkappid)).map(|n| Some(n.record))
+            }
+            Payload::NotFinished(reason) => {
+                eprintln!("skipped: {reason}");
+                Ok(None)
+            }
+        });
     match outcome {
         Ok(Some(record)) => {
             println!(

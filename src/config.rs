@@ -12,7 +12,7 @@ use figment::providers::{Env, Format, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::pipeline::SignaturePolicy;
+use crate::pipeline::InputPolicy;
 use crate::verify::{SignatureMode, TicKeys};
 
 pub const ENV_PREFIX: &str = "LESSON_REPLAY_";
@@ -45,6 +45,8 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     /// `auto` (JSON unless stderr is a terminal), `json` or `text`.
     pub log_format: LogFormat,
+    /// Address of the `/metrics`, `/healthz`, `/readyz` listener; empty: none.
+    pub metrics_addr: String,
 
     /// Probe every track's MP4 for its real duration and picture size.
     pub probe: bool,
@@ -77,6 +79,56 @@ pub struct Config {
     pub s3_sse: Option<String>,
     /// Multipart part size in bytes (5 MiB ≤ size; ≤ 16 MiB for MinIO).
     pub s3_part_size_bytes: usize,
+
+    /// Delay tiers of broker-level retries, in seconds (`10,60,300` in the environment).
+    #[serde(deserialize_with = "list")]
+    pub retry_delays_secs: Vec<u64>,
+    /// A message failing for longer than this is parked.
+    pub retry_max_age_secs: u64,
+    /// Longest total backoff of the quick in-process retries of one stage.
+    pub stage_budget_secs: u64,
+    /// Hosts VOD files may come from: exact names or `*.suffix` patterns.
+    #[serde(deserialize_with = "list")]
+    pub vod_allowed_hosts: Vec<String>,
+    /// Allow VOD hosts resolving to loopback, private, link-local, unspecified or
+    /// multicast addresses (refused by default: server-side request forgery).
+    pub vod_allow_private_networks: bool,
+    /// Larger message bodies are parked (`body_too_large`).
+    pub max_body_bytes: usize,
+    /// Recordings with more tracks are parked (`too_many_tracks`).
+    pub max_tracks: usize,
+    /// Longer strings in a message are parked (`field_too_long`).
+    pub max_string_bytes: usize,
+}
+
+/// A list given as a TOML array or as a comma-separated string (environment).
+fn list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form<T> {
+        List(Vec<T>),
+        Text(String),
+        One(u64),
+    }
+    match Form::<T>::deserialize(d)? {
+        Form::List(items) => Ok(items),
+        Form::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().map_err(serde::de::Error::custom))
+            .collect(),
+        Form::One(n) => n
+            .to_string()
+            .parse()
+            .map(|v| vec![v])
+            .map_err(serde::de::Error::custom),
+    }
 }
 
 impl Default for Config {
@@ -94,6 +146,7 @@ impl Default for Config {
             tic_keys: TicKeysSetting::default(),
             shutdown_grace_secs: 25,
             log_format: LogFormat::Auto,
+            metrics_addr: "0.0.0.0:9090".into(),
             probe: true,
             fetch_connect_timeout_secs: 10,
             fetch_idle_timeout_secs: 30,
@@ -111,6 +164,14 @@ impl Default for Config {
             s3_storage_class: None,
             s3_sse: None,
             s3_part_size_bytes: 8 * 1024 * 1024,
+            retry_delays_secs: vec![10, 60, 300, 1800, 7200],
+            retry_max_age_secs: 12 * 3600,
+            stage_budget_secs: 60,
+            vod_allowed_hosts: vec!["*.vod2.myqcloud.com".into()],
+            vod_allow_private_networks: false,
+            max_body_bytes: 1024 * 1024,
+            max_tracks: 500,
+            max_string_bytes: 4096,
         }
     }
 }
@@ -210,6 +271,11 @@ impl Config {
                 "archive = true needs s3_bucket".into(),
             ));
         }
+        if self.retry_delays_secs.contains(&0) {
+            return Err(ConfigError::Invalid(
+                "retry_delays_secs must all be at least 1".into(),
+            ));
+        }
         if self.fetch_attempts == 0 {
             return Err(ConfigError::Invalid(
                 "fetch_attempts must be at least 1".into(),
@@ -224,11 +290,12 @@ impl Config {
         Ok(())
     }
 
-    pub fn signature_policy(&self) -> SignaturePolicy {
-        SignaturePolicy {
+    pub fn input_policy(&self) -> InputPolicy {
+        InputPolicy {
             mode: self.signature,
             // validate() has parsed it already.
             keys: self.tic_keys.parse().unwrap_or_default(),
+            limits: self.limits(),
         }
     }
 
@@ -238,6 +305,29 @@ impl Config {
             idle_timeout: Duration::from_secs(self.fetch_idle_timeout_secs),
             max_file_bytes: self.max_file_bytes,
             max_resumes: self.fetch_max_resumes,
+            url_policy: std::sync::Arc::new(crate::guard::UrlPolicy {
+                allowed_hosts: self.vod_allowed_hosts.clone(),
+                allow_private_networks: self.vod_allow_private_networks,
+            }),
+        }
+    }
+
+    pub fn retry_policy(&self) -> crate::retry::RetryPolicy {
+        crate::retry::RetryPolicy {
+            tiers: self
+                .retry_delays_secs
+                .iter()
+                .map(|s| Duration::from_secs(*s))
+                .collect(),
+            max_age: Duration::from_secs(self.retry_max_age_secs),
+        }
+    }
+
+    pub fn limits(&self) -> crate::decode::Limits {
+        crate::decode::Limits {
+            max_body_bytes: self.max_body_bytes,
+            max_tracks: self.max_tracks,
+            max_string_bytes: self.max_string_bytes,
         }
     }
 
@@ -260,7 +350,17 @@ mod tests {
             )?;
             jail.set_env("LESSON_REPLAY_WORK_QUEUE", "from-env");
             jail.set_env("LESSON_REPLAY_SIGNATURE", "required");
+            jail.set_env("LESSON_REPLAY_RETRY_DELAYS_SECS", "1,2,3");
+            jail.set_env(
+                "LESSON_REPLAY_VOD_ALLOWED_HOSTS",
+                "*.vod2.myqcloud.com, cdn.example.org",
+            );
             let config = Config::load(Some(Path::new("lr.toml"))).expect("loads");
+            assert_eq!(config.retry_delays_secs, [1, 2, 3]);
+            assert_eq!(
+                config.vod_allowed_hosts,
+                ["*.vod2.myqcloud.com", "cdn.example.org"]
+            );
             assert_eq!(config.concurrency, 4);
             assert_eq!(config.work_queue, "from-env");
             assert_eq!(config.signature, SignatureMode::Required);
@@ -282,7 +382,7 @@ mod tests {
                 !shown.contains("hunter2") && !shown.contains("TOPSECRETKEY"),
                 "{shown}"
             );
-            assert_eq!(config.signature_policy().keys.len(), 1);
+            assert_eq!(config.input_policy().keys.len(), 1);
             Ok(())
         });
     }

@@ -151,10 +151,44 @@ struct PostClassBody {
     video_infos: Vec<VideoInfo>,
 }
 
+/// Size limits on hostile input, each with its own reason code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_tracks: usize,
+    pub max_string_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 1024 * 1024,
+            max_tracks: 500,
+            max_string_bytes: 4096,
+        }
+    }
+}
+
 /// Decode one message body.
-pub fn decode(body: &[u8]) -> Result<Announcement, Rejection> {
+pub fn decode(body: &[u8], limits: &Limits) -> Result<Announcement, Rejection> {
+    if body.len() > limits.max_body_bytes {
+        return Err(Rejection::new(
+            ReasonCode::BodyTooLarge,
+            format!(
+                "{} bytes, the limit is {}",
+                body.len(),
+                limits.max_body_bytes
+            ),
+        ));
+    }
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| Rejection::new(ReasonCode::InvalidJson, e.to_string()))?;
+    if let Some(path) = find_long_string(&value, limits.max_string_bytes, String::new()) {
+        return Err(Rejection::new(
+            ReasonCode::FieldTooLong,
+            format!("{path}: longer than {} bytes", limits.max_string_bytes),
+        ));
+    }
     let Value::Object(map) = &value else {
         return Err(Rejection::new(
             ReasonCode::UnknownFormat,
@@ -176,9 +210,46 @@ pub fn decode(body: &[u8]) -> Result<Announcement, Rejection> {
             "none of callback_type, status, room_id/video_info or RoomId/VideoInfos is present",
         ));
     };
-    match format {
+    let announcement = match format {
         Format::PostClass => decode_post_class(value),
         _ => decode_realtime(format, value),
+    }?;
+    if let Payload::Finished(recording) = &announcement.payload
+        && recording.videos.len() > limits.max_tracks
+    {
+        return Err(Rejection::new(
+            ReasonCode::TooManyTracks,
+            format!(
+                "{} video files, the limit is {}",
+                recording.videos.len(),
+                limits.max_tracks
+            ),
+        ));
+    }
+    Ok(announcement)
+}
+
+/// The path of the first string (or key) longer than `max` bytes.
+fn find_long_string(value: &Value, max: usize, path: String) -> Option<String> {
+    match value {
+        Value::String(s) if s.len() > max => Some(if path.is_empty() { ".".into() } else { path }),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| find_long_string(v, max, format!("{path}[{i}]"))),
+        Value::Object(map) => map.iter().find_map(|(k, v)| {
+            let here = if path.is_empty() {
+                k.clone()
+            } else {
+                format!("{path}.{k}")
+            };
+            if k.len() > max {
+                Some(format!("{}…", &here[..here.floor_char_boundary(64)]))
+            } else {
+                find_long_string(v, max, here)
+            }
+        }),
+        _ => None,
     }
 }
 
@@ -344,8 +415,12 @@ fn opt_int<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
 mod tests {
     use super::*;
 
+    fn dec(body: &[u8]) -> Result<Announcement, Rejection> {
+        decode(body, &Limits::default())
+    }
+
     fn finished(body: &str) -> Recording {
-        match decode(body.as_bytes()).expect("decodes").payload {
+        match dec(body.as_bytes()).expect("decodes").payload {
             Payload::Finished(r) => r,
             Payload::NotFinished(r) => panic!("not finished: {r}"),
         }
@@ -367,7 +442,7 @@ mod tests {
     #[test]
     fn wrong_types_name_the_field_path() {
         let video = VIDEO.replace("1431138", "\"1.4 MB\"");
-        let err = decode(
+        let err = dec(
             format!(r#"{{"room_id":1,"start_time":1,"video_info":[{VIDEO},{video}]}}"#).as_bytes(),
         )
         .unwrap_err();
@@ -378,11 +453,11 @@ mod tests {
             err.message
         );
 
-        let err = decode(br#"{"room_id":12.5,"video_info":[]}"#).unwrap_err();
+        let err = dec(br#"{"room_id":12.5,"video_info":[]}"#).unwrap_err();
         assert!(err.message.starts_with("room_id: "), "{}", err.message);
 
-        let err = decode(br#"{"RoomId":1,"RecordStartTime":1,"VideoInfos":[{"VideoType":0}]}"#)
-            .unwrap_err();
+        let err =
+            dec(br#"{"RoomId":1,"RecordStartTime":1,"VideoInfos":[{"VideoType":0}]}"#).unwrap_err();
         assert_eq!(err.code, ReasonCode::InvalidField);
         assert!(
             err.message.starts_with("VideoInfos[0]: missing field"),
@@ -409,29 +484,26 @@ mod tests {
             ),
         ];
         for (body, format) in cases {
-            assert_eq!(decode(body.as_bytes()).unwrap().format, format, "{body}");
+            assert_eq!(dec(body.as_bytes()).unwrap().format, format, "{body}");
         }
+        assert_eq!(dec(b"[1,2]").unwrap_err().code, ReasonCode::UnknownFormat);
         assert_eq!(
-            decode(b"[1,2]").unwrap_err().code,
+            dec(br#"{"hello":1}"#).unwrap_err().code,
             ReasonCode::UnknownFormat
         );
         assert_eq!(
-            decode(br#"{"hello":1}"#).unwrap_err().code,
-            ReasonCode::UnknownFormat
-        );
-        assert_eq!(
-            decode(b"{\"room_id\":1,}").unwrap_err().code,
+            dec(b"{\"room_id\":1,}").unwrap_err().code,
             ReasonCode::InvalidJson
         );
     }
 
     #[test]
     fn unfinished_messages_carry_a_skip_reason() {
-        let a = decode(br#"{"callback_type":"record_started","room_id":1,"task_id":"t"}"#).unwrap();
+        let a = dec(br#"{"callback_type":"record_started","room_id":1,"task_id":"t"}"#).unwrap();
         assert!(
             matches!(a.payload, Payload::NotFinished(ref r) if r.code == ReasonCode::RecordingStarted)
         );
-        let a = decode(br#"{"status":"prepared","room_id":1}"#).unwrap();
+        let a = dec(br#"{"status":"prepared","room_id":1}"#).unwrap();
         assert!(
             matches!(a.payload, Payload::NotFinished(ref r) if r.code == ReasonCode::NotFinished)
         );
@@ -439,7 +511,7 @@ mod tests {
 
     #[test]
     fn an_upstream_error_code_is_rejected() {
-        let err = decode(
+        let err = dec(
             br#"{"callback_type":"record_finished","error_code":20099,"error_msg":"internal","room_id":1}"#,
         )
         .unwrap_err();
@@ -448,10 +520,45 @@ mod tests {
     }
 
     #[test]
+    fn limits_have_their_own_reason_codes() {
+        let limits = Limits {
+            max_body_bytes: 200,
+            max_tracks: 1,
+            max_string_bytes: 10,
+        };
+        let big = format!(r#"{{"room_id":1,"pad":"{}"}}"#, " ".repeat(300));
+        assert_eq!(
+            decode(big.as_bytes(), &limits).unwrap_err().code,
+            ReasonCode::BodyTooLarge
+        );
+        let err = decode(
+            br#"{"room_id":1,"video_info":[{"user_id":"0123456789abc"}]}"#,
+            &limits,
+        )
+        .unwrap_err();
+        assert_eq!(err.code, ReasonCode::FieldTooLong);
+        assert!(
+            err.message.starts_with("video_info[0].user_id: "),
+            "{}",
+            err.message
+        );
+        let two = format!(r#"{{"room_id":1,"start_time":1,"video_info":[{VIDEO},{VIDEO}]}}"#);
+        let limits = Limits {
+            max_body_bytes: 10_000,
+            max_tracks: 1,
+            max_string_bytes: 100,
+        };
+        assert_eq!(
+            decode(two.as_bytes(), &limits).unwrap_err().code,
+            ReasonCode::TooManyTracks
+        );
+    }
+
+    #[test]
     fn huge_and_negative_strings_are_checked() {
-        let err = decode(br#"{"room_id":"99999999999999999999","video_info":[]}"#).unwrap_err();
+        let err = dec(br#"{"room_id":"99999999999999999999","video_info":[]}"#).unwrap_err();
         assert!(err.message.starts_with("room_id: "), "{}", err.message);
-        let err = decode(br#"{"room_id":"12a","video_info":[]}"#).unwrap_err();
+        let err = dec(br#"{"room_id":"12a","video_info":[]}"#).unwrap_err();
         assert!(err.message.starts_with("room_id: "), "{}", err.message);
         assert_eq!(
             finished(r#"{"room_id":"-5","start_time":0,"video_info":[]}"#).room_id,

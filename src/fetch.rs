@@ -7,6 +7,7 @@
 //! Errors carry their reason code and whether a retry can help.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +16,8 @@ use md5::{Digest, Md5};
 use reqwest::StatusCode;
 use reqwest::header::{self, HeaderMap};
 
+use crate::guard::{GuardedResolver, UrlPolicy};
+use crate::metrics::Metrics;
 use crate::probe::{MAX_MOOV_BYTES, MoovScanner, parse_box_header, parse_moov};
 use crate::reason::ReasonCode;
 use crate::record::Probe;
@@ -23,6 +26,8 @@ use crate::record::Probe;
 const PROBE_WINDOW: u64 = 32 * 1024;
 /// Top-level boxes walked before a probe gives up.
 const MAX_BOXES: usize = 64;
+/// Redirect hops followed, each checked against the URL policy.
+const MAX_REDIRECTS: usize = 3;
 
 #[derive(Debug, Clone)]
 pub struct FetchSettings {
@@ -32,6 +37,8 @@ pub struct FetchSettings {
     pub max_file_bytes: u64,
     /// Range resumes within one download before it counts as failed.
     pub max_resumes: u32,
+    /// Which URLs may be fetched at all.
+    pub url_policy: Arc<UrlPolicy>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +59,8 @@ pub enum FetchError {
     Transport(String),
     #[error("archive: {0}")]
     Sink(String),
+    #[error("URL not allowed: {0}")]
+    NotAllowed(String),
 }
 
 impl FetchError {
@@ -62,6 +71,7 @@ impl FetchError {
             FetchError::TooLarge { .. } => ReasonCode::FileTooLarge,
             FetchError::SizeMismatch(_) => ReasonCode::SizeMismatch,
             FetchError::Sink(_) => ReasonCode::ArchiveFailed,
+            FetchError::NotAllowed(_) => ReasonCode::UrlNotAllowed,
             FetchError::Status(_)
             | FetchError::Interrupted { .. }
             | FetchError::IdleTimeout(_)
@@ -118,17 +128,56 @@ pub struct RangeProbe {
 pub struct Fetcher {
     client: reqwest::Client,
     settings: FetchSettings,
+    metrics: Metrics,
 }
 
 impl Fetcher {
-    pub fn new(settings: FetchSettings) -> Result<Fetcher, FetchError> {
+    pub fn new(settings: FetchSettings, metrics: Metrics) -> Result<Fetcher, FetchError> {
+        // Every redirect hop is checked like the first URL.
+        let policy = settings.url_policy.clone();
+        let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= MAX_REDIRECTS {
+                return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+            }
+            match policy.check(attempt.url()) {
+                Ok(()) => attempt.follow(),
+                Err(why) => attempt.error(format!("redirect refused: {why}")),
+            }
+        });
         let client = reqwest::Client::builder()
             .connect_timeout(settings.connect_timeout)
-            .redirect(reqwest::redirect::Policy::limited(5))
+            .redirect(redirects)
+            .dns_resolver(Arc::new(GuardedResolver(settings.url_policy.clone())))
             .user_agent(concat!("lesson-replay/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| FetchError::Transport(e.to_string()))?;
-        Ok(Fetcher { client, settings })
+        Ok(Fetcher {
+            client,
+            settings,
+            metrics,
+        })
+    }
+
+    /// Refuse a URL the policy forbids, before any request: its scheme and
+    /// host, and every address its host name resolves to.
+    pub async fn check_url(&self, url: &str) -> Result<(), FetchError> {
+        let policy = &self.settings.url_policy;
+        let parsed = url::Url::parse(url).map_err(|e| FetchError::NotAllowed(e.to_string()))?;
+        policy.check(&parsed).map_err(FetchError::NotAllowed)?;
+        if let Some(url::Host::Domain(name)) = parsed.host()
+            && !policy.allow_private_networks
+        {
+            let port = parsed.port_or_known_default().unwrap_or(80);
+            let addrs = tokio::net::lookup_host((name, port))
+                .await
+                .map_err(|e| FetchError::Transport(format!("resolving {name}: {e}")))?;
+            for addr in addrs {
+                policy
+                    .check_ip(addr.ip())
+                    .map_err(|why| FetchError::NotAllowed(format!("{name}: {why}")))?;
+            }
+        }
+        Ok(())
     }
 
     async fn send(
@@ -138,7 +187,15 @@ impl Fetcher {
         let response = tokio::time::timeout(self.settings.idle_timeout, request.send())
             .await
             .map_err(|_| FetchError::IdleTimeout(self.settings.idle_timeout))?
-            .map_err(|e| FetchError::Transport(error_chain(&e)))?;
+            .inspect(|r| self.metrics.http_response("vod", Some(r.status().as_u16())))
+            .inspect_err(|_| self.metrics.http_response("vod", None))
+            .map_err(|e| {
+                if e.is_redirect() {
+                    FetchError::NotAllowed(error_chain(&e))
+                } else {
+                    FetchError::Transport(error_chain(&e))
+                }
+            })?;
         let status = response.status();
         if status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
             return Err(FetchError::NotFound(status.as_u16()));
@@ -157,6 +214,7 @@ impl Fetcher {
         declared_size: Option<i64>,
         sink: &mut S,
     ) -> Result<Download, FetchError> {
+        self.check_url(url).await?;
         let mut md5 = Md5::new();
         let mut scanner = MoovScanner::new();
         let mut received: u64 = 0;
@@ -208,6 +266,7 @@ impl Fetcher {
                     Ok(Some(Ok(chunk))) => chunk,
                 };
                 transferred += chunk.len() as u64;
+                self.metrics.downloaded_bytes.inc_by(chunk.len() as u64);
                 if skip > 0 {
                     let drop = skip.min(chunk.len() as u64);
                     skip -= drop;
@@ -252,6 +311,7 @@ impl Fetcher {
                 return Err(FetchError::Interrupted { received, why });
             }
             resumes += 1;
+            self.metrics.range_resumes.inc();
             tracing::info!(received, resumes, %why, "connection dropped mid-body: resuming with a range request");
         }
         if let Some(declared) = declared_size
@@ -273,6 +333,7 @@ impl Fetcher {
     /// Probe `url` reading only box headers and the `moov` box with range
     /// requests: a few KB even when `moov` sits at the end of a multi-GB file.
     pub async fn probe_by_ranges(&self, url: &str) -> Result<RangeProbe, FetchError> {
+        self.check_url(url).await?;
         let mut reader = RangeReader {
             fetcher: self,
             url,
@@ -318,6 +379,8 @@ impl Fetcher {
                 Ok(Some(Err(e))) => return Err(FetchError::Transport(error_chain(&e))),
                 Ok(Some(Ok(chunk))) => {
                     bytes_read += chunk.len() as u64;
+                    self.metrics.probe_bytes.inc_by(chunk.len() as u64);
+                    self.metrics.downloaded_bytes.inc_by(chunk.len() as u64);
                     scanner.feed(&chunk);
                 }
             }
@@ -390,6 +453,11 @@ impl RangeReader<'_> {
             .await
             .map_err(|e| FetchError::Transport(error_chain(&e)))?;
         self.bytes_read += bytes.len() as u64;
+        self.fetcher.metrics.probe_bytes.inc_by(bytes.len() as u64);
+        self.fetcher
+            .metrics
+            .downloaded_bytes
+            .inc_by(bytes.len() as u64);
         self.buf.extend_from_slice(&bytes);
         Ok(())
     }
@@ -537,6 +605,11 @@ mod tests {
         assert!(!FetchError::SizeMismatch(String::new()).is_transient());
         assert!(FetchError::IdleTimeout(Duration::from_secs(1)).is_transient());
         assert!(FetchError::Sink(String::new()).is_transient());
+        assert_eq!(
+            FetchError::NotAllowed(String::new()).reason(),
+            ReasonCode::UrlNotAllowed
+        );
+        assert!(!FetchError::NotAllowed(String::new()).is_transient());
         assert!(matches!(
             check_size(10, Some(11), 100),
             Err(FetchError::SizeMismatch(_))

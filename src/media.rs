@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use crate::archive::{ArchiveError, Archiver};
 use crate::config::Config;
 use crate::fetch::{Download, FetchError, Fetcher};
+use crate::metrics::Metrics;
 use crate::normalize::Normalized;
 use crate::reason::{ReasonCode, Rejection};
 use crate::record::{Archive, Probe, Warning};
@@ -20,14 +21,18 @@ pub struct Media {
     archiver: Option<Archiver>,
     probe: bool,
     attempts: usize,
+    /// Longest total backoff of one stage's in-process retries.
+    budget: Duration,
+    metrics: Metrics,
 }
 
 impl Media {
     /// Build from the settings and check the bucket once: a wrong bucket or
     /// wrong credentials stop the worker at start-up with a clear message.
-    pub async fn from_config(config: &Config) -> Result<Media, String> {
-        let fetcher = Fetcher::new(config.fetch_settings()).map_err(|e| e.to_string())?;
-        let archiver = Archiver::from_config(config)
+    pub async fn from_config(config: &Config, metrics: Metrics) -> Result<Media, String> {
+        let fetcher =
+            Fetcher::new(config.fetch_settings(), metrics.clone()).map_err(|e| e.to_string())?;
+        let archiver = Archiver::from_config(config, metrics.clone())
             .await
             .map_err(|e| e.to_string())?;
         if let Some(archiver) = &archiver {
@@ -39,6 +44,8 @@ impl Media {
             archiver,
             probe: config.probe,
             attempts: config.fetch_attempts,
+            budget: Duration::from_secs(config.stage_budget_secs),
+            metrics,
         })
     }
 
@@ -48,7 +55,15 @@ impl Media {
             .with_min_delay(Duration::from_millis(200))
             .with_max_delay(Duration::from_secs(5))
             .with_max_times(self.attempts.saturating_sub(1))
+            .with_total_delay(Some(self.budget))
             .with_jitter()
+    }
+
+    /// Wait (at most `limit`) for uploads cut short to be aborted.
+    pub async fn wait_for_cleanup(&self, limit: Duration) {
+        if let Some(archiver) = &self.archiver {
+            archiver.wait_for_cleanup(limit).await;
+        }
     }
 
     /// Probe and (when on) archive every track, then write the manifest.
@@ -60,6 +75,11 @@ impl Media {
             let track_id = normalized.record.tracks[index].track_id.clone();
             let failed =
                 |e: FetchError| Rejection::new(e.reason(), format!("track {track_id}: {e}"));
+            let stage = self.metrics.stage_timer(if self.archiver.is_some() {
+                "archive"
+            } else {
+                "probe"
+            });
             let probe = match &self.archiver {
                 Some(archiver) => {
                     let (archive, probe) = self
@@ -71,6 +91,7 @@ impl Media {
                 }
                 None => self.probe_track(normalized, index).await.map_err(failed)?,
             };
+            stage.observe_duration();
             match probe {
                 Some(Ok(probe)) => normalized.apply_probe(index, probe),
                 Some(Err(why)) => normalized.record.warnings.push(Warning::new(
@@ -145,6 +166,7 @@ impl Media {
             .map_err(sink_error)?
         {
             info!(track = %track.track_id, %key, "already archived: upload skipped");
+            self.metrics.uploads_skipped.inc();
             let probe = match probe {
                 Some(p) => Some(Ok(p)),
                 None => self.probe_track(&mut normalized.clone(), index).await?,

@@ -2,7 +2,7 @@
 //! normalize. The worker (and `lesson-replay normalize`) call [`decide`] and
 //! only carry out what it says.
 
-use crate::decode::{Payload, decode};
+use crate::decode::{Limits, Payload, decode};
 use crate::normalize::{Normalized, normalize};
 use crate::reason::Rejection;
 use crate::verify::{SignatureMode, SignedFields, TicKeys, verify};
@@ -19,11 +19,12 @@ pub struct Envelope {
     pub timestamp: Option<i64>,
 }
 
-/// How signatures are checked.
+/// What inbound messages must satisfy: signatures and size limits.
 #[derive(Debug, Clone, Default)]
-pub struct SignaturePolicy {
+pub struct InputPolicy {
     pub mode: SignatureMode,
     pub keys: TicKeys,
+    pub limits: Limits,
 }
 
 /// What to do with a message.
@@ -38,7 +39,7 @@ pub enum Decision {
 }
 
 /// Decide what one message becomes.
-pub fn decide(body: &[u8], envelope: &Envelope, policy: &SignaturePolicy) -> Decision {
+pub fn decide(body: &[u8], envelope: &Envelope, policy: &InputPolicy) -> Decision {
     match try_decide(body, envelope, policy) {
         Ok(decision) => decision,
         Err(rejection) => Decision::Reject(rejection),
@@ -48,9 +49,9 @@ pub fn decide(body: &[u8], envelope: &Envelope, policy: &SignaturePolicy) -> Dec
 fn try_decide(
     body: &[u8],
     envelope: &Envelope,
-    policy: &SignaturePolicy,
+    policy: &InputPolicy,
 ) -> Result<Decision, Rejection> {
-    let announcement = decode(body)?;
+    let announcement = decode(body, &policy.limits)?;
     let sdkappid = match announcement.sdkappid {
         Some(id) => Some(id),
         None => header_sdkappid(envelope)?,
@@ -97,10 +98,11 @@ mod tests {
     const BODY: &str = r#"{"callback_type":"record_finished","expire_time":1700000100,"timestamp":1700000000,
         "task_id":"t1","room_id":1,"group_id":"1","start_time":1700000000,"stop_time":1700000060,"video_info":[]}"#;
 
-    fn policy(mode: SignatureMode) -> SignaturePolicy {
-        SignaturePolicy {
+    fn policy(mode: SignatureMode) -> InputPolicy {
+        InputPolicy {
             mode,
             keys: TicKeys::parse_list("1400000001=SECRETKEY").unwrap(),
+            limits: Limits::default(),
         }
     }
 

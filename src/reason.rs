@@ -35,6 +35,16 @@ pub enum ReasonCode {
     ArchiveFailed,
     /// The broker did not confirm the record.
     PublishFailed,
+    /// The body is larger than `max_body_bytes`.
+    BodyTooLarge,
+    /// The recording lists more than `max_tracks` files.
+    TooManyTracks,
+    /// A string is longer than `max_string_bytes`.
+    FieldTooLong,
+    /// A VOD URL is not http(s), not on an allowed host, or points at a private address.
+    UrlNotAllowed,
+    /// Processing panicked: a bug, retried like a transient failure.
+    InternalError,
     /// A `record_started` callback: no finished recording yet (skipped, not an error).
     RecordingStarted,
     /// A query answer whose `status` is not `finished` (skipped, not an error).
@@ -43,7 +53,7 @@ pub enum ReasonCode {
 
 impl ReasonCode {
     /// Every code, in documentation order.
-    pub const ALL: [ReasonCode; 16] = [
+    pub const ALL: [ReasonCode; 21] = [
         ReasonCode::InvalidJson,
         ReasonCode::UnknownFormat,
         ReasonCode::InvalidField,
@@ -58,6 +68,11 @@ impl ReasonCode {
         ReasonCode::FetchFailed,
         ReasonCode::ArchiveFailed,
         ReasonCode::PublishFailed,
+        ReasonCode::BodyTooLarge,
+        ReasonCode::TooManyTracks,
+        ReasonCode::FieldTooLong,
+        ReasonCode::UrlNotAllowed,
+        ReasonCode::InternalError,
         ReasonCode::RecordingStarted,
         ReasonCode::NotFinished,
     ];
@@ -79,6 +94,11 @@ impl ReasonCode {
             ReasonCode::FetchFailed => "fetch_failed",
             ReasonCode::ArchiveFailed => "archive_failed",
             ReasonCode::PublishFailed => "publish_failed",
+            ReasonCode::BodyTooLarge => "body_too_large",
+            ReasonCode::TooManyTracks => "too_many_tracks",
+            ReasonCode::FieldTooLong => "field_too_long",
+            ReasonCode::UrlNotAllowed => "url_not_allowed",
+            ReasonCode::InternalError => "internal_error",
             ReasonCode::RecordingStarted => "recording_started",
             ReasonCode::NotFinished => "not_finished",
         }
@@ -90,7 +110,10 @@ impl ReasonCode {
     pub fn is_transient(self) -> bool {
         matches!(
             self,
-            ReasonCode::FetchFailed | ReasonCode::ArchiveFailed | ReasonCode::PublishFailed
+            ReasonCode::FetchFailed
+                | ReasonCode::ArchiveFailed
+                | ReasonCode::PublishFailed
+                | ReasonCode::InternalError
         )
     }
 }

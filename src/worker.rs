@@ -1,34 +1,50 @@
 //! The worker: where a message enters ([`run`] consumes the work queue), is
-//! decided ([`crate::pipeline::decide`]) and leaves ([`publish_record`] to the
-//! records exchange, or [`park_message`] to the parking queue).
+//! decided ([`crate::pipeline::decide`]), checked against its files
+//! ([`crate::media`]) and leaves — [`publish_record`] to the records exchange,
+//! [`retry_later`] to a delay tier, or [`park_message`] to the parking queue.
 //!
 //! The input is acknowledged only after its outcome is confirmed by the
 //! broker, so a crash at any point redelivers it: at-least-once, with records
 //! that downstream deduplicates by `message_id` (= replay_id).
+//!
+//! A supervisor loop owns the broker session: when the connection, a channel
+//! or the consumer is lost, it rebuilds all of them with backoff and resumes,
+//! without a process restart. Deliveries of a lost session are never acked on
+//! the new one: their acks fail with the old channel and the broker redelivers.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use lapin::Channel;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::field::Empty;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::broker::{self, PublishError};
+use crate::broker::{self, PublishError, header_text, set_header};
 use crate::config::Config;
 use crate::media::Media;
-use crate::pipeline::{Decision, SignaturePolicy, decide};
+use crate::metrics::Metrics;
+use crate::pipeline::{Decision, InputPolicy, decide};
 use crate::reason::{ReasonCode, Rejection};
 use crate::record::Record;
+use crate::retry::{self, RetryPolicy, RetryStep};
+
+/// After the grace period, how long aborted handlers get to clean up
+/// (abort multipart uploads) before the channels close.
+const ABORT_CLEANUP: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -40,24 +56,132 @@ pub enum WorkerError {
     Startup(String),
 }
 
-/// What every delivery handler shares.
+/// Liveness and readiness, for the health endpoints.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    ready: Arc<AtomicBool>,
+}
+
+impl Health {
+    /// Connected to the broker and consuming.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    fn set_ready(&self, ready: bool, metrics: &Metrics) {
+        self.ready.store(ready, Ordering::SeqCst);
+        metrics.broker_connected.set(i64::from(ready));
+    }
+}
+
+/// What the delivery handlers of one broker session share.
 struct Context {
-    config: Config,
-    policy: SignaturePolicy,
-    media: Media,
+    config: Arc<Config>,
+    policy: Arc<InputPolicy>,
+    retry: Arc<RetryPolicy>,
+    media: Arc<Media>,
+    metrics: Metrics,
     publisher: Channel,
+    /// Cancelled when the grace period is over: handlers stop where they are.
+    abort: CancellationToken,
+}
+
+/// Everything that outlives a broker session.
+struct Shared {
+    config: Arc<Config>,
+    policy: Arc<InputPolicy>,
+    retry: Arc<RetryPolicy>,
+    media: Arc<Media>,
+    metrics: Metrics,
+    health: Health,
+    handlers: TaskTracker,
+    stop: CancellationToken,
+    abort: CancellationToken,
 }
 
 /// Run the worker until `shutdown` completes, then stop in order: cancel the
-/// consumer, let in-flight messages finish within the grace period, close the
-/// channels and the connection. Unfinished messages are requeued by the broker.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
-    let media = Media::from_config(&config)
+/// consumer, let in-flight messages finish within the grace period (abort the
+/// rest, aborting their uploads), close the channels and the connection.
+/// Unfinished messages are requeued by the broker.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    health: Health,
+    metrics: Metrics,
+) -> Result<(), WorkerError> {
+    let media = Media::from_config(&config, metrics.clone())
         .await
         .map_err(WorkerError::Startup)?;
-    let connection = broker::connect(&config, "lesson-replay worker").await?;
+    metrics.concurrency.set(i64::from(config.concurrency));
+    let shared = Shared {
+        policy: Arc::new(config.input_policy()),
+        retry: Arc::new(config.retry_policy()),
+        config: Arc::new(config),
+        media: Arc::new(media),
+        metrics,
+        health,
+        handlers: TaskTracker::new(),
+        stop: CancellationToken::new(),
+        abort: CancellationToken::new(),
+    };
+    let stop = shared.stop.clone();
+    let supervisor = supervise(&shared);
+    tokio::pin!(supervisor);
+    tokio::select! {
+        () = shutdown => stop.cancel(),
+        result = &mut supervisor => return result,
+    }
+    supervisor.await
+}
+
+/// Keep a broker session running, rebuilding it with backoff whenever it is lost.
+async fn supervise(shared: &Shared) -> Result<(), WorkerError> {
+    let reconnect = || {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(500))
+            .with_max_delay(Duration::from_secs(30))
+            .without_max_times()
+            .with_jitter()
+            .build()
+    };
+    let mut delays = reconnect();
+    let mut first = true;
+    loop {
+        let result = session(shared, &mut || delays = reconnect()).await;
+        shared.health.set_ready(false, &shared.metrics);
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if shared.stop.is_cancelled() => {
+                warn!(error = %e, "broker session ended during shutdown");
+                drain(shared).await;
+                return Ok(());
+            }
+            Err(e) => {
+                if !first {
+                    shared.metrics.broker_reconnects.inc();
+                }
+                let wait = delays.next().unwrap_or(Duration::from_secs(30));
+                error!(error = %e, ?wait, "broker session lost: reconnecting");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {},
+                    () = shared.stop.cancelled() => {
+                        drain(shared).await;
+                        return Ok(());
+                    },
+                }
+            }
+        }
+        first = false;
+    }
+}
+
+/// One connection: channels, topology, QoS and consumer, until it fails or the
+/// worker stops. `Ok` only after a clean, ordered stop.
+async fn session(shared: &Shared, connected: &mut impl FnMut()) -> Result<(), WorkerError> {
+    let config = &shared.config;
+    let connection = broker::connect(config, "lesson-replay worker").await?;
     let consumer_channel = connection.create_channel().await?;
-    broker::declare_topology(&consumer_channel, &config).await?;
+    broker::declare_topology(&consumer_channel, config).await?;
     consumer_channel
         .basic_qos(config.concurrency, BasicQosOptions::default())
         .await?;
@@ -71,49 +195,69 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             FieldTable::default(),
         )
         .await?;
+    shared.health.set_ready(true, &shared.metrics);
+    connected();
     info!(queue = %config.work_queue, concurrency = config.concurrency, "consuming");
 
-    let grace = config.shutdown_grace();
     let context = Arc::new(Context {
-        policy: config.signature_policy(),
-        media,
-        publisher,
-        config,
+        config: shared.config.clone(),
+        policy: shared.policy.clone(),
+        retry: shared.retry.clone(),
+        media: shared.media.clone(),
+        metrics: shared.metrics.clone(),
+        publisher: publisher.clone(),
+        abort: shared.abort.clone(),
     });
-    let tracker = TaskTracker::new();
-    tokio::pin!(shutdown);
-    let outcome = loop {
+    loop {
         tokio::select! {
-            () = &mut shutdown => break Ok(()),
+            () = shared.stop.cancelled() => break,
             next = deliveries.next() => match next {
                 Some(Ok(delivery)) => {
-                    tracker.spawn(handle_delivery(context.clone(), delivery));
+                    shared.handlers.spawn(handle_delivery(context.clone(), delivery));
                 }
-                Some(Err(e)) => break Err(WorkerError::Broker(e)),
-                None => break Err(WorkerError::ConsumerCancelled(context.config.work_queue.clone())),
+                Some(Err(e)) => return Err(WorkerError::Broker(e)),
+                None => return Err(WorkerError::ConsumerCancelled(config.work_queue.clone())),
             },
         }
-    };
+    }
 
     info!("stopping: cancelling the consumer");
+    shared.health.set_ready(false, &shared.metrics);
     if let Err(e) = consumer_channel
         .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
         .await
     {
         warn!(error = %e, "could not cancel the consumer");
     }
-    tracker.close();
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+    drain(shared).await;
+    close(&connection, [&consumer_channel, &publisher]).await;
+    info!("stopped");
+    Ok(())
+}
+
+/// Let in-flight handlers finish within the grace period; abort the rest.
+async fn drain(shared: &Shared) {
+    shared.handlers.close();
+    let grace = shared.config.shutdown_grace();
+    if tokio::time::timeout(grace, shared.handlers.wait())
+        .await
+        .is_err()
+    {
         warn!(
             grace_secs = grace.as_secs(),
-            "in-flight messages did not finish in time: the broker requeues them"
+            "in-flight messages did not finish in time: aborted, the broker requeues them"
         );
+        shared.abort.cancel();
+        let _ = tokio::time::timeout(ABORT_CLEANUP, shared.handlers.wait()).await;
     }
-    let _ = consumer_channel.close(200, "shutdown".into()).await;
-    let _ = context.publisher.close(200, "shutdown".into()).await;
+    shared.media.wait_for_cleanup(ABORT_CLEANUP).await;
+}
+
+async fn close<const N: usize>(connection: &Connection, channels: [&Channel; N]) {
+    for channel in channels {
+        let _ = channel.close(200, "shutdown".into()).await;
+    }
     let _ = connection.close(200, "shutdown".into()).await;
-    info!("stopped");
-    outcome
 }
 
 /// What to do with a delivery once its processing is over.
@@ -122,24 +266,52 @@ enum Outcome {
     Done,
     /// Permanent failure: copy it to the parking queue, then acknowledge.
     Park(Rejection),
-    /// Transient failure: give it back to the broker for a later attempt.
+    /// Transient failure: retry it later through a delay tier.
     Retry(Rejection),
 }
 
 /// Decide what one delivery becomes, carry it out, and settle it with the
 /// broker only once the outcome is safe there.
 async fn handle_delivery(context: Arc<Context>, delivery: Delivery) {
+    let attempt = header_text(
+        delivery.properties.headers().as_ref(),
+        retry::HEADER_ATTEMPT,
+    )
+    .and_then(|a| a.parse::<u32>().ok())
+    .unwrap_or(0);
     let span = info_span!(
         "delivery",
         replay_id = Empty,
         task_id = Empty,
         room_id = Empty,
         sdkappid = Empty,
+        attempt,
         redelivered = delivery.redelivered
     );
     async move {
-        let outcome = process(&context, &delivery).await;
-        settle(&context, &delivery, outcome).await;
+        let metrics = &context.metrics;
+        let _in_flight = metrics.in_flight_guard();
+        let timer = metrics.processing_seconds.start_timer();
+        // A panic is a bug in one message's processing: caught, retried like a
+        // transient failure, and the worker goes on.
+        let processing = AssertUnwindSafe(process(&context, &delivery)).catch_unwind();
+        let outcome = tokio::select! {
+            result = processing => result.unwrap_or_else(|panic| {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                error!(panic = %why, "processing panicked");
+                Outcome::Retry(Rejection::new(ReasonCode::InternalError, format!("processing panicked: {why}")))
+            }),
+            () = context.abort.cancelled() => {
+                warn!("shutdown: processing aborted, the broker requeues the message");
+                return;
+            }
+        };
+        settle(&context, &delivery, outcome, attempt).await;
+        timer.observe_duration();
     }
     .instrument(span)
     .await
@@ -147,10 +319,14 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery) {
 
 async fn process(context: &Context, delivery: &Delivery) -> Outcome {
     let envelope = broker::envelope_of(&delivery.properties);
-    let mut normalized = match decide(&delivery.data, &envelope, &context.policy) {
+    let stage = context.metrics.stage_timer("parse");
+    let decision = decide(&delivery.data, &envelope, &context.policy);
+    stage.observe_duration();
+    let mut normalized = match decision {
         Decision::Publish(normalized) => normalized,
         Decision::Skip(reason) => {
             info!(reason = %reason.code, "skipped: {}", reason.message);
+            context.metrics.message("skipped", reason.code.as_str());
             return Outcome::Done;
         }
         Decision::Reject(reason) => return Outcome::Park(reason),
@@ -171,51 +347,46 @@ async fn process(context: &Context, delivery: &Delivery) -> Outcome {
         Err(reason) => return Outcome::Park(reason),
     }
     let record = &normalized.record;
-    match publish_record(context, record, delivery).await {
+    let stage = context.metrics.stage_timer("publish");
+    let published = publish_record(context, record, delivery).await;
+    stage.observe_duration();
+    match published {
         Ok(()) => {
             info!(
                 tracks = record.tracks.len(),
                 warnings = record.warnings.len(),
                 "published"
             );
+            context.metrics.message("published", "");
             Outcome::Done
         }
         Err(e) => Outcome::Retry(Rejection::new(ReasonCode::PublishFailed, e.to_string())),
     }
 }
 
-async fn settle(context: &Context, delivery: &Delivery, outcome: Outcome) {
-    let outcome = match outcome {
-        Outcome::Park(reason) => match park_message(context, delivery, &reason).await {
-            Ok(()) => {
-                warn!(reason = %reason.code, "parked: {}", reason.message);
-                Outcome::Done
-            }
-            Err(e) => Outcome::Retry(Rejection::new(
-                ReasonCode::PublishFailed,
-                format!("parking failed: {e}"),
-            )),
-        },
-        other => other,
+/// Carry out the outcome, then ack — or, when that failed, nack with requeue
+/// so the broker gives the message to another attempt.
+async fn settle(context: &Context, delivery: &Delivery, outcome: Outcome, attempt: u32) {
+    let carried_out = match outcome {
+        Outcome::Done => Ok(()),
+        Outcome::Park(reason) => park_message(context, delivery, &reason, attempt + 1).await,
+        Outcome::Retry(reason) => retry_later(context, delivery, &reason, attempt).await,
     };
-    let settled = match outcome {
-        Outcome::Done => delivery.acker.ack(BasicAckOptions::default()).await,
-        Outcome::Park(_) => unreachable!("parked above"),
-        Outcome::Retry(reason) => {
-            error!(reason = %reason.code, "not finished, requeued: {}", reason.message);
-            // A short pause keeps a broken downstream from spinning the CPU.
+    let settled = match carried_out {
+        Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
+        Err(e) => {
+            error!(error = %e, "could not move the message on: requeued");
+            // A short pause keeps a broken broker link from spinning the CPU.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            delivery.acker.nack(requeue).await
         }
     };
     if let Err(e) = settled {
-        warn!(error = %e, "ack/nack failed: the broker redelivers the message");
+        warn!(error = %e, "ack/nack failed (channel gone): the broker redelivers the message");
     }
 }
 
@@ -239,33 +410,100 @@ async fn publish_record(
         .with_message_id(record.replay_id.as_str().into())
         .with_type("lesson-replay.v1".into())
         .with_app_id("lesson-replay".into())
-        .with_timestamp(now_unix());
+        .with_timestamp(now().unix_timestamp().max(0) as u64);
+    let inbound = delivery.properties.headers().as_ref();
+    let mut headers = FieldTable::default();
+    if let Some(traceparent) = header_text(inbound, broker::HEADER_TRACEPARENT) {
+        set_header(&mut headers, broker::HEADER_TRACEPARENT, &traceparent);
+    }
+    properties = properties.with_headers(headers);
     if let Some(inbound_id) = delivery.properties.message_id() {
         properties = properties.with_correlation_id(inbound_id.clone());
     }
-    broker::publish_confirmed(
+    let timer = context.metrics.publish_confirm_seconds.start_timer();
+    let published = broker::publish_confirmed(
         &context.publisher,
         &context.config.records_exchange,
         &record_routing_key(record),
         &body,
         properties,
     )
-    .await
+    .await;
+    timer.observe_duration();
+    published
 }
 
-/// Copy the message, unchanged but for the reason headers, to the parking queue.
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+/// The message's headers with the retry bookkeeping of one more failure.
+fn failure_headers(delivery: &Delivery, reason: &Rejection, failures: u32) -> FieldTable {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    let at = rfc3339(now());
+    if header_text(Some(&headers), retry::HEADER_FIRST_SEEN).is_none() {
+        set_header(&mut headers, retry::HEADER_FIRST_SEEN, &at);
+    }
+    set_header(&mut headers, retry::HEADER_ATTEMPT, &failures.to_string());
+    set_header(&mut headers, retry::HEADER_LAST_ERROR_AT, &at);
+    set_header(
+        &mut headers,
+        retry::HEADER_LAST_REASON,
+        reason.code.as_str(),
+    );
+    set_header(&mut headers, retry::HEADER_LAST_ERROR, &reason.message);
+    headers
+}
+
+/// Republish to the next delay tier (confirmed), or park when out of tiers.
+async fn retry_later(
+    context: &Context,
+    delivery: &Delivery,
+    reason: &Rejection,
+    attempt: u32,
+) -> Result<(), PublishError> {
+    let first_seen = header_text(
+        delivery.properties.headers().as_ref(),
+        retry::HEADER_FIRST_SEEN,
+    )
+    .and_then(|t| OffsetDateTime::parse(&t, &Rfc3339).ok())
+    .unwrap_or_else(now);
+    match context.retry.next_step(attempt, first_seen, now()) {
+        RetryStep::Park(why) => {
+            let reason = Rejection::new(reason.code, format!("{}; {why}", reason.message));
+            park_message(context, delivery, &reason, attempt + 1).await
+        }
+        RetryStep::Delay(tier) => {
+            let delay = context.retry.tiers[tier];
+            let queue = retry::tier_queue(&context.config.work_queue, delay);
+            let headers = failure_headers(delivery, reason, attempt + 1);
+            let properties = delivery.properties.clone().with_headers(headers);
+            broker::publish_confirmed(&context.publisher, "", &queue, &delivery.data, properties)
+                .await?;
+            warn!(reason = %reason.code, delay_secs = delay.as_secs(), "retrying later: {}", reason.message);
+            context.metrics.message("retried", reason.code.as_str());
+            context.metrics.retry(delay);
+            Ok(())
+        }
+    }
+}
+
+/// Copy the message — original body and headers, plus the reason, the attempt
+/// count and the times — to the parking queue.
 async fn park_message(
     context: &Context,
     delivery: &Delivery,
     reason: &Rejection,
+    failures: u32,
 ) -> Result<(), PublishError> {
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    broker::set_header(&mut headers, broker::HEADER_REASON, reason.code.as_str());
-    broker::set_header(&mut headers, broker::HEADER_ERROR, &reason.message);
-    let parked_at = OffsetDateTime::now_utc()
-        .format(&Rfc3339)
-        .unwrap_or_default();
-    broker::set_header(&mut headers, broker::HEADER_PARKED_AT, &parked_at);
+    let mut headers = failure_headers(delivery, reason, failures);
+    set_header(&mut headers, broker::HEADER_REASON, reason.code.as_str());
+    set_header(&mut headers, broker::HEADER_ERROR, &reason.message);
+    set_header(&mut headers, broker::HEADER_PARKED_AT, &rfc3339(now()));
     let properties = delivery
         .properties
         .clone()
@@ -278,9 +516,8 @@ async fn park_message(
         &delivery.data,
         properties,
     )
-    .await
-}
-
-fn now_unix() -> u64 {
-    OffsetDateTime::now_utc().unix_timestamp().max(0) as u64
+    .await?;
+    warn!(reason = %reason.code, "parked: {}", reason.message);
+    context.metrics.message("parked", reason.code.as_str());
+    Ok(())
 }

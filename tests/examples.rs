@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::{EXAMPLES, RECORD_EXAMPLES, assert_valid_record};
-use lesson_replay::pipeline::{Decision, Envelope, SignaturePolicy, decide};
+use lesson_replay::pipeline::{Decision, Envelope, InputPolicy, decide};
 use lesson_replay::reason::ReasonCode;
 use serde_json::Value;
 
@@ -81,7 +81,7 @@ fn examples_become_the_pinned_records_or_their_reason() {
         let decision = decide(
             &example(name),
             &Envelope::default(),
-            &SignaturePolicy::default(),
+            &InputPolicy::default(),
         );
         match (expect, decision) {
             (Expect::Record, Decision::Publish(record)) => {

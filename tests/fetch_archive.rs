@@ -10,6 +10,7 @@ use common::origin::{Faults, Origin};
 use common::s3::S3Server;
 use lesson_replay::archive::Archiver;
 use lesson_replay::fetch::{Discard, FetchError, FetchSettings, Fetcher};
+use lesson_replay::metrics::Metrics;
 use lesson_replay::probe::parse_box_header;
 use lesson_replay::reason::ReasonCode;
 use md5::{Digest, Md5};
@@ -24,11 +25,12 @@ fn settings() -> FetchSettings {
         idle_timeout: Duration::from_secs(2),
         max_file_bytes: 1 << 30,
         max_resumes: 3,
+        url_policy: isolated_config("fetch").fetch_settings().url_policy,
     }
 }
 
 fn fetcher() -> Fetcher {
-    Fetcher::new(settings()).unwrap()
+    Fetcher::new(settings(), Metrics::default()).unwrap()
 }
 
 /// Bytes that are not all alike (so a misplaced range shows in the MD5).
@@ -206,7 +208,7 @@ async fn origin_errors_are_classified() {
 
     let mut small = settings();
     small.max_file_bytes = 500;
-    let err = Fetcher::new(small)
+    let err = Fetcher::new(small, Metrics::default())
         .unwrap()
         .download(&url, None, &mut Discard)
         .await
@@ -225,7 +227,7 @@ async fn a_stalled_origin_times_out() {
     let mut quick = settings();
     quick.idle_timeout = Duration::from_millis(300);
     quick.max_resumes = 0;
-    let err = Fetcher::new(quick)
+    let err = Fetcher::new(quick, Metrics::default())
         .unwrap()
         .download(&url, None, &mut Discard)
         .await
@@ -293,7 +295,10 @@ async fn archiver_for(s3: &S3Server, bucket: &str) -> Archiver {
     let mut config = isolated_config("archive");
     s3.configure(&mut config, bucket);
     config.s3_part_size_bytes = 5 * MIB;
-    let archiver = Archiver::from_config(&config).await.unwrap().unwrap();
+    let archiver = Archiver::from_config(&config, Metrics::default())
+        .await
+        .unwrap()
+        .unwrap();
     archiver.check().await.unwrap();
     archiver
 }
@@ -394,7 +399,10 @@ async fn a_wrong_bucket_fails_the_start_up_check() {
     let s3 = S3Server::start("lessons");
     let mut config = isolated_config("bucket-check");
     s3.configure(&mut config, "no-such-bucket");
-    let archiver = Archiver::from_config(&config).await.unwrap().unwrap();
+    let archiver = Archiver::from_config(&config, Metrics::default())
+        .await
+        .unwrap()
+        .unwrap();
     let err = archiver.check().await.unwrap_err();
     assert!(err.to_string().contains("no-such-bucket"), "{err}");
 }

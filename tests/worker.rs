@@ -267,6 +267,7 @@ async fn publish_command_sends_files_with_callback_headers() {
         .env("LESSON_REPLAY_RECORDS_EXCHANGE", &c.records_exchange)
         .env("LESSON_REPLAY_RECORDS_QUEUE", &c.records_queue)
         .env("LESSON_REPLAY_AMQP_URL", common::amqp_url())
+        .env("LESSON_REPLAY_RETRY_DELAYS_SECS", "1,2")
         .status()
         .unwrap();
     assert!(status.success());

@@ -15,6 +15,8 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use lesson_replay::broker;
 use lesson_replay::config::Config;
+use lesson_replay::metrics::Metrics;
+use lesson_replay::worker::Health;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -35,6 +37,9 @@ pub fn amqp_url() -> String {
 
 /// A configuration whose exchange and queue names belong to this test alone.
 pub fn isolated_config(test: &str) -> Config {
+    // Worker logs, shown for failing tests (RUST_LOG=debug for more).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let unique = format!(
         "test.{test}.{}.{}",
@@ -52,6 +57,12 @@ pub fn isolated_config(test: &str) -> Config {
         shutdown_grace_secs: 5,
         // The contract's example URLs do not exist: tests that fetch turn this on.
         probe: false,
+        // The test origin listens on loopback.
+        vod_allowed_hosts: vec!["127.0.0.1".into(), "*.vod2.myqcloud.com".into()],
+        vod_allow_private_networks: true,
+        retry_delays_secs: vec![1, 2],
+        fetch_attempts: 2,
+        metrics_addr: String::new(),
         ..Config::default()
     }
 }
@@ -184,7 +195,17 @@ impl Drop for Broker {
 }
 
 async fn delete_topology(channel: &Channel, c: &Config) {
-    for queue in [&c.work_queue, &c.parking_queue, &c.records_queue] {
+    let tiers = c
+        .retry_policy()
+        .tiers
+        .into_iter()
+        .map(|d| lesson_replay::retry::tier_queue(&c.work_queue, d));
+    let queues = [
+        c.work_queue.clone(),
+        c.parking_queue.clone(),
+        c.records_queue.clone(),
+    ];
+    for queue in queues.into_iter().chain(tiers) {
         let _ = channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await;
@@ -203,10 +224,18 @@ pub struct RunningWorker {
 }
 
 pub fn spawn_worker(config: Config) -> RunningWorker {
+    spawn_worker_with(config, Health::default(), Metrics::default())
+}
+
+/// The worker with health and metrics the test can watch.
+pub fn spawn_worker_with(config: Config, health: Health, metrics: Metrics) -> RunningWorker {
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(lesson_replay::worker::run(config, async move {
+    let shutdown = async move {
         let _ = stopped.await;
-    }));
+    };
+    let task = tokio::spawn(lesson_replay::worker::run(
+        config, shutdown, health, metrics,
+    ));
     RunningWorker {
         stop: Some(stop),
         task,
