@@ -92,6 +92,32 @@ pub enum Command {
     },
     /// Declare the exchanges and queues, then exit.
     Topology,
+    /// Inspect and recover parked messages.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// Print the parked messages, one JSON object per line (the queue is left unchanged).
+    List {
+        /// Only messages parked with this reason code.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Move parked messages back to the work queue, attempt count reset.
+    Replay {
+        /// Only messages parked with this reason code.
+        #[arg(long)]
+        reason: Option<String>,
+        /// At most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Delete every parked message.
+    Purge,
 }
 
 /// Run the command line; returns the process exit code.
@@ -113,6 +139,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Worker => run_worker(config).await,
             Command::Topology => declare_only(&config).await.map_err(|e| e.to_string()),
+            Command::Dlq { action } => run_dlq(&config, action).await,
             Command::Publish {
                 files,
                 sign,
@@ -257,6 +284,29 @@ fn run_normalize(file: &Path, sdkappid: Option<i64>) -> ExitCode {
             ExitCode::from(EXIT_DATA_ERROR)
         }
     }
+}
+
+async fn run_dlq(config: &Config, action: DlqAction) -> Result<(), String> {
+    match action {
+        DlqAction::List { reason } => {
+            let parked = crate::dlq::list(config, reason.as_deref())
+                .await
+                .map_err(|e| e.to_string())?;
+            for message in &parked {
+                println!("{}", serde_json::to_string(message).expect("serializes"));
+            }
+            eprintln!("{} parked message(s) listed", parked.len());
+        }
+        DlqAction::Replay { reason, limit } => {
+            let moved = crate::dlq::replay(config, reason.as_deref(), limit).await?;
+            eprintln!("{moved} message(s) moved back to {}", config.work_queue);
+        }
+        DlqAction::Purge => {
+            let purged = crate::dlq::purge(config).await.map_err(|e| e.to_string())?;
+            eprintln!("{purged} parked message(s) deleted");
+        }
+    }
+    Ok(())
 }
 
 async fn declare_only(config: &Config) -> Result<(), lapin::Error> {

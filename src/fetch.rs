@@ -158,12 +158,21 @@ impl Fetcher {
         })
     }
 
+    /// Refuse a URL whose scheme or host the policy forbids (no DNS).
+    pub fn check_url_syntax(&self, url: &str) -> Result<url::Url, FetchError> {
+        let parsed = url::Url::parse(url).map_err(|e| FetchError::NotAllowed(e.to_string()))?;
+        self.settings
+            .url_policy
+            .check(&parsed)
+            .map_err(FetchError::NotAllowed)?;
+        Ok(parsed)
+    }
+
     /// Refuse a URL the policy forbids, before any request: its scheme and
     /// host, and every address its host name resolves to.
     pub async fn check_url(&self, url: &str) -> Result<(), FetchError> {
         let policy = &self.settings.url_policy;
-        let parsed = url::Url::parse(url).map_err(|e| FetchError::NotAllowed(e.to_string()))?;
-        policy.check(&parsed).map_err(FetchError::NotAllowed)?;
+        let parsed = self.check_url_syntax(url)?;
         if let Some(url::Host::Domain(name)) = parsed.host()
             && !policy.allow_private_networks
         {

@@ -16,6 +16,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod decode;
+pub mod dlq;
 pub mod fetch;
 pub mod guard;
 pub mod layout;

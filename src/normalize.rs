@@ -117,6 +117,14 @@ pub fn normalize(recording: &Recording, sdkappid: Option<i64>) -> Result<Normali
         .ok_or_else(|| {
             Rejection::field(field_name(recording, "start_time"), "not a valid Unix time")
         })?;
+    let texts = [
+        ("task_id", &recording.task_id),
+        ("group_id", &recording.group_id),
+        ("record_user_id", &recording.record_user_id),
+    ];
+    for (field, value) in texts {
+        check_text(value.as_deref()).map_err(|problem| Rejection::field(field, problem))?;
+    }
     let span_ms = recording_span(recording, &mut warnings);
 
     let list = if recording.post_class {
@@ -262,6 +270,15 @@ fn recording_span(recording: &Recording, warnings: &mut Vec<Warning>) -> Option<
 
 type FieldError = (&'static str, String);
 
+/// Ids and names are printable text: control characters are refused (any
+/// other Unicode, e.g. a Chinese user name, is fine).
+fn check_text(value: Option<&str>) -> Result<(), String> {
+    match value.and_then(|v| v.chars().find(|c| c.is_control())) {
+        Some(c) => Err(format!("contains the control character {:?}", c)),
+        None => Ok(()),
+    }
+}
+
 fn normalize_track(
     video: &VideoInfo,
     index: usize,
@@ -300,6 +317,13 @@ fn normalize_track(
             "video_url",
             format!("scheme {:?} is not http or https", url.scheme()),
         ));
+    }
+    for (field, value) in [
+        ("video_id", &video.video_id),
+        ("user_id", &video.user_id),
+        ("video_format", &video.video_format),
+    ] {
+        check_text(value.as_deref()).map_err(|problem| (field, problem))?;
     }
     let vod_file_id = video.video_id.clone().filter(|id| !id.is_empty());
     let track_id = vod_file_id
@@ -675,6 +699,33 @@ mod tests {
         let ids: Vec<&str> = r.tracks.iter().map(|t| t.track_id.as_str()).collect();
         assert_eq!(ids, ["0a0", "0a0-2", "0z500"]);
         assert_eq!(codes(&r), ["track_id_collision", "duplicate_track"]);
+    }
+
+    #[test]
+    fn control_characters_in_ids_are_refused_but_unicode_is_fine() {
+        let mut evil = video(0, 10, 1000, 0, "a");
+        evil.user_id = Some("teacher\u{0}\r\n".into());
+        let err = normalize(&recording(60, vec![evil]), None).unwrap_err();
+        assert!(
+            err.message
+                .starts_with("video_info[0].user_id: contains the control"),
+            "{}",
+            err.message
+        );
+        let mut chinese = video(0, 10, 1000, 0, "a");
+        chinese.user_id = Some("王老师 👩‍🏫".into());
+        let r = normalize(&recording(60, vec![chinese]), None)
+            .unwrap()
+            .record;
+        assert_eq!(r.tracks[0].user_id.as_deref(), Some("王老师 👩‍🏫"));
+        let mut bad_task = recording(60, vec![]);
+        bad_task.task_id = Some("t\u{7}".into());
+        assert!(
+            normalize(&bad_task, None)
+                .unwrap_err()
+                .message
+                .starts_with("task_id: ")
+        );
     }
 
     #[test]

@@ -38,8 +38,12 @@ pub fn amqp_url() -> String {
 /// A configuration whose exchange and queue names belong to this test alone.
 pub fn isolated_config(test: &str) -> Config {
     // Worker logs, shown for failing tests (RUST_LOG=debug for more).
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let unique = format!(
         "test.{test}.{}.{}",
@@ -256,8 +260,12 @@ impl RunningWorker {
 
 /// Fail the test when `record` does not match the pinned JSON Schema.
 pub fn assert_valid_record(record: &Value) {
-    let schema: Value = serde_json::from_str(&std::fs::read_to_string(SCHEMA).unwrap()).unwrap();
-    let validator = jsonschema::validator_for(&schema).expect("the schema compiles");
+    static VALIDATOR: std::sync::OnceLock<jsonschema::Validator> = std::sync::OnceLock::new();
+    let validator = VALIDATOR.get_or_init(|| {
+        let schema: Value =
+            serde_json::from_str(&std::fs::read_to_string(SCHEMA).unwrap()).unwrap();
+        jsonschema::validator_for(&schema).expect("the schema compiles")
+    });
     let errors: Vec<String> = validator
         .iter_errors(record)
         .map(|e| format!("{} at {}", e, e.instance_path()))

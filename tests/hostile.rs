@@ -1,0 +1,235 @@
+//! The hostile corpus (`tests/hostile/`, made by scripts/make-hostile-corpus.py):
+//! every message ends in the parking queue with the reason its file name
+//! names, and the worker keeps serving. Plus a property test: no input panics.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use common::{Broker, header, isolated_config, spawn_worker};
+use lapin::types::FieldTable;
+use lesson_replay::broker::set_header;
+use lesson_replay::pipeline::{Decision, InputPolicy, decide};
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/hostile");
+
+/// (file name, expected reason, body), plus two cases too large to commit.
+fn corpus() -> Vec<(String, String, Vec<u8>)> {
+    let mut cases: Vec<_> = std::fs::read_dir(CORPUS)
+        .unwrap()
+        .map(|entry| {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let reason = name
+                .split_once("--")
+                .expect("<reason>--<what>.json")
+                .0
+                .to_owned();
+            (name, reason, std::fs::read(&path).unwrap())
+        })
+        .collect();
+    cases.sort();
+    let track = json!({"video_play_time":0,"video_size":1,"video_format":"mp4","video_duration":1,
+        "video_url":"http://1.vod2.myqcloud.com/a.mp4","video_id":"1","video_type":0,"user_id":"u"});
+    let message = |tracks: Vec<Value>| {
+        serde_json::to_vec(&json!({"callback_type":"record_finished","room_id":1,"start_time":1,"video_info":tracks}))
+            .unwrap()
+    };
+    cases.push((
+        "generated--10000-tracks".into(),
+        "body_too_large".into(),
+        message(vec![track.clone(); 10_000]),
+    ));
+    let padding = Value::String("p".repeat(4000));
+    let mut big = json!({"room_id": 1, "video_info": []});
+    big["pad"] = Value::Array(vec![padding; 300]);
+    cases.push((
+        "generated--1.2MB-body".into(),
+        "body_too_large".into(),
+        serde_json::to_vec(&big).unwrap(),
+    ));
+    cases
+}
+
+#[test]
+fn the_corpus_is_large_and_every_file_names_a_known_reason() {
+    let cases = corpus();
+    assert!(cases.len() >= 100, "{} cases", cases.len());
+    let known: Vec<&str> = lesson_replay::reason::ReasonCode::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .collect();
+    for (name, reason, _) in &cases {
+        assert!(
+            known.contains(&reason.as_str()),
+            "{name}: {reason} is not a reason code"
+        );
+    }
+}
+
+#[test]
+fn the_pure_decision_rejects_every_case_before_any_io() {
+    let policy = InputPolicy::default();
+    for (name, reason, body) in corpus() {
+        match decide(&body, &Default::default(), &policy) {
+            Decision::Reject(r) => assert_eq!(r.code.as_str(), reason, "{name}: {r}"),
+            // Host checks need the configured allow-list: the worker applies them.
+            Decision::Publish(_) if reason == "url_not_allowed" => {}
+            other => panic!("{name}: expected {reason}, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_hostile_message_is_parked_with_its_reason_and_the_worker_keeps_serving() {
+    let mut config = isolated_config("hostile");
+    // Production defaults: only TIC's VOD hosts, no private addresses.
+    config.vod_allowed_hosts = vec!["*.vod2.myqcloud.com".into()];
+    config.vod_allow_private_networks = false;
+    let broker = Broker::new(config).await;
+    let worker = spawn_worker(broker.config.clone());
+
+    let cases = corpus();
+    for (name, _, body) in &cases {
+        let mut headers = FieldTable::default();
+        set_header(&mut headers, "x-test-case", name);
+        broker.publish(body, headers).await;
+    }
+    let good = std::fs::read(format!("{}/realtime-query-finished.json", common::EXAMPLES)).unwrap();
+    broker.publish(&good, FieldTable::default()).await;
+
+    let parked: HashMap<String, (String, String)> = broker
+        .take(&broker.config.parking_queue, cases.len())
+        .await
+        .into_iter()
+        .map(|(_, p)| {
+            let case = header(&p, "x-test-case").unwrap();
+            (
+                case,
+                (
+                    header(&p, "x-lesson-replay-reason").unwrap(),
+                    header(&p, "x-lesson-replay-error").unwrap(),
+                ),
+            )
+        })
+        .collect();
+    for (name, reason, _) in &cases {
+        let (got, error) = parked
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} was not parked"));
+        assert_eq!(got, reason, "{name}: {error}");
+        assert!(
+            !error.is_empty() && error.len() < 2000,
+            "{name}: a readable error, not an echo: {error}"
+        );
+    }
+    let (record, _) = broker.take(&broker.config.records_queue, 1).await.remove(0);
+    assert_eq!(
+        record["task_id"], "g68cee8e90jcq4ogg8jb",
+        "still serving after the corpus"
+    );
+    worker.stop().await;
+    broker.cleanup().await;
+}
+
+/// Arbitrary JSON, nested a few levels.
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
+        ".{0,20}".prop_map(Value::String),
+        prop_oneof![
+            Just("1234"),
+            Just("-1"),
+            Just("9999999999999999999999"),
+            Just("")
+        ]
+        .prop_map(Value::from),
+    ];
+    leaf.prop_recursive(4, 64, 8, |inner| {
+        let keys = prop_oneof![
+            Just("room_id".to_owned()),
+            Just("video_info".to_owned()),
+            Just("callback_type".to_owned()),
+            Just("status".to_owned()),
+            Just("start_time".to_owned()),
+            Just("stop_time".to_owned()),
+            Just("RoomId".to_owned()),
+            Just("VideoInfos".to_owned()),
+            Just("video_play_time".to_owned()),
+            Just("video_duration".to_owned()),
+            Just("video_url".to_owned()),
+            Just("video_type".to_owned()),
+            Just("video_size".to_owned()),
+            Just("TotalTime".to_owned()),
+            ".{0,8}".prop_map(|s| s),
+        ];
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::btree_map(keys, inner, 0..8)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn arbitrary_json_never_panics(value in json_value()) {
+        let body = serde_json::to_vec(&value).unwrap();
+        let _ = decide(&body, &Default::default(), &InputPolicy::default());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = decide(&body, &Default::default(), &InputPolicy::default());
+    }
+
+    #[test]
+    fn any_decoded_record_is_well_formed(
+        offsets in prop::collection::vec((0i64..10_000_000, 0i64..10_000_000, 0i64..4, 0i64..1_000_000_000), 0..20),
+        span in 0i64..100_000,
+    ) {
+        let tracks: Vec<Value> = offsets.iter().enumerate().map(|(i, (offset, duration, kind, size))| json!({
+            "video_play_time": offset, "video_duration": duration, "video_type": kind, "video_size": size,
+            "video_url": format!("http://1.vod2.myqcloud.com/{i}.mp4"), "video_id": (i % 5).to_string(),
+            "user_id": format!("u{}", i % 3)
+        })).collect();
+        let body = serde_json::to_vec(&json!({"room_id": 1, "start_time": 1_600_000_000,
+            "stop_time": 1_600_000_000 + span, "video_info": tracks})).unwrap();
+        match decide(&body, &Default::default(), &InputPolicy::default()) {
+            Decision::Publish(n) => {
+                let record = &n.record;
+                // Segments tile [0, duration_ms) without gaps or overlaps.
+                let mut at = 0;
+                for segment in &record.layout {
+                    prop_assert_eq!(segment.from_ms, at);
+                    prop_assert!(segment.to_ms > segment.from_ms);
+                    at = segment.to_ms;
+                }
+                prop_assert_eq!(at, record.duration_ms);
+                let ids: std::collections::HashSet<_> = record.tracks.iter().map(|t| &t.track_id).collect();
+                prop_assert_eq!(ids.len(), record.tracks.len());
+                common::assert_valid_record(&serde_json::to_value(record).unwrap());
+            }
+            other => prop_assert!(false, "{:?}", other),
+        }
+    }
+}
+
+#[test]
+fn corpus_files_exist_in_the_repository() {
+    assert!(
+        Path::new(CORPUS)
+            .join("invalid_json--missing-commas-doc-4.5.2.json")
+            .exists()
+    );
+}
