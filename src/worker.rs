@@ -145,9 +145,17 @@ async fn supervise(shared: &Shared) -> Result<(), WorkerError> {
             .build()
     };
     let mut delays = reconnect();
-    let mut first = true;
+    let mut sessions = 0u64;
     loop {
-        let result = session(shared, &mut || delays = reconnect()).await;
+        let on_connected = || {
+            delays = reconnect();
+            if sessions > 0 {
+                shared.metrics.broker_reconnects.inc();
+                info!("reconnected to the broker");
+            }
+            sessions += 1;
+        };
+        let result = session(shared, on_connected).await;
         shared.health.set_ready(false, &shared.metrics);
         match result {
             Ok(()) => return Ok(()),
@@ -157,9 +165,6 @@ async fn supervise(shared: &Shared) -> Result<(), WorkerError> {
                 return Ok(());
             }
             Err(e) => {
-                if !first {
-                    shared.metrics.broker_reconnects.inc();
-                }
                 let wait = delays.next().unwrap_or(Duration::from_secs(30));
                 error!(error = %e, ?wait, "broker session lost: reconnecting");
                 tokio::select! {
@@ -171,13 +176,12 @@ async fn supervise(shared: &Shared) -> Result<(), WorkerError> {
                 }
             }
         }
-        first = false;
     }
 }
 
 /// One connection: channels, topology, QoS and consumer, until it fails or the
 /// worker stops. `Ok` only after a clean, ordered stop.
-async fn session(shared: &Shared, connected: &mut impl FnMut()) -> Result<(), WorkerError> {
+async fn session(shared: &Shared, connected: impl FnOnce()) -> Result<(), WorkerError> {
     let config = &shared.config;
     let connection = broker::connect(config, "lesson-replay worker").await?;
     let consumer_channel = connection.create_channel().await?;

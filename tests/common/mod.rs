@@ -280,3 +280,126 @@ pub fn assert_valid_record(record: &Value) {
 pub fn header(properties: &BasicProperties, name: &str) -> Option<String> {
     broker::header_text(properties.headers().as_ref(), name)
 }
+
+/// The real `lesson-replay worker` binary as a child process, configured
+/// through its environment like in production.
+pub struct WorkerProcess {
+    child: std::process::Child,
+}
+
+/// The environment that gives the binary the same settings as `config`.
+pub fn worker_env(c: &Config) -> Vec<(String, String)> {
+    let join = |v: &[String]| v.join(",");
+    let mut env = vec![
+        ("AMQP_URL", c.amqp_url.expose_secret().to_owned()),
+        ("INBOUND_EXCHANGE", c.inbound_exchange.clone()),
+        ("WORK_QUEUE", c.work_queue.clone()),
+        ("PARKING_QUEUE", c.parking_queue.clone()),
+        ("RECORDS_EXCHANGE", c.records_exchange.clone()),
+        ("RECORDS_QUEUE", c.records_queue.clone()),
+        ("CONCURRENCY", c.concurrency.to_string()),
+        ("SHUTDOWN_GRACE_SECS", c.shutdown_grace_secs.to_string()),
+        ("PROBE", c.probe.to_string()),
+        ("ARCHIVE", c.archive.to_string()),
+        ("FETCH_ATTEMPTS", c.fetch_attempts.to_string()),
+        (
+            "FETCH_IDLE_TIMEOUT_SECS",
+            c.fetch_idle_timeout_secs.to_string(),
+        ),
+        ("STAGE_BUDGET_SECS", c.stage_budget_secs.to_string()),
+        (
+            "RETRY_DELAYS_SECS",
+            c.retry_delays_secs
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        ("VOD_ALLOWED_HOSTS", join(&c.vod_allowed_hosts)),
+        (
+            "VOD_ALLOW_PRIVATE_NETWORKS",
+            c.vod_allow_private_networks.to_string(),
+        ),
+        ("METRICS_ADDR", c.metrics_addr.clone()),
+        ("LOG_FORMAT", "text".to_owned()),
+        ("S3_FORCE_PATH_STYLE", c.s3_force_path_style.to_string()),
+        ("S3_PART_SIZE_BYTES", c.s3_part_size_bytes.to_string()),
+    ];
+    let optional = [
+        ("S3_ENDPOINT", c.s3_endpoint.clone()),
+        ("S3_BUCKET", c.s3_bucket.clone()),
+        (
+            "S3_ACCESS_KEY_ID",
+            c.s3_access_key_id
+                .as_ref()
+                .map(|s| s.expose_secret().to_owned()),
+        ),
+        (
+            "S3_SECRET_ACCESS_KEY",
+            c.s3_secret_access_key
+                .as_ref()
+                .map(|s| s.expose_secret().to_owned()),
+        ),
+    ];
+    env.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+    env.into_iter()
+        .map(|(k, v)| (format!("LESSON_REPLAY_{k}"), v))
+        .collect()
+}
+
+impl WorkerProcess {
+    pub fn start(config: &Config) -> WorkerProcess {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_lesson-replay"))
+            .arg("worker")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .envs(worker_env(config))
+            .spawn()
+            .expect("the worker binary starts");
+        WorkerProcess { child }
+    }
+
+    /// SIGKILL: a crash, nothing cleaned up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM: an orderly stop.
+    pub fn terminate(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Wait for the process to exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the worker did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -50,22 +50,10 @@ impl S3Server {
         Self::start_on(port, bucket, tempdir())
     }
 
-    /// Start (or restart) on a given port and root.
+    /// Start on a given port and root.
     pub fn start_on(port: u16, bucket: &str, root: PathBuf) -> S3Server {
         std::fs::create_dir_all(root.join(bucket)).unwrap();
-        let child = Command::new(binary())
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg(&root)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("s3s-fs runs (scripts/test.sh installs it: cargo install s3s-fs@0.14.1 --features binary --locked)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "s3s-fs did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = spawn(port, &root);
         S3Server {
             child,
             endpoint: format!("http://127.0.0.1:{port}"),
@@ -78,6 +66,12 @@ impl S3Server {
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Start it again on the same port and data: the outage is over.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = spawn(self.port, &self.root);
     }
 
     /// Point `config` at this server and bucket, archiving on.
@@ -108,6 +102,24 @@ impl Drop for S3Server {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.root);
     }
+}
+
+/// Run s3s-fs on `port` and wait until it listens.
+fn spawn(port: u16, root: &std::path::Path) -> Child {
+    let child = Command::new(binary())
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+        .arg(root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("s3s-fs runs (scripts/test.sh installs it: cargo install s3s-fs@0.14.1 --features binary --locked)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "s3s-fs did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
 }
 
 fn tempdir() -> PathBuf {

@@ -1,0 +1,107 @@
+//! The broker restarts mid-run (`rabbitmqctl stop_app` / `start_app`): the same
+//! worker process reconnects by itself, re-declares its topology, resumes
+//! consuming, and nothing is lost. Alone in its binary: the restart would
+//! disturb tests running beside it.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::{Broker, isolated_config, spawn_worker_with};
+use lapin::types::FieldTable;
+use lesson_replay::metrics::Metrics;
+use lesson_replay::worker::Health;
+use serde_json::json;
+
+fn message(i: usize) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "callback_type": "record_finished", "task_id": format!("restart-{i}"), "room_id": 9,
+        "group_id": "9", "start_time": 1700000000, "stop_time": 1700000010,
+        "video_info": [{"video_play_time": 0, "video_size": 1000, "video_format": "mp4", "video_duration": 1000,
+            "video_url": "http://1.vod2.myqcloud.com/a.mp4", "video_id": "v", "video_type": 0, "user_id": "u"}]
+    }))
+    .unwrap()
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .status()
+        .expect("rabbitmqctl runs");
+    assert!(status.success(), "rabbitmqctl {args:?}");
+}
+
+async fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn take_ids(broker: &Broker, n: usize, ids: &mut HashSet<String>) {
+    for (record, _) in broker.take(&broker.config.records_queue, n).await {
+        ids.insert(record["task_id"].as_str().unwrap().to_owned());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_recovers_from_a_broker_restart_by_itself() {
+    if std::env::var("LESSON_REPLAY_TEST_AMQP_URL").is_ok() {
+        eprintln!("skipped: the broker is not the local one this test can restart");
+        return;
+    }
+    let config = isolated_config("restart");
+    let broker = Broker::new(config.clone()).await;
+    let health = Health::default();
+    let metrics = Metrics::default();
+    let worker = spawn_worker_with(config.clone(), health.clone(), metrics.clone());
+    wait_until("the worker is ready", Duration::from_secs(10), || {
+        health.is_ready()
+    })
+    .await;
+
+    let mut ids = HashSet::new();
+    for i in 0..20 {
+        broker.publish(&message(i), FieldTable::default()).await;
+    }
+    take_ids(&broker, 20, &mut ids).await;
+    drop(broker);
+
+    rabbitmqctl(&["stop_app"]);
+    wait_until(
+        "readiness reports the loss",
+        Duration::from_secs(10),
+        || !health.is_ready(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rabbitmqctl(&["start_app"]);
+    rabbitmqctl(&["await_startup"]);
+    wait_until("the worker reconnected", Duration::from_secs(60), || {
+        health.is_ready()
+    })
+    .await;
+    assert!(
+        metrics
+            .render()
+            .contains("lesson_replay_broker_reconnects_total 1"),
+        "{}",
+        metrics.render()
+    );
+
+    let broker = Broker::new(config).await;
+    for i in 20..40 {
+        broker.publish(&message(i), FieldTable::default()).await;
+    }
+    take_ids(&broker, 20, &mut ids).await;
+    assert_eq!(
+        ids.len(),
+        40,
+        "every recording before and after the restart"
+    );
+    worker.stop().await;
+    assert_eq!(broker.depth(&broker.config.work_queue).await, 0);
+    broker.cleanup().await;
+}
