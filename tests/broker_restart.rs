@@ -67,8 +67,8 @@ async fn the_worker_recovers_from_a_broker_restart_by_itself() {
         broker.publish(&message(i), FieldTable::default()).await;
     }
     take_ids(&broker, 20, &mut ids).await;
-    drop(broker);
 
+    // (The test's own connection dies with the broker too; it is replaced below.)
     rabbitmqctl(&["stop_app"]);
     wait_until(
         "readiness reports the loss",
