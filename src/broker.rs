@@ -1,22 +1,7 @@
 //! The RabbitMQ edge: connection, topology, confirmed publishing, and the
 //! translation between AMQP properties and the pipeline's [`Envelope`].
 //!
-//! Topology (names configurable), declared idempotently at start:
-//!
-//! ```text
-//! tic.recordings (topic) --#--> lesson-replay.recordings (quorum, delivery limit)
-//!                                  ^          | dead-letter (delivery limit reached)
-//!        TTL expired: dead-letter  |          v
-//!  lesson-replay.recordings.retry.<N>s    lesson-replay.parking (classic)
-//!  (quorum, one per delay tier)
-//! lesson-replay.records (topic) --#--> lesson-replay.records (quorum)
-//! ```
-//!
-//! The parking queue is a classic queue: operators list and replay it by
-//! reading and requeueing, which a quorum queue would count towards its
-//! delivery limit (20 by default in RabbitMQ 4) and eventually drop.
-//!
-//! Every argument used here exists in RabbitMQ 3.10 and 4.x.
+//! The topology itself is data: see [`crate::topology`].
 
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -30,6 +15,7 @@ use secrecy::ExposeSecret;
 
 use crate::config::Config;
 use crate::pipeline::Envelope;
+use crate::topology::{self, Arg};
 
 /// Headers carrying the callback's URL parameters.
 pub const HEADER_SIGN: &str = "x-tic-sign";
@@ -72,93 +58,46 @@ pub async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::
     Ok(channel)
 }
 
-fn queue_type(kind: &str) -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), LongString::from(kind).into());
-    args
-}
-
-/// Dead-letter to `target` through the default exchange, at least once
-/// (quorum queues, RabbitMQ 3.10+; it needs reject-publish overflow).
-fn dead_letter_to(args: &mut FieldTable, target: &str) {
-    args.insert("x-dead-letter-exchange".into(), LongString::from("").into());
-    args.insert(
-        "x-dead-letter-routing-key".into(),
-        LongString::from(target).into(),
-    );
-    args.insert(
-        "x-dead-letter-strategy".into(),
-        LongString::from("at-least-once").into(),
-    );
-    args.insert(
-        "x-overflow".into(),
-        LongString::from("reject-publish").into(),
-    );
-}
-
-/// Declare every exchange, queue and binding the worker uses. Idempotent.
+/// Declare every exchange, queue and binding of [`topology::plan`]. Idempotent.
 pub async fn declare_topology(channel: &Channel, config: &Config) -> Result<(), lapin::Error> {
-    let durable_exchange = ExchangeDeclareOptions {
+    let plan = topology::plan(config);
+    let exchange_options = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
     };
-    let durable_queue = QueueDeclareOptions {
+    let queue_options = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    for exchange in [&config.inbound_exchange, &config.records_exchange] {
+    for exchange in &plan.exchanges {
         channel
             .exchange_declare(
                 exchange.as_str().into(),
                 ExchangeKind::Topic,
-                durable_exchange,
+                exchange_options,
                 FieldTable::default(),
             )
             .await?;
     }
-    channel
-        .queue_declare(
-            config.parking_queue.as_str().into(),
-            durable_queue,
-            queue_type("classic"),
-        )
-        .await?;
-    let mut work = queue_type("quorum");
-    work.insert(
-        "x-delivery-limit".into(),
-        AMQPValue::LongLongInt(config.delivery_limit.into()),
-    );
-    dead_letter_to(&mut work, &config.parking_queue);
-    channel
-        .queue_declare(config.work_queue.as_str().into(), durable_queue, work)
-        .await?;
-    for delay in config.retry_policy().tiers {
-        let mut tier = queue_type("quorum");
-        let ttl_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-        tier.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl_ms));
-        dead_letter_to(&mut tier, &config.work_queue);
-        let name = crate::retry::tier_queue(&config.work_queue, delay);
+    for queue in &plan.queues {
+        let mut arguments = FieldTable::default();
+        for (name, value) in &queue.arguments {
+            let value = match value {
+                Arg::Text(t) => LongString::from(t.as_str()).into(),
+                Arg::Int(i) => AMQPValue::LongLongInt(*i),
+            };
+            arguments.insert((*name).into(), value);
+        }
         channel
-            .queue_declare(name.as_str().into(), durable_queue, tier)
+            .queue_declare(queue.name.as_str().into(), queue_options, arguments)
             .await?;
     }
-    channel
-        .queue_declare(
-            config.records_queue.as_str().into(),
-            durable_queue,
-            queue_type("quorum"),
-        )
-        .await?;
-    let bindings = [
-        (&config.work_queue, &config.inbound_exchange),
-        (&config.records_queue, &config.records_exchange),
-    ];
-    for (queue, exchange) in bindings {
+    for (queue, exchange, key) in &plan.bindings {
         channel
             .queue_bind(
                 queue.as_str().into(),
                 exchange.as_str().into(),
-                "#".into(),
+                key.as_str().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )

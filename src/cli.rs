@@ -91,7 +91,11 @@ pub enum Command {
         routing_key: String,
     },
     /// Declare the exchanges and queues, then exit.
-    Topology,
+    Topology {
+        /// Print the topology as RabbitMQ definitions JSON instead (no broker needed).
+        #[arg(long)]
+        print_definitions: bool,
+    },
     /// Inspect and recover parked messages.
     Dlq {
         #[command(subcommand)]
@@ -138,7 +142,19 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Worker => run_worker(config).await,
-            Command::Topology => declare_only(&config).await.map_err(|e| e.to_string()),
+            Command::Topology {
+                print_definitions: true,
+            } => {
+                let definitions = crate::topology::definitions(&crate::topology::plan(&config));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&definitions).expect("serializes")
+                );
+                Ok(())
+            }
+            Command::Topology {
+                print_definitions: false,
+            } => declare_only(&config).await.map_err(|e| e.to_string()),
             Command::Dlq { action } => run_dlq(&config, action).await,
             Command::Publish {
                 files,

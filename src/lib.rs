@@ -28,5 +28,6 @@ pub mod probe;
 pub mod reason;
 pub mod record;
 pub mod retry;
+pub mod topology;
 pub mod verify;
 pub mod worker;

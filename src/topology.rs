@@ -1,0 +1,191 @@
+//! The broker topology as data: every exchange, queue (with its arguments)
+//! and binding the worker needs. [`crate::broker::declare_topology`] declares
+//! it; [`definitions`] prints it in RabbitMQ's definitions format for operators
+//! who pre-provision (`deploy/rabbitmq/definitions.json` is generated from it,
+//! and a test keeps the two equal).
+//!
+//! ```text
+//! tic.recordings (topic) --#--> lesson-replay.recordings (quorum, delivery limit)
+//!                                  ^          | dead-letter (delivery limit reached)
+//!        TTL expired: dead-letter  |          v
+//!  lesson-replay.recordings.retry.<N>s    lesson-replay.parking (classic)
+//!  (quorum, one per delay tier)
+//! lesson-replay.records (topic) --#--> lesson-replay.records (quorum)
+//! ```
+//!
+//! The parking queue is a classic queue: operators list and replay it by
+//! reading and requeueing, which a quorum queue would count towards its
+//! delivery limit (20 by default in RabbitMQ 4) and eventually drop. Every
+//! argument used exists in RabbitMQ 3.10 and 4.x.
+
+use serde_json::{Value, json};
+
+use crate::config::Config;
+use crate::retry::tier_queue;
+
+/// A queue argument's value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSpec {
+    pub name: String,
+    pub arguments: Vec<(&'static str, Arg)>,
+}
+
+/// Everything to declare, in order: exchanges, queues, bindings (queue, exchange, key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    pub exchanges: Vec<String>,
+    pub queues: Vec<QueueSpec>,
+    pub bindings: Vec<(String, String, String)>,
+}
+
+fn text(value: &str) -> Arg {
+    Arg::Text(value.to_owned())
+}
+
+/// Dead-letter to `target` through the default exchange, at least once
+/// (quorum queues, RabbitMQ 3.10+; it needs reject-publish overflow).
+fn dead_letter_to(target: &str) -> [(&'static str, Arg); 4] {
+    [
+        ("x-dead-letter-exchange", text("")),
+        ("x-dead-letter-routing-key", text(target)),
+        ("x-dead-letter-strategy", text("at-least-once")),
+        ("x-overflow", text("reject-publish")),
+    ]
+}
+
+/// The topology `config` asks for.
+pub fn plan(config: &Config) -> Topology {
+    let mut queues = vec![QueueSpec {
+        name: config.parking_queue.clone(),
+        arguments: vec![("x-queue-type", text("classic"))],
+    }];
+    let mut work = vec![
+        ("x-queue-type", text("quorum")),
+        ("x-delivery-limit", Arg::Int(config.delivery_limit.into())),
+    ];
+    work.extend(dead_letter_to(&config.parking_queue));
+    queues.push(QueueSpec {
+        name: config.work_queue.clone(),
+        arguments: work,
+    });
+    for delay in config.retry_policy().tiers {
+        let mut tier = vec![
+            ("x-queue-type", text("quorum")),
+            (
+                "x-message-ttl",
+                Arg::Int(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+            ),
+        ];
+        tier.extend(dead_letter_to(&config.work_queue));
+        queues.push(QueueSpec {
+            name: tier_queue(&config.work_queue, delay),
+            arguments: tier,
+        });
+    }
+    queues.push(QueueSpec {
+        name: config.records_queue.clone(),
+        arguments: vec![("x-queue-type", text("quorum"))],
+    });
+    Topology {
+        exchanges: vec![
+            config.inbound_exchange.clone(),
+            config.records_exchange.clone(),
+        ],
+        queues,
+        bindings: vec![
+            (
+                config.work_queue.clone(),
+                config.inbound_exchange.clone(),
+                "#".into(),
+            ),
+            (
+                config.records_queue.clone(),
+                config.records_exchange.clone(),
+                "#".into(),
+            ),
+        ],
+    }
+}
+
+/// The topology in RabbitMQ's definitions format (vhost `/`), for
+/// `rabbitmqctl import_definitions` or `load_definitions`.
+pub fn definitions(topology: &Topology) -> Value {
+    let vhost = "/";
+    let queues: Vec<Value> = topology
+        .queues
+        .iter()
+        .map(|q| {
+            let arguments: serde_json::Map<String, Value> = q
+                .arguments
+                .iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        Arg::Text(t) => json!(t),
+                        Arg::Int(i) => json!(i),
+                    };
+                    ((*k).to_owned(), v)
+                })
+                .collect();
+            json!({"name": q.name, "vhost": vhost, "durable": true, "auto_delete": false, "arguments": arguments})
+        })
+        .collect();
+    let exchanges: Vec<Value> = topology
+        .exchanges
+        .iter()
+        .map(|name| {
+            json!({"name": name, "vhost": vhost, "type": "topic", "durable": true,
+                   "auto_delete": false, "internal": false, "arguments": {}})
+        })
+        .collect();
+    let bindings: Vec<Value> = topology
+        .bindings
+        .iter()
+        .map(|(queue, exchange, key)| {
+            json!({"source": exchange, "vhost": vhost, "destination": queue,
+                   "destination_type": "queue", "routing_key": key, "arguments": {}})
+        })
+        .collect();
+    json!({"vhosts": [{"name": vhost}], "exchanges": exchanges, "queues": queues, "bindings": bindings})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_committed_definitions_match_the_default_topology() {
+        let committed: Value =
+            serde_json::from_str(include_str!("../deploy/rabbitmq/definitions.json"))
+                .expect("deploy/rabbitmq/definitions.json is JSON");
+        let generated = definitions(&plan(&Config::default()));
+        assert_eq!(
+            committed, generated,
+            "regenerate with: cargo run -- topology --print-definitions > deploy/rabbitmq/definitions.json"
+        );
+    }
+
+    #[test]
+    fn delay_tiers_dead_letter_back_to_the_work_queue() {
+        let topology = plan(&Config::default());
+        let tier = topology
+            .queues
+            .iter()
+            .find(|q| q.name == "lesson-replay.recordings.retry.60s")
+            .unwrap();
+        assert!(
+            tier.arguments
+                .contains(&("x-message-ttl", Arg::Int(60_000)))
+        );
+        assert!(tier.arguments.contains(&(
+            "x-dead-letter-routing-key",
+            text("lesson-replay.recordings")
+        )));
+        assert_eq!(topology.queues.len(), 1 + 1 + 5 + 1);
+    }
+}
