@@ -210,16 +210,16 @@ async fn run_worker(config: Config) -> Result<(), String> {
     let server = match config.metrics_addr.trim() {
         "" => None,
         addr => {
-            let addr: std::net::SocketAddr = addr
-                .parse()
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
                 .map_err(|e| format!("metrics_addr {addr:?}: {e}"))?;
-            let listener = crate::metrics::serve(
-                addr,
+            let serving = crate::metrics::serve(
+                listener,
                 metrics.clone(),
                 health.clone(),
                 server_stop.clone().cancelled_owned(),
             );
-            Some(tokio::spawn(listener))
+            Some(tokio::spawn(serving))
         }
     };
     let result = crate::worker::run(config, stop.cancelled_owned(), health, metrics).await;

@@ -8,7 +8,6 @@
 //! below, never raw label strings of their own.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -260,14 +259,14 @@ struct Endpoints {
     health: Health,
 }
 
-/// Serve `/metrics`, `/healthz` (alive) and `/readyz` (consuming) until `shutdown`.
+/// Serve `/metrics`, `/healthz` (alive) and `/readyz` (consuming) on
+/// `listener` until `shutdown`.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     metrics: Metrics,
     health: Health,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
     let app = Router::new()
         .route("/metrics", get(metrics_endpoint))

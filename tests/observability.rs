@@ -1,0 +1,201 @@
+//! The real worker's `/metrics`, `/healthz` and `/readyz` after real traffic:
+//! every metric the Grafana dashboard and the alert rules use exists, so they
+//! cannot silently drift from the code. And trace context follows a lesson.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use common::origin::{Faults, Origin};
+use common::s3::S3Server;
+use common::{Broker, header, isolated_config, spawn_worker_with};
+use lapin::types::FieldTable;
+use lesson_replay::broker::set_header;
+use lesson_replay::metrics::{Metrics, serve};
+use lesson_replay::worker::Health;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const FASTSTART: &[u8] = include_bytes!("fixtures/faststart-2s-320x240.mp4");
+const DASHBOARD: &str = include_str!("../deploy/grafana/dashboards/lesson-replay.json");
+const RULES: &str = include_str!("../deploy/prometheus/rules/lesson-replay.yml");
+
+fn callback(task: &str, url: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "callback_type": "record_finished", "task_id": task, "room_id": 987654, "group_id": "987654",
+        "start_time": 1700000000, "stop_time": 1700000010,
+        "video_info": [{"video_play_time": 0, "video_size": FASTSTART.len(), "video_format": "mp4",
+            "video_duration": 2000, "video_url": url, "video_id": task, "video_type": 0, "user_id": "t"}]
+    }))
+    .unwrap()
+}
+
+/// Metric names (as in `# TYPE` lines) and their types.
+fn exposed(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| {
+            let mut parts = l.split(' ');
+            (
+                parts.next().unwrap().to_owned(),
+                parts.next().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Every `lesson_replay_*` name a PromQL text refers to, histogram suffixes removed.
+fn referenced(text: &str, types: &HashMap<String, String>) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut at = 0;
+    while let Some(found) = text[at..].find("lesson_replay_") {
+        let start = at + found;
+        let end = start
+            + bytes[start..]
+                .iter()
+                .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_')
+                .count();
+        let name = &text[start..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|b| types.get(*b).is_some_and(|t| t == "histogram"))
+            })
+            .unwrap_or(name);
+        names.insert(base.to_owned());
+        at = end;
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_and_alerts_use_only_metrics_the_worker_exports() {
+    let s3 = S3Server::start("school");
+    let origin = Origin::start().await;
+    let mut config = isolated_config("metrics");
+    s3.configure(&mut config, "school");
+    config.probe = true;
+    let broker = Broker::new(config).await;
+    let health = Health::default();
+    let metrics = Metrics::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop_server = CancellationToken::new();
+    let server = tokio::spawn(serve(
+        listener,
+        metrics.clone(),
+        health.clone(),
+        stop_server.clone().cancelled_owned(),
+    ));
+    let worker = spawn_worker_with(broker.config.clone(), health.clone(), metrics.clone());
+
+    // Traffic touching every labelled metric: published, retried, parked, skipped.
+    let good = origin.add("/good.mp4", FASTSTART.to_vec(), Faults::default());
+    let flaky = origin.add(
+        "/flaky.mp4",
+        FASTSTART.to_vec(),
+        Faults {
+            fail_first: 3,
+            ..Faults::default()
+        },
+    );
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut traced = FieldTable::default();
+    set_header(&mut traced, "traceparent", traceparent);
+    broker.publish(&callback("obs-good", &good), traced).await;
+    broker
+        .publish(&callback("obs-flaky", &flaky), FieldTable::default())
+        .await;
+    broker.publish(b"{", FieldTable::default()).await;
+    broker
+        .publish(
+            br#"{"callback_type":"record_started","room_id":987654}"#,
+            FieldTable::default(),
+        )
+        .await;
+
+    let records = broker.take(&broker.config.records_queue, 2).await;
+    let (_, good_props) = records
+        .iter()
+        .find(|(r, _)| r["task_id"] == "obs-good")
+        .unwrap();
+    assert_eq!(
+        header(good_props, "traceparent").as_deref(),
+        Some(traceparent),
+        "trace context reaches the record"
+    );
+    broker.take(&broker.config.parking_queue, 1).await;
+
+    let client = reqwest::Client::new();
+    let get = |path: &str| client.get(format!("{base}{path}")).send();
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    assert_eq!(get("/readyz").await.unwrap().status(), 200);
+    let text = get("/metrics").await.unwrap().text().await.unwrap();
+    let types = exposed(&text);
+
+    let mut used = referenced(DASHBOARD, &types);
+    used.extend(referenced(RULES, &types));
+    assert!(used.len() >= 12, "{used:?}");
+    let missing: Vec<&String> = used
+        .iter()
+        .filter(|name| !types.contains_key(*name))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "used by the dashboard or alerts but not exported: {missing:?}\n{text}"
+    );
+
+    for outcome in ["published", "retried", "parked", "skipped"] {
+        assert!(
+            text.contains(&format!("outcome=\"{outcome}\"")),
+            "no {outcome} series:\n{text}"
+        );
+    }
+    for needle in [
+        r#"target="vod""#,
+        r#"target="s3""#,
+        r#"stage="archive""#,
+        r#"tier="1s""#,
+    ] {
+        assert!(text.contains(needle), "{needle} missing:\n{text}");
+    }
+    // Low cardinality: no task, room or user id ever becomes a label.
+    for id in ["obs-good", "obs-flaky", "987654", "\"t\""] {
+        assert!(
+            !text.lines().any(|l| !l.starts_with('#') && l.contains(id)),
+            "{id} in a label:\n{text}"
+        );
+    }
+    assert!(text.contains("lesson_replay_broker_connected 1"));
+
+    worker.stop().await;
+    assert_eq!(
+        get("/readyz").await.unwrap().status(),
+        503,
+        "not ready once stopped"
+    );
+    stop_server.cancel();
+    server.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    broker.cleanup().await;
+}
+
+#[test]
+fn the_dashboard_is_provisioned_and_refers_to_its_datasource() {
+    let dashboard: serde_json::Value = serde_json::from_str(DASHBOARD).unwrap();
+    assert_eq!(dashboard["uid"], "lesson-replay");
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 10);
+    for panel in panels {
+        assert!(
+            !panel["targets"].as_array().unwrap().is_empty(),
+            "{}",
+            panel["title"]
+        );
+    }
+    let provider = include_str!("../deploy/grafana/provisioning/dashboards/lesson-replay.yml");
+    assert!(provider.contains("/var/lib/grafana/dashboards"));
+}
