@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, unit tests and the integration tests
-# against a real RabbitMQ (started here when it is not running).
+# The whole test suite: formatting, lints, unit and integration tests against a
+# real RabbitMQ and s3s-fs (started/installed here when missing), the deployment
+# files (promtool rule tests, Kubernetes schemas, docker-compose), and a smoke
+# run of the benchmark.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,3 +12,4 @@ scripts/ensure-s3s-fs.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked
+scripts/check-deploy.sh

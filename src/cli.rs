@@ -96,6 +96,8 @@ pub enum Command {
         #[arg(long)]
         print_definitions: bool,
     },
+    /// Check the settings and print them (secrets redacted); exit 1 when invalid.
+    Config,
     /// Inspect and recover parked messages.
     Dlq {
         #[command(subcommand)]
@@ -156,6 +158,10 @@ pub fn main() -> ExitCode {
                 print_definitions: false,
             } => declare_only(&config).await.map_err(|e| e.to_string()),
             Command::Dlq { action } => run_dlq(&config, action).await,
+            Command::Config => {
+                println!("{config:#?}");
+                Ok(())
+            }
             Command::Publish {
                 files,
                 sign,

@@ -115,7 +115,7 @@ impl Metrics {
         build_info
             .with_label_values(&[
                 env!("CARGO_PKG_VERSION"),
-                option_env!("LESSON_REPLAY_GIT_REVISION").unwrap_or("unknown"),
+                env!("LESSON_REPLAY_GIT_REVISION"),
             ])
             .set(1);
         r.register(Box::new(build_info)).expect("unique metric");
