@@ -13,3 +13,4 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked
 scripts/check-deploy.sh
+scripts/bench.sh --smoke

@@ -349,18 +349,30 @@ pub fn worker_env(c: &Config) -> Vec<(String, String)> {
 
 impl WorkerProcess {
     pub fn start(config: &Config) -> WorkerProcess {
+        let log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        Self::start_with(config, &log, std::process::Stdio::inherit())
+    }
+
+    /// With a log level of its own, its log output going to `stderr`.
+    pub fn start_with(
+        config: &Config,
+        rust_log: &str,
+        stderr: std::process::Stdio,
+    ) -> WorkerProcess {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_lesson-replay"))
             .arg("worker")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", rust_log)
             .envs(worker_env(config))
+            .stderr(stderr)
             .spawn()
             .expect("the worker binary starts");
         WorkerProcess { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL: a crash, nothing cleaned up.

@@ -29,9 +29,89 @@ pub struct Faults {
     pub chunk_delay: Option<Duration>,
 }
 
+/// A file's bytes: in memory, or generated (for files of many GB).
+pub enum Body {
+    Memory(Vec<u8>),
+    /// `head`, then `filler_len` bytes repeating a 1 MiB pattern, then `tail`.
+    Synthetic {
+        head: Vec<u8>,
+        filler_len: u64,
+        tail: Vec<u8>,
+    },
+}
+
+/// The repeating pattern of synthetic bodies.
+fn pattern() -> &'static [u8] {
+    static PATTERN: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    PATTERN.get_or_init(|| {
+        let mut x: u32 = 0x9e37_79b9;
+        (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    })
+}
+
+impl Body {
+    pub fn len(&self) -> u64 {
+        match self {
+            Body::Memory(v) => v.len() as u64,
+            Body::Synthetic {
+                head,
+                filler_len,
+                tail,
+            } => head.len() as u64 + filler_len + tail.len() as u64,
+        }
+    }
+
+    /// Fill `out` with the bytes from `offset`.
+    pub fn read_at(&self, offset: u64, out: &mut [u8]) {
+        match self {
+            Body::Memory(v) => {
+                out.copy_from_slice(&v[offset as usize..offset as usize + out.len()])
+            }
+            Body::Synthetic {
+                head,
+                filler_len,
+                tail,
+            } => {
+                let (h, f) = (head.len() as u64, *filler_len);
+                let mut done = 0usize;
+                while done < out.len() {
+                    let at = offset + done as u64;
+                    let rest = &mut out[done..];
+                    let n = if at < h {
+                        let n = rest.len().min((h - at) as usize);
+                        rest[..n].copy_from_slice(&head[at as usize..at as usize + n]);
+                        n
+                    } else if at < h + f {
+                        let in_pattern = ((at - h) % (1 << 20)) as usize;
+                        let n = rest
+                            .len()
+                            .min((h + f - at) as usize)
+                            .min((1 << 20) - in_pattern);
+                        rest[..n].copy_from_slice(&pattern()[in_pattern..in_pattern + n]);
+                        n
+                    } else {
+                        let from = (at - h - f) as usize;
+                        let n = rest.len().min(tail.len() - from);
+                        rest[..n].copy_from_slice(&tail[from..from + n]);
+                        n
+                    };
+                    done += n;
+                }
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
-    files: HashMap<String, (Arc<Vec<u8>>, Faults)>,
+    files: HashMap<String, (Arc<Body>, Faults)>,
 }
 
 #[derive(Clone)]
@@ -64,6 +144,10 @@ impl Origin {
 
     /// Serve `body` at `path` (which starts with `/`), returning its URL.
     pub fn add(&self, path: &str, body: Vec<u8>, faults: Faults) -> String {
+        self.add_body(path, Body::Memory(body), faults)
+    }
+
+    pub fn add_body(&self, path: &str, body: Body, faults: Faults) -> String {
         self.state
             .lock()
             .unwrap()
@@ -130,7 +214,7 @@ impl Origin {
             return;
         }
         let etag = format!("\"len-{}\"", body.len());
-        let total = body.len() as u64;
+        let total = body.len();
         let range = headers
             .get("range")
             .filter(|_| !faults.no_ranges)
@@ -164,19 +248,28 @@ impl Origin {
             None
         };
         let mut sent = 0u64;
-        for chunk in body[start as usize..end as usize].chunks(16 * 1024) {
-            let mut chunk = chunk;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut offset = start;
+        while offset < end {
+            let mut len = ((end - offset) as usize).min(if faults.chunk_delay.is_some() {
+                16 * 1024
+            } else {
+                buf.len()
+            });
             if let Some(limit) = cut {
                 if sent >= limit {
                     break;
                 }
-                chunk = &chunk[..chunk.len().min((limit - sent) as usize)];
+                len = len.min((limit - sent) as usize);
             }
+            let chunk = &mut buf[..len];
+            body.read_at(offset, chunk);
             if stream.write_all(chunk).await.is_err() {
                 return;
             }
-            sent += chunk.len() as u64;
-            self.served.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+            offset += len as u64;
+            sent += len as u64;
+            self.served.fetch_add(len as u64, Ordering::SeqCst);
             if let Some(delay) = faults.chunk_delay {
                 tokio::time::sleep(delay).await;
             }
