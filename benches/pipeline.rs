@@ -715,8 +715,8 @@ async fn main() {
         ),
     ];
     println!(
-        "\n{:<24} {:>16}   {:<26} {}",
-        "measure", "worker", "baseline", ""
+        "\n{:<24} {:>16}   {:<26} target",
+        "measure", "worker", "baseline"
     );
     for (name, value, baseline, note) in rows {
         println!("{name:<24} {value:>16}   {baseline:<26} {note}");
