@@ -2,7 +2,7 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 ARG GIT_REVISION=unknown
-ENV LESSON_REPLAY_GIT_REVISION=${GIT_REVISION}
+ENV GIT_REVISION=${GIT_REVISION}
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 RUN cargo build --release --locked --bin lesson-replay

@@ -244,7 +244,10 @@ impl Config {
             }
             figment = figment.merge(Toml::file(file));
         }
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]));
+        // LESSON_REPLAY_CONFIG names the file; LESSON_REPLAY_TEST_* belong to the tests.
+        let env = Env::prefixed(ENV_PREFIX)
+            .filter(|key| key != "config" && !key.as_str().starts_with("test_"));
+        figment = figment.merge(env);
         let config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;
         Ok(config)

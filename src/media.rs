@@ -14,7 +14,19 @@ use crate::fetch::{Download, FetchError, Fetcher};
 use crate::metrics::Metrics;
 use crate::normalize::Normalized;
 use crate::reason::{ReasonCode, Rejection};
-use crate::record::{Archive, Probe, Warning};
+use crate::record::{Archive, Probe, Record, Track, Warning};
+use futures_util::StreamExt;
+
+/// Tracks of one recording probed at once.
+const PARALLEL_PROBES: usize = 4;
+
+/// What checking one track against its file found.
+#[derive(Debug, Default)]
+struct Checked {
+    archive: Option<Archive>,
+    probe: Option<Result<Probe, String>>,
+    warning: Option<Warning>,
+}
 
 pub struct Media {
     fetcher: Fetcher,
@@ -79,32 +91,44 @@ impl Media {
         if self.archiver.is_none() && !self.probe {
             return Ok(());
         }
-        for index in 0..normalized.record.tracks.len() {
-            let track_id = normalized.record.tracks[index].track_id.clone();
-            let failed =
-                |e: FetchError| Rejection::new(e.reason(), format!("track {track_id}: {e}"));
-            let stage = self.metrics.stage_timer(if self.archiver.is_some() {
-                "archive"
-            } else {
-                "probe"
-            });
-            let probe = match &self.archiver {
-                Some(archiver) => {
-                    let (archive, probe) = self
-                        .archive_track(archiver, normalized, index)
-                        .await
-                        .map_err(failed)?;
-                    normalized.record.tracks[index].archive = Some(archive);
-                    probe
+        // Probes of one recording's tracks run side by side; archives one at a
+        // time, so that memory stays at about one upload part per message.
+        let tracks = normalized.record.tracks.clone();
+        let checked: Vec<Result<Checked, FetchError>> = match &self.archiver {
+            Some(archiver) => {
+                let mut out = Vec::with_capacity(tracks.len());
+                for track in &tracks {
+                    let stage = self.metrics.stage_timer("archive");
+                    out.push(
+                        self.archive_track(archiver, &normalized.record, track)
+                            .await,
+                    );
+                    stage.observe_duration();
                 }
-                None => self.probe_track(normalized, index).await.map_err(failed)?,
-            };
-            stage.observe_duration();
-            match probe {
+                out
+            }
+            None => {
+                let stage = self.metrics.stage_timer("probe");
+                let probes: Vec<_> = tracks.iter().map(|t| self.probe_track(t)).collect();
+                let out = futures_util::stream::iter(probes)
+                    .buffered(PARALLEL_PROBES)
+                    .collect()
+                    .await;
+                stage.observe_duration();
+                out
+            }
+        };
+        for (index, (track, result)) in tracks.iter().zip(checked).enumerate() {
+            let checked = result.map_err(|e| {
+                Rejection::new(e.reason(), format!("track {}: {e}", track.track_id))
+            })?;
+            normalized.record.tracks[index].archive = checked.archive;
+            normalized.record.warnings.extend(checked.warning);
+            match checked.probe {
                 Some(Ok(probe)) => normalized.apply_probe(index, probe),
                 Some(Err(why)) => normalized.record.warnings.push(Warning::new(
                     "probe_failed",
-                    format!("track {track_id}: not probed: {why}"),
+                    format!("track {}: not probed: {why}", track.track_id),
                 )),
                 None => {}
             }
@@ -125,15 +149,10 @@ impl Media {
     }
 
     /// Probe one track by range reads, with retries.
-    async fn probe_track(
-        &self,
-        normalized: &mut Normalized,
-        index: usize,
-    ) -> Result<Option<Result<Probe, String>>, FetchError> {
+    async fn probe_track(&self, track: &Track) -> Result<Checked, FetchError> {
         if !self.probe {
-            return Ok(None);
+            return Ok(Checked::default());
         }
-        let track = &normalized.record.tracks[index];
         let probe_once = || self.fetcher.probe_by_ranges(&track.source_url);
         let read = probe_once
             .retry(self.backoff())
@@ -142,30 +161,32 @@ impl Media {
             .notify(|e, wait| warn!(track = %track.track_id, error = %e, ?wait, "probe failed, retrying"))
             .await?;
         info!(track = %track.track_id, bytes_read = read.bytes_read, requests = read.requests, "probed by range reads");
-        if let (Some(real), Some(declared)) = (read.total_size, track.size_bytes)
-            && i64::try_from(real).ok() != Some(declared)
-        {
-            let message = format!(
-                "track {}: the file has {real} bytes, video_size declares {declared}",
-                track.track_id
-            );
-            normalized
-                .record
-                .warnings
-                .push(Warning::new("size_mismatch", message));
-        }
-        Ok(Some(read.probe))
+        let warning = match (read.total_size, track.size_bytes) {
+            (Some(real), Some(declared)) if i64::try_from(real).ok() != Some(declared) => {
+                Some(Warning::new(
+                    "size_mismatch",
+                    format!(
+                        "track {}: the file has {real} bytes, video_size declares {declared}",
+                        track.track_id
+                    ),
+                ))
+            }
+            _ => None,
+        };
+        Ok(Checked {
+            archive: None,
+            probe: Some(read.probe),
+            warning,
+        })
     }
 
     /// Archive one track (or find it archived already), with retries.
     async fn archive_track(
         &self,
         archiver: &Archiver,
-        normalized: &Normalized,
-        index: usize,
-    ) -> Result<(Archive, Option<Result<Probe, String>>), FetchError> {
-        let record = &normalized.record;
-        let track = &record.tracks[index];
+        record: &Record,
+        track: &Track,
+    ) -> Result<Checked, FetchError> {
         let key = archiver.track_key(record, track);
         let sink_error = |e: ArchiveError| FetchError::Sink(e.0);
         if let Some((archive, probe)) = archiver
@@ -175,11 +196,15 @@ impl Media {
         {
             info!(track = %track.track_id, %key, "already archived: upload skipped");
             self.metrics.uploads_skipped.inc();
-            let probe = match probe {
-                Some(p) => Some(Ok(p)),
-                None => self.probe_track(&mut normalized.clone(), index).await?,
+            let mut checked = match probe {
+                Some(p) => Checked {
+                    probe: Some(Ok(p)),
+                    ..Checked::default()
+                },
+                None => self.probe_track(track).await?,
             };
-            return Ok((archive, probe));
+            checked.archive = Some(archive);
+            return Ok(checked);
         }
         let archive_once = || async {
             let mut upload = archiver.upload(key.clone());
@@ -212,6 +237,10 @@ impl Media {
             track = %track.track_id, %key, bytes = download.size, transferred = download.transferred,
             resumes = download.resumes, "archived"
         );
-        Ok((archive, Some(download.probe)))
+        Ok(Checked {
+            archive: Some(archive),
+            probe: Some(download.probe),
+            warning: None,
+        })
     }
 }

@@ -113,10 +113,7 @@ impl Metrics {
         )
         .expect("valid metric");
         build_info
-            .with_label_values(&[
-                env!("CARGO_PKG_VERSION"),
-                env!("LESSON_REPLAY_GIT_REVISION"),
-            ])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("LR_GIT_REVISION")])
             .set(1);
         r.register(Box::new(build_info)).expect("unique metric");
 

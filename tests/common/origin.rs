@@ -165,17 +165,31 @@ impl Origin {
         self.requests.load(Ordering::SeqCst)
     }
 
+    /// One connection, kept alive across requests (HTTP/1.1) until a fault cuts it.
     async fn serve(&self, mut stream: TcpStream) {
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match stream.read(&mut byte).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => head.extend_from_slice(&byte[..n]),
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let end = loop {
+                if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break pos + 4;
+                }
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            buf.drain(..end);
+            if !self.respond(&mut stream, &head).await {
+                return;
             }
         }
+    }
+
+    /// Answer one request; `false` when the connection must close.
+    async fn respond(&self, stream: &mut TcpStream, head: &str) -> bool {
         self.requests.fetch_add(1, Ordering::SeqCst);
-        let head = String::from_utf8_lossy(&head).into_owned();
         let mut lines = head.split("\r\n");
         let path = lines
             .next()
@@ -201,17 +215,15 @@ impl Origin {
         };
         let Some((body, faults)) = found else {
             let _ = stream
-                .write_all(
-                    b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-                )
+                .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
                 .await;
-            return;
+            return true;
         };
         if faults.fail_first > 0 {
             let _ = stream
-                .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
                 .await;
-            return;
+            return true;
         }
         let etag = format!("\"len-{}\"", body.len());
         let total = body.len();
@@ -225,7 +237,7 @@ impl Origin {
             None => ("200 OK", 0, total),
         };
         let mut response = format!(
-            "HTTP/1.1 {status}\r\ncontent-type: video/mp4\r\ncontent-length: {}\r\naccept-ranges: {}\r\nconnection: close\r\n",
+            "HTTP/1.1 {status}\r\ncontent-type: video/mp4\r\ncontent-length: {}\r\naccept-ranges: {}\r\n",
             end - start,
             if faults.no_ranges { "none" } else { "bytes" }
         );
@@ -240,7 +252,7 @@ impl Origin {
         }
         response.push_str("\r\n");
         if stream.write_all(response.as_bytes()).await.is_err() {
-            return;
+            return false;
         }
         let cut = if faults.cuts > 0 {
             faults.cut_after
@@ -265,7 +277,7 @@ impl Origin {
             let chunk = &mut buf[..len];
             body.read_at(offset, chunk);
             if stream.write_all(chunk).await.is_err() {
-                return;
+                return false;
             }
             offset += len as u64;
             sent += len as u64;
@@ -274,11 +286,15 @@ impl Origin {
                 tokio::time::sleep(delay).await;
             }
         }
-        if cut.is_some() && faults.reset {
+        if offset == end {
+            return true; // complete: the connection stays open for the next request
+        }
+        if faults.reset {
             let _ = stream.set_zero_linger();
         } else {
             let _ = stream.shutdown().await;
         }
+        false
     }
 }
 
