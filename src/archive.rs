@@ -309,9 +309,16 @@ pub struct Upload<'a> {
 
 impl ChunkSink for Upload<'_> {
     async fn write(&mut self, chunk: Bytes) -> Result<(), String> {
-        self.buf.extend_from_slice(&chunk);
-        if self.buf.len() >= self.archiver.part_size {
-            self.upload_part().await.map_err(|e| e.0)?;
+        // Fill the part buffer exactly to its capacity: it never reallocates.
+        let mut rest = &chunk[..];
+        while !rest.is_empty() {
+            let room = self.archiver.part_size - self.buf.len();
+            let (now, later) = rest.split_at(room.min(rest.len()));
+            self.buf.extend_from_slice(now);
+            rest = later;
+            if self.buf.len() == self.archiver.part_size {
+                self.upload_part().await.map_err(|e| e.0)?;
+            }
         }
         Ok(())
     }

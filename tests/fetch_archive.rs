@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::isolated_config;
-use common::origin::{Faults, Origin};
+use common::origin::{Faults, Origin, noise};
 use common::s3::S3Server;
 use lesson_replay::archive::Archiver;
 use lesson_replay::fetch::{Discard, FetchError, FetchSettings, Fetcher};
@@ -31,19 +31,6 @@ fn settings() -> FetchSettings {
 
 fn fetcher() -> Fetcher {
     Fetcher::new(settings(), Metrics::default()).unwrap()
-}
-
-/// Bytes that are not all alike (so a misplaced range shows in the MD5).
-fn noise(len: usize) -> Vec<u8> {
-    let mut x: u32 = 0x1234_5678;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
 }
 
 fn md5_hex(bytes: &[u8]) -> String {

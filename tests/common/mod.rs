@@ -365,6 +365,8 @@ impl WorkerProcess {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", rust_log)
             .envs(worker_env(config))
+            // Allocator tuning, e.g. MALLOC_ARENA_MAX, reaches the worker.
+            .envs(std::env::vars().filter(|(k, _)| k.starts_with("MALLOC_")))
             .stderr(stderr)
             .spawn()
             .expect("the worker binary starts");
