@@ -147,6 +147,24 @@ impl Origin {
         origin
     }
 
+    /// The origin on a thread and runtime of its own, like a separate server:
+    /// its latency does not depend on what the caller's runtime is doing.
+    pub fn start_detached() -> Origin {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                tx.send(Origin::start().await).unwrap();
+                std::future::pending::<()>().await;
+            });
+        });
+        rx.recv().unwrap()
+    }
+
     /// Serve `body` at `path` (which starts with `/`), returning its URL.
     pub fn add(&self, path: &str, body: Vec<u8>, faults: Faults) -> String {
         self.add_body(path, Body::Memory(body), faults)
