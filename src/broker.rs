@@ -170,7 +170,6 @@ pub fn envelope_of(properties: &BasicProperties) -> Envelope {
     let headers = properties.headers().as_ref();
     Envelope {
         sign: header_text(headers, HEADER_SIGN),
-        random: header_text(headers, HEADER_RANDOM),
         sdkappid: header_text(headers, HEADER_SDKAPPID),
         timestamp: properties.timestamp().and_then(|t| i64::try_from(t).ok()),
     }

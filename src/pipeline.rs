@@ -7,13 +7,13 @@ use crate::normalize::{Normalized, normalize};
 use crate::reason::Rejection;
 use crate::verify::{SignatureMode, SignedFields, TicKeys, verify};
 
-/// What travelled next to the body: the callback's URL parameters (as AMQP
-/// headers `x-tic-sign`, `x-tic-random`, `x-tic-sdkappid`) and the AMQP
+/// What travelled next to the body and matters to the decision: the
+/// callback's URL parameters `x-tic-sign` and `x-tic-sdkappid` (AMQP headers;
+/// `x-tic-random` only goes to the logs) and the AMQP
 /// `timestamp` property.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Envelope {
     pub sign: Option<String>,
-    pub random: Option<String>,
     pub sdkappid: Option<String>,
     /// AMQP `timestamp` property, Unix seconds.
     pub timestamp: Option<i64>,

@@ -290,8 +290,16 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery) {
         room_id = Empty,
         sdkappid = Empty,
         attempt,
-        redelivered = delivery.redelivered
+        redelivered = delivery.redelivered,
+        // TIC's per-request `random`, which its support asks for.
+        tic_random = Empty
     );
+    if let Some(random) = header_text(
+        delivery.properties.headers().as_ref(),
+        broker::HEADER_RANDOM,
+    ) {
+        span.record("tic_random", random.as_str());
+    }
     async move {
         let metrics = &context.metrics;
         let _in_flight = metrics.in_flight_guard();

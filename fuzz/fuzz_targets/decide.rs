@@ -7,6 +7,6 @@ use lesson_replay::pipeline::{Envelope, InputPolicy, decide};
 
 fuzz_target!(|input: (&[u8], Option<String>, Option<String>, Option<i64>)| {
     let (body, sign, sdkappid, timestamp) = input;
-    let envelope = Envelope { sign, random: None, sdkappid, timestamp };
+    let envelope = Envelope { sign, sdkappid, timestamp };
     let _ = decide(body, &envelope, &InputPolicy::default());
 });
