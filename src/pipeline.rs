@@ -131,7 +131,6 @@ mod tests {
             sdkappid: Some("1400000001".into()),
             sign: Some(compute_sign("SECRETKEY", 1700000100)),
             timestamp: Some(1800000000),
-            ..Envelope::default()
         };
         assert!(matches!(
             decide(BODY.as_bytes(), &envelope, &policy(SignatureMode::Required)),
