@@ -403,3 +403,66 @@ async fn a_small_faststart_file_is_probed_in_one_range_read() {
     assert_eq!((probe.width, probe.height), (Some(320), Some(240)));
     assert_eq!(read.requests, 1);
 }
+
+#[tokio::test]
+async fn redirects_are_checked_hop_by_hop() {
+    let origin = Origin::start().await;
+    let target = origin.add("/real.mp4", FASTSTART.to_vec(), Faults::default());
+    let redirect = |to: &str| Faults {
+        redirect_to: Some(to.to_owned()),
+        ..Faults::default()
+    };
+    let hop = origin.add("/hop.mp4", vec![], redirect(&target));
+    let download = fetcher().download(&hop, None, &mut Discard).await.unwrap();
+    assert_eq!(
+        download.md5,
+        md5_hex(FASTSTART),
+        "an allowed redirect is followed"
+    );
+
+    let away = origin.add(
+        "/away.mp4",
+        vec![],
+        redirect("http://evil.example.com/steal.mp4"),
+    );
+    let err = fetcher()
+        .download(&away, None, &mut Discard)
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), ReasonCode::UrlNotAllowed, "{err}");
+    assert!(!err.is_transient());
+
+    // A loop: refused after a few hops, never followed forever.
+    let looping = origin.add("/loop.mp4", vec![], Faults::default());
+    origin.add("/loop.mp4", vec![], redirect(&looping));
+    let err = fetcher()
+        .download(&looping, None, &mut Discard)
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), ReasonCode::UrlNotAllowed, "{err}");
+}
+
+#[tokio::test]
+async fn private_addresses_are_refused_unless_allowed() {
+    let origin = Origin::start().await;
+    let url = origin.add("/a.mp4", FASTSTART.to_vec(), Faults::default());
+    let mut strict = settings();
+    strict.url_policy = std::sync::Arc::new(lesson_replay::guard::UrlPolicy {
+        allowed_hosts: vec!["127.0.0.1".into(), "localhost".into()],
+        allow_private_networks: false,
+    });
+    let fetcher = Fetcher::new(strict, Metrics::default()).unwrap();
+    let err = fetcher
+        .download(&url, None, &mut Discard)
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), ReasonCode::UrlNotAllowed, "{err}");
+    let by_name = url.replace("127.0.0.1", "localhost");
+    let err = fetcher.probe_by_ranges(&by_name).await.unwrap_err();
+    assert_eq!(
+        err.reason(),
+        ReasonCode::UrlNotAllowed,
+        "a name resolving to loopback: {err}"
+    );
+    assert_eq!(origin.requests(), 0, "nothing was fetched");
+}

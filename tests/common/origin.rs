@@ -27,6 +27,8 @@ pub struct Faults {
     pub no_validator: bool,
     /// Pause between 16 KiB chunks.
     pub chunk_delay: Option<Duration>,
+    /// Answer 302 with this Location instead of the file.
+    pub redirect_to: Option<String>,
 }
 
 /// A file's bytes: in memory, or generated (for files of many GB).
@@ -242,6 +244,12 @@ impl Origin {
                 .await;
             return true;
         };
+        if let Some(location) = &faults.redirect_to {
+            let response =
+                format!("HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\n\r\n");
+            let _ = stream.write_all(response.as_bytes()).await;
+            return true;
+        }
         if faults.fail_first > 0 {
             let _ = stream
                 .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
