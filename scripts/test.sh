@@ -11,6 +11,6 @@ scripts/ensure-s3s-fs.sh
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --all-targets --locked
+cargo test --lib --bins --tests --locked
 scripts/check-deploy.sh
 scripts/bench.sh --smoke
