@@ -3,8 +3,10 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 ARG GIT_REVISION=unknown
 ENV GIT_REVISION=${GIT_REVISION}
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
+# The manifest names the benchmark target; cargo wants its file to exist.
+COPY benches ./benches
 RUN cargo build --release --locked --bin lesson-replay
 
 # Runtime stage: a small image running as a non-root user.

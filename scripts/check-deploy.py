@@ -103,8 +103,36 @@ def check_compose():
             fail(f"examples/compose/lesson.json: {name} does not match tests/fixtures (served by the vod service)")
 
 
+def check_docker_build():
+    """Replay the build stage's COPY lines into an empty directory and build
+    there: a file the image build needs but does not copy fails here."""
+    import re, shutil, tempfile
+    dockerfile = open(os.path.join(ROOT, "Dockerfile")).read()
+    build_stage = re.split(r"^FROM ", dockerfile, flags=re.M)[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        for line in build_stage.splitlines():
+            m = re.match(r"COPY\s+(?!--)(.+)\s+(\S+)$", line.strip())
+            if not m:
+                continue
+            sources, dest = m.group(1).split(), m.group(2)
+            for source in sources:
+                src = os.path.join(ROOT, source)
+                target = os.path.join(tmp, dest if dest not in ("./", ".") else source)
+                if os.path.isdir(src):
+                    shutil.copytree(src, os.path.join(tmp, dest.rstrip("/")) if dest not in ("./", ".") else target)
+                else:
+                    shutil.copy(src, os.path.join(tmp, os.path.basename(source)) if dest in ("./", ".") else target)
+        result = subprocess.run(
+            ["cargo", "build", "--locked", "--quiet", "--bin", "lesson-replay"],
+            cwd=tmp, env={**os.environ, "CARGO_TARGET_DIR": os.path.join(ROOT, "target")},
+            capture_output=True, text=True)
+        if result.returncode != 0:
+            fail("the Dockerfile's build stage does not build:\n" + result.stderr[-2000:])
+
+
 check_k8s()
 check_compose()
+check_docker_build()
 if errors:
     sys.exit(f"{len(errors)} deployment check(s) failed")
 print("deploy/ and docker-compose.yml: all checks passed")
