@@ -6,10 +6,14 @@
 //! 2. [`pipeline::decide`] turns it into a decision, with no I/O:
 //!    [`decode`] (four JSON formats) → [`verify`] (signature) →
 //!    [`normalize`] (durations, repairs, ids) + [`layout`] (screen layout);
-//! 3. [`media`] checks every track against its file — [`fetch`] (HTTP),
-//!    [`probe`] (MP4 `moov`), [`archive`] (S3) — and fills the record;
-//! 4. [`worker`] publishes the [`record::Record`] or parks the message with a
-//!    [`reason::ReasonCode`], then acknowledges it.
+//! 3. [`media`] checks every track against its file — [`fetch`] (HTTP, behind
+//!    the [`guard`]), [`probe`] (MP4 `moov`), [`archive`] (S3) — and fills the record;
+//! 4. [`worker`] publishes the [`record::Record`], sends the message to a delay
+//!    tier ([`retry`]) or parks it with a [`reason::ReasonCode`], then acknowledges it.
+//!
+//! Around them: [`config`] (settings), [`topology`] (queues and exchanges as
+//! data), [`metrics`] (Prometheus and health endpoints), [`dlq`] (operator
+//! tools for the parking queue), [`cli`] (the commands).
 
 pub mod archive;
 pub mod broker;
