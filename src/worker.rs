@@ -1,7 +1,7 @@
 //! The worker: where a message enters ([`run`] consumes the work queue), is
 //! decided ([`crate::pipeline::decide`]), checked against its files
-//! ([`crate::media`]) and leaves — [`publish_record`] to the records exchange,
-//! [`retry_later`] to a delay tier, or [`park_message`] to the parking queue.
+//! ([`crate::media`]) and leaves — `publish_record` to the records exchange,
+//! `retry_later` to a delay tier, or `park_message` to the parking queue.
 //!
 //! The input is acknowledged only after its outcome is confirmed by the
 //! broker, so a crash at any point redelivers it: at-least-once, with records
