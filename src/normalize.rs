@@ -163,11 +163,6 @@ pub fn normalize(recording: &Recording, sdkappid: Option<i64>) -> Result<Normali
         ));
     }
 
-    let last_end = tracks.iter().map(Track::end_ms).max().unwrap_or(0);
-    let duration_ms = span_ms.unwrap_or(0).max(last_end);
-    let (layout, layout_warnings) = compute_layout(&tracks, duration_ms);
-    warnings.extend(layout_warnings);
-
     let group_id = match recording.group_id.as_deref().filter(|g| !g.is_empty()) {
         Some(g) => g.to_owned(),
         None => {
@@ -188,13 +183,15 @@ pub fn normalize(recording: &Recording, sdkappid: Option<i64>) -> Result<Normali
         task_id: recording.task_id.clone().filter(|t| !t.is_empty()),
         record_user_id: recording.record_user_id.clone().filter(|u| !u.is_empty()),
         started_at,
-        duration_ms,
+        duration_ms: 0, // set by relayout()
         mixed,
         tracks,
-        layout,
+        layout: Vec::new(),
         warnings,
     };
-    Ok(Normalized { record, span_ms })
+    let mut normalized = Normalized { record, span_ms };
+    normalized.relayout();
+    Ok(normalized)
 }
 
 fn field_name(recording: &Recording, snake: &'static str) -> &'static str {
