@@ -148,6 +148,17 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// Give the worker a metrics listener on a free loopback port; returns the port.
+fn serve_metrics(config: &mut Config) -> u16 {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    config.metrics_addr = format!("127.0.0.1:{port}");
+    port
+}
+
 fn records_config(plan: &Plan) -> Config {
     let mut config = isolated_config("bench");
     config.probe = true;
@@ -194,15 +205,11 @@ fn mean_durations(metrics: &str) -> Value {
 
 async fn records_rate(plan: &Plan, origin: &Origin, workers: usize) -> (f64, usize, Value) {
     let mut config = records_config(plan);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    config.metrics_addr = if workers == 1 {
-        format!("127.0.0.1:{port}")
+    // One worker exposes its metrics; two would compete for the port.
+    let port = if workers == 1 {
+        serve_metrics(&mut config)
     } else {
-        String::new()
+        0
     };
     let broker = Broker::new(config).await;
     let files = [
@@ -357,12 +364,7 @@ enum Processor {
 /// Scenario 5: publish → record latency at `rate` messages/s.
 async fn latency(plan: &Plan, origin: &Origin, rate: f64, processor: Processor) -> (f64, f64) {
     let mut config = records_config(plan);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    config.metrics_addr = format!("127.0.0.1:{port}");
+    let port = serve_metrics(&mut config);
     let broker = Broker::new(config).await;
     let url = origin.add("/lat.mp4", MOOV_AT_END.to_vec(), Faults::default());
     let videos = [
@@ -619,12 +621,7 @@ async fn copy_baseline(plan: &Plan, origin: &Origin, files: usize, bytes: u64) -
 /// Scenario 4: bytes read to probe one moov-at-end file of `bytes` without archiving.
 async fn probe_cost(plan: &Plan, origin: &Origin, bytes: u64) -> u64 {
     let mut config = records_config(plan);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    config.metrics_addr = format!("127.0.0.1:{port}");
+    let port = serve_metrics(&mut config);
     let broker = Broker::new(config).await;
     // ftyp, an mdat of `bytes`, then the moov of a real file.
     let mut boxes = HashMap::new();
