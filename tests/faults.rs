@@ -463,3 +463,61 @@ async fn parked_messages_are_listed_replayed_and_purged_by_the_operator() {
     worker.stop().await;
     broker.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_keeps_crashing_workers_is_parked_by_the_broker() {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicNackOptions};
+    let mut config = isolated_config("delivery-limit");
+    config.delivery_limit = 2;
+    let broker = Broker::new(config).await;
+    broker
+        .publish(
+            &callback("poison", "http://1.vod2.myqcloud.com/a.mp4", 1),
+            FieldTable::default(),
+        )
+        .await;
+
+    // Workers that die holding the message: each death is a redelivery.
+    let channel = broker.connection.create_channel().await.unwrap();
+    let mut deliveries = channel
+        .basic_consume(
+            broker.config.work_queue.as_str().into(),
+            "crashing".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    };
+    for _ in 0..3 {
+        match tokio::time::timeout(Duration::from_secs(5), deliveries.next()).await {
+            Ok(Some(Ok(delivery))) => assert!(delivery.acker.nack(requeue).await.unwrap()),
+            _ => break, // dead-lettered: nothing more to deliver
+        }
+    }
+    let _ = channel.close(200, "done".into()).await;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while broker.depth(&broker.config.parking_queue).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the delivery limit did not park the message"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lesson-replay"))
+        .args(["dlq", "list"])
+        .env_clear()
+        .envs(common::worker_env(&broker.config))
+        .output()
+        .unwrap();
+    let listed: Value =
+        serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(listed["reason"], "delivery_limit", "{listed}");
+    assert_eq!(broker.depth(&broker.config.work_queue).await, 0);
+    broker.cleanup().await;
+}

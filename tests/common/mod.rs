@@ -298,6 +298,7 @@ pub fn worker_env(c: &Config) -> Vec<(String, String)> {
         ("RECORDS_EXCHANGE", c.records_exchange.clone()),
         ("RECORDS_QUEUE", c.records_queue.clone()),
         ("CONCURRENCY", c.concurrency.to_string()),
+        ("DELIVERY_LIMIT", c.delivery_limit.to_string()),
         ("SHUTDOWN_GRACE_SECS", c.shutdown_grace_secs.to_string()),
         ("PROBE", c.probe.to_string()),
         ("ARCHIVE", c.archive.to_string()),
