@@ -242,12 +242,9 @@ async fn permanent_fetch_failures_are_parked_with_their_reason() {
         .collect();
     reasons.sort();
     assert_eq!(reasons, ["size_mismatch", "vod_not_found"]);
-    assert!(
-        broker
-            .next(&broker.config.records_queue, Duration::from_millis(300))
-            .await
-            .is_none()
-    );
+    broker
+        .assert_no_more(&broker.config.records_queue, Duration::from_millis(300))
+        .await;
     worker.stop().await;
     broker.cleanup().await;
 }

@@ -190,12 +190,9 @@ async fn an_s3_outage_delays_messages_without_losing_them() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        broker
-            .next(&broker.config.records_queue, Duration::from_millis(10))
-            .await
-            .is_none()
-    );
+    broker
+        .assert_no_more(&broker.config.records_queue, Duration::from_millis(10))
+        .await;
     s3.restart();
 
     collect_records(&broker, 13, Duration::from_secs(60), &mut seen).await;

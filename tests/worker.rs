@@ -94,12 +94,9 @@ async fn every_contract_example_becomes_a_record_or_is_parked() {
             "the original, unparsable body is kept as is"
         );
     }
-    assert!(
-        broker
-            .next(&broker.config.records_queue, Duration::from_millis(500))
-            .await
-            .is_none()
-    );
+    broker
+        .assert_no_more(&broker.config.records_queue, Duration::from_millis(500))
+        .await;
     worker.stop().await;
     assert_eq!(
         broker.depth(&broker.config.work_queue).await,
@@ -239,12 +236,9 @@ async fn required_signatures_are_enforced_over_the_broker() {
             "keys never appear in errors: {error}"
         );
     }
-    assert!(
-        broker
-            .next(&broker.config.records_queue, Duration::from_millis(300))
-            .await
-            .is_none()
-    );
+    broker
+        .assert_no_more(&broker.config.records_queue, Duration::from_millis(300))
+        .await;
     worker.stop().await;
     broker.cleanup().await;
 }

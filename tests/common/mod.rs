@@ -150,6 +150,13 @@ impl Broker {
         out
     }
 
+    /// Fail the test if `queue` receives anything within `wait`.
+    pub async fn assert_no_more(&self, queue: &str, wait: Duration) {
+        if let Some((body, _)) = self.next(queue, wait).await {
+            panic!("unexpected message on {queue}: {body}");
+        }
+    }
+
     /// Messages currently ready in `queue`.
     pub async fn depth(&self, queue: &str) -> u32 {
         let options = lapin::options::QueueDeclareOptions {
