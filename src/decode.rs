@@ -307,11 +307,12 @@ fn decode_realtime(format: Format, value: Value) -> Result<Announcement, Rejecti
         )),
         _ => None,
     };
+    let (sdkappid, expire_time, sent_at) = (body.sdkappid, body.expire_time, body.timestamp);
     let announcement = |payload| Announcement {
         format,
-        sdkappid: body.sdkappid,
-        expire_time: body.expire_time,
-        sent_at: body.timestamp,
+        sdkappid,
+        expire_time,
+        sent_at,
         payload,
     };
     if let Some(skip) = not_finished {
@@ -331,14 +332,13 @@ fn decode_realtime(format: Format, value: Value) -> Result<Announcement, Rejecti
         .ok_or_else(|| Rejection::field("start_time", "missing field"))?;
     let videos = body
         .video_info
-        .clone()
         .ok_or_else(|| Rejection::field("video_info", "missing field"))?;
     Ok(announcement(Payload::Finished(Recording {
         post_class: false,
-        task_id: body.task_id.clone(),
-        record_user_id: body.record_user_id.clone(),
+        task_id: body.task_id,
+        record_user_id: body.record_user_id,
         room_id: body.room_id,
-        group_id: body.group_id.clone(),
+        group_id: body.group_id,
         start_time,
         stop_time: body.stop_time,
         total_time_ms: None,

@@ -16,7 +16,7 @@ use md5::{Digest, Md5};
 use reqwest::StatusCode;
 use reqwest::header::{self, HeaderMap};
 
-use crate::guard::{GuardedResolver, UrlPolicy};
+use crate::guard::{GuardedResolver, Refused, UrlPolicy};
 use crate::metrics::Metrics;
 use crate::probe::{MAX_MOOV_BYTES, MoovScanner, parse_box_header, parse_moov};
 use crate::reason::ReasonCode;
@@ -158,35 +158,17 @@ impl Fetcher {
         })
     }
 
-    /// Refuse a URL whose scheme or host the policy forbids (no DNS).
-    pub fn check_url_syntax(&self, url: &str) -> Result<url::Url, FetchError> {
+    /// Refuse a URL whose scheme or host the policy forbids, before any
+    /// request. The addresses a host name resolves to are checked by the
+    /// client's resolver when it connects, so pooled connections cost no
+    /// lookup and a rebinding DNS answer cannot slip past.
+    pub fn check_url(&self, url: &str) -> Result<url::Url, FetchError> {
         let parsed = url::Url::parse(url).map_err(|e| FetchError::NotAllowed(e.to_string()))?;
         self.settings
             .url_policy
             .check(&parsed)
             .map_err(FetchError::NotAllowed)?;
         Ok(parsed)
-    }
-
-    /// Refuse a URL the policy forbids, before any request: its scheme and
-    /// host, and every address its host name resolves to.
-    pub async fn check_url(&self, url: &str) -> Result<(), FetchError> {
-        let policy = &self.settings.url_policy;
-        let parsed = self.check_url_syntax(url)?;
-        if let Some(url::Host::Domain(name)) = parsed.host()
-            && !policy.allow_private_networks
-        {
-            let port = parsed.port_or_known_default().unwrap_or(80);
-            let addrs = tokio::net::lookup_host((name, port))
-                .await
-                .map_err(|e| FetchError::Transport(format!("resolving {name}: {e}")))?;
-            for addr in addrs {
-                policy
-                    .check_ip(addr.ip())
-                    .map_err(|why| FetchError::NotAllowed(format!("{name}: {why}")))?;
-            }
-        }
-        Ok(())
     }
 
     async fn send(
@@ -199,7 +181,7 @@ impl Fetcher {
             .inspect(|r| self.metrics.http_response("vod", Some(r.status().as_u16())))
             .inspect_err(|_| self.metrics.http_response("vod", None))
             .map_err(|e| {
-                if e.is_redirect() {
+                if e.is_redirect() || refused_by_guard(&e) {
                     FetchError::NotAllowed(error_chain(&e))
                 } else {
                     FetchError::Transport(error_chain(&e))
@@ -223,7 +205,7 @@ impl Fetcher {
         declared_size: Option<i64>,
         sink: &mut S,
     ) -> Result<Download, FetchError> {
-        self.check_url(url).await?;
+        self.check_url(url)?;
         let mut md5 = Md5::new();
         let mut scanner = MoovScanner::new();
         let mut received: u64 = 0;
@@ -342,7 +324,7 @@ impl Fetcher {
     /// Probe `url` reading only box headers and the `moov` box with range
     /// requests: a few KB even when `moov` sits at the end of a multi-GB file.
     pub async fn probe_by_ranges(&self, url: &str) -> Result<RangeProbe, FetchError> {
-        self.check_url(url).await?;
+        self.check_url(url)?;
         let mut reader = RangeReader {
             fetcher: self,
             url,
@@ -553,6 +535,18 @@ fn check_size(size: u64, declared: Option<i64>, max: u64) -> Result<(), FetchErr
         ))),
         _ => Ok(()),
     }
+}
+
+/// Did the guard's resolver refuse every address of the host?
+fn refused_by_guard(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<Refused>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// An error with its causes, which reqwest keeps in `source()`.

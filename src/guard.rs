@@ -2,8 +2,9 @@
 //! server-side request forgery risk. Only http(s), only allowed hosts, and —
 //! unless explicitly allowed — never an address in a loopback, private,
 //! link-local (cloud metadata 169.254.169.254), unspecified or multicast range.
-//! Checked before each request, on every redirect hop, and again on the
-//! addresses DNS returns when connecting (against rebinding).
+//! Scheme, host and IP literals are checked before each request and on every
+//! redirect hop; the addresses a host name resolves to are filtered by the
+//! HTTP client's resolver when it connects (so rebinding cannot slip past).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -96,6 +97,12 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || (first & 0xffc0) == 0xfe80) // link-local
 }
 
+/// A host name resolved only to refused addresses (kept in the error chain so
+/// the fetcher can tell it from a DNS failure: this one is permanent).
+#[derive(Debug, thiserror::Error)]
+#[error("{0} resolves to no allowed address")]
+pub struct Refused(pub String);
+
 /// A DNS resolver for reqwest that drops refused addresses.
 pub struct GuardedResolver(pub Arc<UrlPolicy>);
 
@@ -111,7 +118,7 @@ impl reqwest::dns::Resolve for GuardedResolver {
                 .filter(|a| policy.check_ip(a.ip()).is_ok())
                 .collect();
             if allowed.is_empty() {
-                return Err(format!("{host} resolves to no allowed address").into());
+                return Err(Box::new(Refused(host)) as Box<dyn std::error::Error + Send + Sync>);
             }
             Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
         })

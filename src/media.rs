@@ -82,11 +82,9 @@ impl Media {
     pub async fn enrich(&self, normalized: &mut Normalized) -> Result<(), Rejection> {
         // Records only ever point at allowed hosts, fetched or not.
         for track in &normalized.record.tracks {
-            self.fetcher
-                .check_url_syntax(&track.source_url)
-                .map_err(|e| {
-                    Rejection::new(e.reason(), format!("track {}: {e}", track.track_id))
-                })?;
+            self.fetcher.check_url(&track.source_url).map_err(|e| {
+                Rejection::new(e.reason(), format!("track {}: {e}", track.track_id))
+            })?;
         }
         if self.archiver.is_none() && !self.probe {
             return Ok(());
