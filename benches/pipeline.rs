@@ -29,8 +29,8 @@ use common::{Broker, WorkerProcess, isolated_config};
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lesson_replay::broker;
-use lesson_replay::config::Config;
+use lesson_replay::broker::amqp;
+use lesson_replay::config::settings::Config;
 use serde_json::{Value, json};
 
 const FASTSTART: &[u8] = include_bytes!("../tests/fixtures/faststart-2s-320x240.mp4");
@@ -107,7 +107,7 @@ async fn preload(broker: &Broker, bodies: impl Iterator<Item = Vec<u8>>) {
                 "bench".into(),
                 BasicPublishOptions::default(),
                 &body,
-                broker::json_properties(),
+                amqp::json_properties(),
             )
             .await
             .unwrap();
@@ -275,13 +275,15 @@ async fn bare_loop(
     count: Option<usize>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let connection = broker::connect(&config, "bench baseline").await.unwrap();
+    let connection = amqp::connect(&config.broker_settings(), "bench baseline")
+        .await
+        .unwrap();
     let consumer_channel = connection.create_channel().await.unwrap();
     consumer_channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await
         .unwrap();
-    let publisher = broker::confirm_channel(&connection).await.unwrap();
+    let publisher = amqp::confirm_channel(&connection).await.unwrap();
     let mut deliveries = consumer_channel
         .basic_consume(
             config.work_queue.as_str().into(),
@@ -306,12 +308,12 @@ async fn bare_loop(
         );
         tasks.spawn(async move {
             let body = record.as_deref().unwrap_or(&delivery.data);
-            broker::publish_confirmed(
+            amqp::publish_confirmed(
                 &publisher,
                 &exchange,
                 "v1.bench",
                 body,
-                broker::json_properties(),
+                amqp::json_properties(),
             )
             .await
             .unwrap();
@@ -393,7 +395,7 @@ async fn latency(plan: &Plan, origin: &Origin, rate: f64, processor: Processor) 
     preload(&broker, std::iter::once(message("warmup", &videos))).await;
     broker.take(&broker.config.records_queue, 1).await;
 
-    let connection = broker::connect(&broker.config, "bench latency")
+    let connection = amqp::connect(&broker.config.broker_settings(), "bench latency")
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
@@ -432,7 +434,7 @@ async fn latency(plan: &Plan, origin: &Origin, rate: f64, processor: Processor) 
                         "bench".into(),
                         BasicPublishOptions::default(),
                         &body,
-                        broker::json_properties(),
+                        amqp::json_properties(),
                     )
                     .await
                     .unwrap();

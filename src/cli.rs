@@ -1,20 +1,26 @@
-//! The command line: `worker`, `normalize`, `publish`, `topology`.
+//! The command line: argument parsing and the output of each command. The
+//! work itself is in the library: services start through
+//! [`crate::service::run`], messages are judged by
+//! [`crate::decision::decide::decide`], the broker is reached through
+//! [`crate::broker`].
 
-use std::io::{IsTerminal, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use tracing_subscriber::EnvFilter;
 
-use crate::broker;
-use crate::config::{Config, LogFormat};
-use crate::decode::{Limits, Payload, decode};
-use crate::metrics::Metrics;
-use crate::normalize::normalize;
-use crate::worker::Health;
-use tokio_util::sync::CancellationToken;
+use crate::broker::amqp::{self, BrokerSettings, PublishError};
+use crate::broker::dlq::{self, DlqError};
+use crate::broker::headers::{self, set_header};
+use crate::broker::topology;
+use crate::config::reference;
+use crate::config::settings::{Config, ConfigError};
+use crate::decision::decide::{Decision, Envelope, decide};
+use crate::service::endpoints::Health;
+use crate::service::run::{Service, ServiceError, init_logging, shutdown_signal};
+use crate::telemetry::metrics::Metrics;
 
 /// Exit code of a rejected message (sysexits EX_DATAERR).
 pub const EXIT_DATA_ERROR: u8 = 65;
@@ -23,29 +29,8 @@ pub const EXIT_NO_INPUT: u8 = 66;
 /// Exit code for configuration and broker failures.
 pub const EXIT_FAILURE: u8 = 1;
 
-const SETTINGS_HELP: &str = "\
-Settings come from defaults, then the TOML file given by --config, then
-LESSON_REPLAY_* environment variables (see the README for the full table):
-  LESSON_REPLAY_AMQP_URL          broker URL [amqp://guest:***@127.0.0.1:5672/%2f]
-  LESSON_REPLAY_INBOUND_EXCHANGE  [tic.recordings]
-  LESSON_REPLAY_WORK_QUEUE        [lesson-replay.recordings]
-  LESSON_REPLAY_PARKING_QUEUE     [lesson-replay.parking]
-  LESSON_REPLAY_RECORDS_EXCHANGE  [lesson-replay.records]
-  LESSON_REPLAY_RECORDS_QUEUE     [lesson-replay.records]
-  LESSON_REPLAY_DELIVERY_LIMIT    [20]
-  LESSON_REPLAY_CONCURRENCY       messages in flight (prefetch) [16]
-  LESSON_REPLAY_SIGNATURE         required | if-present | off [if-present]
-  LESSON_REPLAY_TIC_KEYS          SDKAPPID=TICKEY,... (secret)
-  LESSON_REPLAY_SHUTDOWN_GRACE_SECS [25]
-  LESSON_REPLAY_LOG_FORMAT        auto | json | text [auto]
-  LESSON_REPLAY_METRICS_ADDR      /metrics, /healthz, /readyz listener, empty = off [0.0.0.0:9090]
-  LESSON_REPLAY_PROBE             probe every track's MP4 [true]
-  LESSON_REPLAY_ARCHIVE           copy tracks to S3 [false]; with LESSON_REPLAY_S3_BUCKET,
-                                  _S3_ENDPOINT, _S3_REGION, _S3_FORCE_PATH_STYLE, _S3_PREFIX,
-                                  _S3_ACCESS_KEY_ID, _S3_SECRET_ACCESS_KEY (secret), ...";
-
 #[derive(Debug, Parser)]
-#[command(name = "lesson-replay", version, about = "TIC recording messages in, lesson-replay records out", after_help = SETTINGS_HELP)]
+#[command(name = "lesson-replay", version, about = "TIC recording messages in, lesson-replay records out", after_help = reference::help_text())]
 pub struct Cli {
     /// TOML configuration file.
     #[arg(long, global = true, env = "LESSON_REPLAY_CONFIG")]
@@ -58,7 +43,9 @@ pub struct Cli {
 pub enum Command {
     /// Consume TIC messages and publish lesson-replay records (the service).
     Worker,
-    /// Turn one message into a record on stdout, without any network.
+    /// Turn one message into a record on stdout, without any network, judged
+    /// exactly as the worker judges it (same settings: limits, signatures,
+    /// allowed VOD hosts).
     ///
     /// Exit 0 with the record on stdout; exit 0 with `skipped: ...` on stderr
     /// for a message without a finished recording; exit 65 with
@@ -70,6 +57,12 @@ pub enum Command {
         /// The sdkappid when the body has none (as the x-tic-sdkappid header would).
         #[arg(long)]
         sdkappid: Option<i64>,
+        /// The callback's `sign` URL parameter (as the x-tic-sign header would).
+        #[arg(long)]
+        sign: Option<String>,
+        /// When the callback was received, Unix seconds (the AMQP `timestamp`).
+        #[arg(long)]
+        timestamp: Option<i64>,
     },
     /// Publish message files to the inbound exchange (declares the topology first).
     Publish {
@@ -95,8 +88,12 @@ pub enum Command {
         #[arg(long)]
         print_definitions: bool,
     },
-    /// Check the settings and print them (secrets redacted); exit 1 when invalid.
-    Config,
+    /// Check the settings and print them as JSON (secrets redacted); exit 1 when invalid.
+    Config {
+        /// Print the settings reference table (Markdown) instead.
+        #[arg(long)]
+        reference: bool,
+    },
     /// Inspect and recover parked messages.
     Dlq {
         #[command(subcommand)]
@@ -125,12 +122,29 @@ pub enum DlqAction {
     Purge,
 }
 
+/// Why a command failed (exit 1).
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("publishing: {0}")]
+    Publish(#[from] PublishError),
+    #[error(transparent)]
+    Dlq(#[from] DlqError),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
 /// Run the command line; returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Normalize { file, sdkappid } = &cli.command {
-        return run_normalize(file, *sdkappid);
-    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
         Err(e) => {
@@ -138,43 +152,45 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
+    match cli.command {
+        Command::Normalize {
+            file,
+            sdkappid,
+            sign,
+            timestamp,
+        } => {
+            let envelope = Envelope {
+                sign,
+                sdkappid: sdkappid.map(|id| id.to_string()),
+                timestamp,
+            };
+            return run_normalize(&config, &file, &envelope);
+        }
+        Command::Config { reference: true } => {
+            print!("{}", reference::markdown_table());
+            return ExitCode::SUCCESS;
+        }
+        Command::Config { reference: false } => {
+            let shown = serde_json::to_string_pretty(&config).expect("settings serialize");
+            println!("{shown}");
+            return ExitCode::SUCCESS;
+        }
+        Command::Topology {
+            print_definitions: true,
+        } => {
+            let plan = topology::plan(&config.broker_settings().topology);
+            let definitions = topology::definitions(&plan);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&definitions).expect("serializes")
+            );
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
+    }
     init_logging(config.log_format);
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Worker => run_worker(config).await,
-            Command::Topology {
-                print_definitions: true,
-            } => {
-                let definitions = crate::topology::definitions(&crate::topology::plan(&config));
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&definitions).expect("serializes")
-                );
-                Ok(())
-            }
-            Command::Topology {
-                print_definitions: false,
-            } => declare_only(&config).await.map_err(|e| e.to_string()),
-            Command::Dlq { action } => run_dlq(&config, action).await,
-            Command::Config => {
-                println!("{config:#?}");
-                Ok(())
-            }
-            Command::Publish {
-                files,
-                sign,
-                random,
-                sdkappid,
-                routing_key,
-            } => {
-                let headers = callback_headers(sign, random, sdkappid);
-                publish_files(&config, &files, headers, &routing_key).await
-            }
-            Command::Normalize { .. } => unreachable!("handled above"),
-        }
-    });
-    match result {
+    match runtime.block_on(run_networked(config, cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -183,156 +199,102 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = match format {
-        LogFormat::Json => true,
-        LogFormat::Text => false,
-        LogFormat::Auto => !std::io::stderr().is_terminal(),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init();
-    } else {
-        builder.init();
-    }
-}
-
-/// The service: the worker plus its metrics and health endpoints. The first
-/// SIGTERM/SIGINT starts an orderly stop; a second one quits at once.
-async fn run_worker(config: Config) -> Result<(), String> {
-    let health = Health::default();
-    let metrics = Metrics::new();
-    let stop = CancellationToken::new();
-    tokio::spawn(watch_signals(stop.clone()));
-    let server_stop = CancellationToken::new();
-    let server = match config.metrics_addr.trim() {
-        "" => None,
-        addr => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("metrics_addr {addr:?}: {e}"))?;
-            let serving = crate::metrics::serve(
-                listener,
-                metrics.clone(),
-                health.clone(),
-                server_stop.clone().cancelled_owned(),
-            );
-            Some(tokio::spawn(serving))
+/// The commands that talk to the broker.
+async fn run_networked(config: Config, command: Command) -> Result<(), CliError> {
+    let broker = config.broker_settings();
+    match command {
+        Command::Worker => {
+            let service = Service::bind(config, Metrics::new(), Health::default()).await?;
+            service.run_worker(shutdown_signal()).await?;
         }
-    };
-    let result = crate::worker::run(config, stop.cancelled_owned(), health, metrics).await;
-    server_stop.cancel();
-    if let Some(server) = server
-        && let Ok(Err(e)) = server.await
-    {
-        tracing::warn!(error = %e, "metrics endpoint failed");
-    }
-    result.map_err(|e| e.to_string())
-}
-
-/// Cancel `stop` on the first SIGINT or SIGTERM; exit at once on the second.
-async fn watch_signals(stop: CancellationToken) {
-    next_signal().await;
-    tracing::info!("shutdown signal received: stopping (a second signal quits at once)");
-    stop.cancel();
-    next_signal().await;
-    tracing::warn!("second signal: quitting now");
-    std::process::exit(130);
-}
-
-async fn next_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
+        Command::Topology { .. } => declare_only(&broker).await?,
+        Command::Dlq { action } => run_dlq(&broker, action).await?,
+        Command::Publish {
+            files,
+            sign,
+            random,
+            sdkappid,
+            routing_key,
+        } => {
+            let headers = callback_headers(sign, random, sdkappid);
+            publish_files(&broker, &files, headers, &routing_key).await?;
+        }
+        Command::Normalize { .. } | Command::Config { .. } => {
+            unreachable!("answered without a runtime")
         }
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+    Ok(())
 }
 
-fn read_input(file: &Path) -> std::io::Result<Vec<u8>> {
-    if file.as_os_str() == "-" {
+fn read_input(file: &Path) -> Result<Vec<u8>, CliError> {
+    let read = if file.as_os_str() == "-" {
         let mut body = Vec::new();
-        std::io::stdin().read_to_end(&mut body)?;
-        Ok(body)
+        std::io::stdin().read_to_end(&mut body).map(|_| body)
     } else {
         std::fs::read(file)
-    }
+    };
+    read.map_err(|source| CliError::Read {
+        path: file.display().to_string(),
+        source,
+    })
 }
 
-fn run_normalize(file: &Path, sdkappid: Option<i64>) -> ExitCode {
+fn run_normalize(config: &Config, file: &Path, envelope: &Envelope) -> ExitCode {
     let body = match read_input(file) {
         Ok(body) => body,
         Err(e) => {
-            eprintln!("error: cannot read {}: {e}", file.display());
+            eprintln!("error: {e}");
             return ExitCode::from(EXIT_NO_INPUT);
         }
     };
-    let outcome =
-        decode(&body, &Limits::default()).and_then(|announcement| match announcement.payload {
-            Payload::Finished(recording) => {
-                normalize(&recording, announcement.sdkappid.or(sdkappid)).map(|n| Some(n.record))
-            }
-            Payload::NotFinished(reason) => {
-                eprintln!("skipped: {reason}");
-                Ok(None)
-            }
-        });
-    match outcome {
-        Ok(Some(record)) => {
+    match decide(&body, envelope, &config.input_policy()) {
+        Decision::Publish(normalized) => {
             println!(
                 "{}",
-                serde_json::to_string_pretty(&record).expect("a record always serializes")
+                serde_json::to_string_pretty(&normalized.record)
+                    .expect("a record always serializes")
             );
             ExitCode::SUCCESS
         }
-        Ok(None) => ExitCode::SUCCESS,
-        Err(rejection) => {
+        Decision::Skip(reason) => {
+            eprintln!("skipped: {reason}");
+            ExitCode::SUCCESS
+        }
+        Decision::Reject(rejection) => {
             eprintln!("error: {rejection}");
             ExitCode::from(EXIT_DATA_ERROR)
         }
     }
 }
 
-async fn run_dlq(config: &Config, action: DlqAction) -> Result<(), String> {
+async fn run_dlq(broker: &BrokerSettings, action: DlqAction) -> Result<(), CliError> {
     match action {
         DlqAction::List { reason } => {
-            let parked = crate::dlq::list(config, reason.as_deref())
-                .await
-                .map_err(|e| e.to_string())?;
+            let parked = dlq::list(broker, reason.as_deref()).await?;
             for message in &parked {
                 println!("{}", serde_json::to_string(message).expect("serializes"));
             }
             eprintln!("{} parked message(s) listed", parked.len());
         }
         DlqAction::Replay { reason, limit } => {
-            let moved = crate::dlq::replay(config, reason.as_deref(), limit).await?;
-            eprintln!("{moved} message(s) moved back to {}", config.work_queue);
+            let moved = dlq::replay(broker, reason.as_deref(), limit).await?;
+            eprintln!(
+                "{moved} message(s) moved back to {}",
+                broker.topology.work_queue
+            );
         }
         DlqAction::Purge => {
-            let purged = crate::dlq::purge(config).await.map_err(|e| e.to_string())?;
+            let purged = dlq::purge(broker).await?;
             eprintln!("{purged} parked message(s) deleted");
         }
     }
     Ok(())
 }
 
-async fn declare_only(config: &Config) -> Result<(), lapin::Error> {
-    let connection = broker::connect(config, "lesson-replay topology").await?;
+async fn declare_only(broker: &BrokerSettings) -> Result<(), lapin::Error> {
+    let connection = amqp::connect(broker, "lesson-replay topology").await?;
     let channel = connection.create_channel().await?;
-    broker::declare_topology(&channel, config).await?;
+    amqp::declare_topology(&channel, &broker.topology).await?;
     tracing::info!("topology declared");
     connection.close(200, "done".into()).await
 }
@@ -343,56 +305,41 @@ pub fn callback_headers(
     random: Option<String>,
     sdkappid: Option<i64>,
 ) -> FieldTable {
-    let mut headers = FieldTable::default();
+    let mut table = FieldTable::default();
     if let Some(sign) = sign {
-        broker::set_header(&mut headers, broker::HEADER_SIGN, &sign);
+        set_header(&mut table, headers::TIC_SIGN, &sign);
     }
     if let Some(random) = random {
-        broker::set_header(&mut headers, broker::HEADER_RANDOM, &random);
+        set_header(&mut table, headers::TIC_RANDOM, &random);
     }
     if let Some(app) = sdkappid {
-        headers.insert(
-            ShortString::from(broker::HEADER_SDKAPPID),
+        table.insert(
+            ShortString::from(headers::TIC_SDKAPPID),
             AMQPValue::LongLongInt(app),
         );
     }
-    headers
+    table
 }
 
 async fn publish_files(
-    config: &Config,
+    broker: &BrokerSettings,
     files: &[PathBuf],
     headers: FieldTable,
     routing_key: &str,
-) -> Result<(), String> {
-    let connection = broker::connect(config, "lesson-replay publish")
-        .await
-        .map_err(|e| e.to_string())?;
-    let channel = broker::confirm_channel(&connection)
-        .await
-        .map_err(|e| e.to_string())?;
-    broker::declare_topology(&channel, config)
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<(), CliError> {
+    let connection = amqp::connect(broker, "lesson-replay publish").await?;
+    let channel = amqp::confirm_channel(&connection).await?;
+    amqp::declare_topology(&channel, &broker.topology).await?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
     for file in files {
-        let body = read_input(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-        let properties = broker::json_properties()
+        let body = read_input(file)?;
+        let properties = amqp::json_properties()
             .with_headers(headers.clone())
             .with_timestamp(now);
-        broker::publish_confirmed(
-            &channel,
-            &config.inbound_exchange,
-            routing_key,
-            &body,
-            properties,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let exchange = &broker.topology.inbound_exchange;
+        amqp::publish_confirmed(&channel, exchange, routing_key, &body, properties).await?;
         println!("published {}", file.display());
     }
-    connection
-        .close(200, "done".into())
-        .await
-        .map_err(|e| e.to_string())
+    connection.close(200, "done".into()).await?;
+    Ok(())
 }

@@ -1,37 +1,29 @@
 //! lesson-replay: TIC "recording finished" messages in, lesson-replay records out.
 //!
-//! A message flows through the modules in this order:
+//! The crate is four rooms and the services that wire them. Imports only run
+//! downwards in this list:
 //!
-//! 1. [`worker`] consumes it from RabbitMQ ([`broker`] holds the AMQP details);
-//! 2. [`pipeline::decide`] turns it into a decision, with no I/O:
-//!    [`decode`] (four JSON formats) → [`verify`] (signature) →
-//!    [`normalize`] (durations, repairs, ids) + [`layout`] (screen layout);
-//! 3. [`media`] checks every track against its file — [`fetch`] (HTTP, behind
-//!    the [`guard`]), [`probe`] (MP4 `moov`), [`archive`] (S3) — and fills the record;
-//! 4. [`worker`] publishes the [`record::Record`], sends the message to a delay
-//!    tier ([`retry`]) or parks it with a [`reason::ReasonCode`], then acknowledges it.
-//!
-//! Around them: [`config`] (settings), [`topology`] (queues and exchanges as
-//! data), [`metrics`] (Prometheus and health endpoints), [`dlq`] (operator
-//! tools for the parking queue), [`cli`] (the commands).
+//! - [`decision`] — pure, no I/O: [`decision::decide::decide`] turns a message
+//!   body and its envelope into a [`decision::decide::Decision`]: decode (four
+//!   JSON formats) → verify (signature) → normalize (durations, repairs, ids)
+//!   → layout. The record, reason codes and warning codes live here.
+//! - [`telemetry`] — every metric, with its labels as closed enums.
+//! - [`media`] and [`broker`] — the edges. [`media`] checks every track against
+//!   its file over HTTP (fetch, guard, probe) and archives it to S3; [`broker`]
+//!   speaks AMQP (connection, headers, topology, delay tiers, parking queue).
+//! - [`config`] — the settings: loaded once, validated, and turned into the
+//!   typed settings of each part above.
+//! - [`service`] — the running services: [`service::worker`] consumes a
+//!   message (enters), calls `decide` (decided), lets [`media`] check its
+//!   files, then publishes the record, sends the message to a delay tier or
+//!   parks it (leaves) and only then acknowledges it. [`service::run`] starts
+//!   a service with its health endpoints and shutdown; [`cli`] parses the
+//!   command line and calls it.
 
-pub mod archive;
 pub mod broker;
 pub mod cli;
 pub mod config;
-pub mod decode;
-pub mod dlq;
-pub mod fetch;
-pub mod guard;
-pub mod layout;
+pub mod decision;
 pub mod media;
-pub mod metrics;
-pub mod normalize;
-pub mod pipeline;
-pub mod probe;
-pub mod reason;
-pub mod record;
-pub mod retry;
-pub mod topology;
-pub mod verify;
-pub mod worker;
+pub mod service;
+pub mod telemetry;

@@ -48,7 +48,7 @@ async fn recordings_are_archived_verified_and_not_uploaded_twice() {
     s3.configure(&mut config, "school");
     config.probe = true;
     let broker = Broker::new(config).await;
-    let worker = spawn_worker(broker.config.clone());
+    let worker = spawn_worker(broker.config.clone()).await;
 
     // The camera's origin is busy at first; its owner's id is hostile.
     let camera = origin.add(
@@ -168,7 +168,7 @@ async fn without_archiving_every_track_is_probed_by_range_reads() {
     let mut config = isolated_config("probe-only");
     config.probe = true;
     let broker = Broker::new(config).await;
-    let worker = spawn_worker(broker.config.clone());
+    let worker = spawn_worker(broker.config.clone()).await;
     let board = origin.add("/board.mp4", MOOV_AT_END.to_vec(), Faults::default());
     let html = origin.add(
         "/page.mp4",
@@ -215,7 +215,7 @@ async fn permanent_fetch_failures_are_parked_with_their_reason() {
     let mut config = isolated_config("fetch-park");
     s3.configure(&mut config, "school");
     let broker = Broker::new(config).await;
-    let worker = spawn_worker(broker.config.clone());
+    let worker = spawn_worker(broker.config.clone()).await;
 
     let missing = format!("{}/gone.mp4", origin.base);
     broker
@@ -247,4 +247,79 @@ async fn permanent_fetch_failures_are_parked_with_their_reason() {
         .await;
     worker.stop().await;
     broker.cleanup().await;
+}
+
+/// Store faults no retry can fix reach an operator at once: parked on the
+/// first attempt with a reason of their own, not sent through the delay tiers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_refusing_the_credentials_parks_at_once_as_denied() {
+    let mut s3 = S3Server::start("school");
+    let origin = Origin::start().await;
+    let mut config = isolated_config("store-refusals");
+    s3.configure(&mut config, "school");
+    let broker = Broker::new(config).await;
+    let worker = spawn_worker(broker.config.clone()).await;
+    // Past its start-up check of the bucket.
+    worker.wait_ready().await;
+    let board = origin.add("/board.mp4", MOOV_AT_END.to_vec(), Faults::default());
+    let lesson = |task: &str| {
+        callback(
+            task,
+            vec![track(&board, "b", 2, "", MOOV_AT_END.len(), 5000, 0)],
+        )
+    };
+
+    // The store's keys are rotated under the running worker. (s3s-fs
+    // recreates a deleted bucket on upload, so a bucket vanishing at run time
+    // cannot be staged here; the start-up check's NoSuchBucket is tested in
+    // tests/fetch_archive.rs, its classification in media::s3_error.)
+    s3.restart_with_secret("rotated-secret");
+    broker
+        .publish(&lesson("t-denied"), Default::default())
+        .await;
+    let (_, parked) = broker.take(&broker.config.parking_queue, 1).await.remove(0);
+    assert_eq!(
+        header(&parked, "x-lesson-replay-reason").as_deref(),
+        Some("archive_denied")
+    );
+    assert_eq!(
+        header(&parked, "x-lesson-replay-attempt").as_deref(),
+        Some("1")
+    );
+    worker.stop().await;
+
+    // Neither went through a delay tier, and no record was published.
+    for delay in &broker.config.retry_delays_secs {
+        let tier = format!("{}.retry.{delay}s", broker.config.work_queue);
+        assert_eq!(broker.depth(&tier).await, 0, "{tier}");
+    }
+    assert_eq!(broker.depth(&broker.config.records_queue).await, 0);
+    broker.cleanup().await;
+}
+
+/// Wrong credentials stop the worker at start-up, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_refused_credentials_does_not_start() {
+    let s3 = S3Server::start("school");
+    let mut config = isolated_config("refused-start");
+    s3.configure(&mut config, "school");
+    config.s3_secret_access_key = Some("wrong".to_owned().into());
+    let service =
+        lesson_replay::service::run::Service::bind(config, Default::default(), Default::default())
+            .await
+            .unwrap();
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(30),
+        service.run_worker(std::future::pending()),
+    )
+    .await
+    .expect("start-up fails fast");
+    let error = stopped.expect_err("refused credentials stop the start-up");
+    let message = error.to_string();
+    assert!(message.contains("HTTP 403"), "{message}");
+    assert!(message.contains("\"school\""), "{message}");
+    assert!(
+        !message.contains("wrong"),
+        "the secret is echoed: {message}"
+    );
 }

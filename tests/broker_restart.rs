@@ -6,12 +6,12 @@
 mod common;
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Broker, isolated_config, spawn_worker_with};
+use common::{Broker, isolated_config, spawn_worker_with, wait_until};
 use lapin::types::FieldTable;
-use lesson_replay::metrics::Metrics;
-use lesson_replay::worker::Health;
+use lesson_replay::service::endpoints::Health;
+use lesson_replay::telemetry::metrics::Metrics;
 use serde_json::json;
 
 fn message(i: usize) -> Vec<u8> {
@@ -32,14 +32,6 @@ fn rabbitmqctl(args: &[&str]) {
     assert!(status.success(), "rabbitmqctl {args:?}");
 }
 
-async fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn take_ids(broker: &Broker, n: usize, ids: &mut HashSet<String>) {
     for (record, _) in broker.take(&broker.config.records_queue, n).await {
         ids.insert(record["task_id"].as_str().unwrap().to_owned());
@@ -56,7 +48,7 @@ async fn the_worker_recovers_from_a_broker_restart_by_itself() {
     let broker = Broker::new(config.clone()).await;
     let health = Health::default();
     let metrics = Metrics::default();
-    let worker = spawn_worker_with(config.clone(), health.clone(), metrics.clone());
+    let worker = spawn_worker_with(config.clone(), health.clone(), metrics.clone()).await;
     wait_until("the worker is ready", Duration::from_secs(10), || {
         health.is_ready()
     })

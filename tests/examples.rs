@@ -8,8 +8,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::{EXAMPLES, RECORD_EXAMPLES, assert_valid_record};
-use lesson_replay::pipeline::{Decision, Envelope, InputPolicy, decide};
-use lesson_replay::reason::ReasonCode;
+use lesson_replay::decision::decide::{Decision, Envelope, InputPolicy, decide};
+use lesson_replay::decision::reason::ReasonCode;
 use serde_json::Value;
 
 /// What each example must become.

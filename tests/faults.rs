@@ -10,9 +10,9 @@ use common::origin::{Faults, Origin};
 use common::s3::S3Server;
 use common::{Broker, WorkerProcess, header, isolated_config, spawn_worker_with};
 use lapin::types::FieldTable;
-use lesson_replay::config::Config;
-use lesson_replay::metrics::Metrics;
-use lesson_replay::worker::Health;
+use lesson_replay::config::settings::Config;
+use lesson_replay::service::endpoints::Health;
+use lesson_replay::telemetry::metrics::Metrics;
 use md5::{Digest, Md5};
 use serde_json::{Value, json};
 
@@ -54,7 +54,7 @@ async fn assert_nothing_left(broker: &Broker) {
         .retry_policy()
         .tiers
         .into_iter()
-        .map(|d| lesson_replay::retry::tier_queue(&c.work_queue, d));
+        .map(|d| lesson_replay::broker::retry::tier_queue(&c.work_queue, d));
     for queue in [c.work_queue.clone(), c.parking_queue.clone()]
         .into_iter()
         .chain(tiers)
@@ -156,7 +156,7 @@ async fn an_s3_outage_delays_messages_without_losing_them() {
     config.stage_budget_secs = 1;
     let broker = Broker::new(config).await;
     let metrics = Metrics::default();
-    let worker = spawn_worker_with(broker.config.clone(), Health::default(), metrics.clone());
+    let worker = spawn_worker_with(broker.config.clone(), Health::default(), metrics.clone()).await;
     let url = origin.add("/board.mp4", MOOV_AT_END.to_vec(), Faults::default());
 
     for i in 0..3 {
@@ -210,7 +210,7 @@ async fn origin_failures_retry_through_the_delay_tiers_then_park() {
     config.probe = true;
     let broker = Broker::new(config).await;
     let metrics = Metrics::default();
-    let worker = spawn_worker_with(broker.config.clone(), Health::default(), metrics.clone());
+    let worker = spawn_worker_with(broker.config.clone(), Health::default(), metrics.clone()).await;
 
     // Busy for 3 requests: both in-process attempts fail, the tier retry succeeds.
     let flaky = origin.add(
@@ -396,7 +396,8 @@ async fn parked_messages_are_listed_replayed_and_purged_by_the_operator() {
     let mut config = isolated_config("dlq");
     config.probe = true;
     let broker = Broker::new(config).await;
-    let worker = spawn_worker_with(broker.config.clone(), Health::default(), Metrics::default());
+    let worker =
+        spawn_worker_with(broker.config.clone(), Health::default(), Metrics::default()).await;
 
     let missing = format!("{}/late.mp4", origin.base);
     broker

@@ -8,11 +8,13 @@ use std::time::Duration;
 use common::isolated_config;
 use common::origin::{Faults, Origin, noise};
 use common::s3::S3Server;
-use lesson_replay::archive::Archiver;
-use lesson_replay::fetch::{Discard, FetchError, FetchSettings, Fetcher};
-use lesson_replay::metrics::Metrics;
-use lesson_replay::probe::parse_box_header;
-use lesson_replay::reason::ReasonCode;
+use lesson_replay::decision::reason::ReasonCode;
+use lesson_replay::decision::url_policy::UrlPolicy;
+use lesson_replay::media::archive::Archiver;
+use lesson_replay::media::fetch::{Discard, FetchError, FetchSettings, Fetcher};
+use lesson_replay::media::probe::parse_box_header;
+use lesson_replay::media::s3_error::S3Fault;
+use lesson_replay::telemetry::metrics::Metrics;
 use md5::{Digest, Md5};
 
 const FASTSTART: &[u8] = include_bytes!("fixtures/faststart-2s-320x240.mp4");
@@ -25,7 +27,7 @@ fn settings() -> FetchSettings {
         idle_timeout: Duration::from_secs(2),
         max_file_bytes: 1 << 30,
         max_resumes: 3,
-        url_policy: isolated_config("fetch").fetch_settings().url_policy,
+        url_policy: isolated_config("fetch").media_settings().fetch.url_policy,
     }
 }
 
@@ -282,10 +284,8 @@ async fn archiver_for(s3: &S3Server, bucket: &str) -> Archiver {
     let mut config = isolated_config("archive");
     s3.configure(&mut config, bucket);
     config.s3_part_size_bytes = 5 * MIB;
-    let archiver = Archiver::from_config(&config, Metrics::default())
-        .await
-        .unwrap()
-        .unwrap();
+    let settings = config.media_settings().archive.expect("archiving is on");
+    let archiver = Archiver::new(&settings, Metrics::default()).await;
     archiver.check().await.unwrap();
     archiver
 }
@@ -382,16 +382,52 @@ async fn a_failed_download_aborts_the_multipart_upload() {
 }
 
 #[tokio::test]
-async fn a_wrong_bucket_fails_the_start_up_check() {
+async fn a_wrong_bucket_fails_the_start_up_check_as_misconfigured() {
     let s3 = S3Server::start("lessons");
     let mut config = isolated_config("bucket-check");
     s3.configure(&mut config, "no-such-bucket");
-    let archiver = Archiver::from_config(&config, Metrics::default())
-        .await
-        .unwrap()
-        .unwrap();
+    let settings = config.media_settings().archive.unwrap();
+    let archiver = Archiver::new(&settings, Metrics::default()).await;
     let err = archiver.check().await.unwrap_err();
     assert!(err.to_string().contains("no-such-bucket"), "{err}");
+    assert_eq!((err.fault, err.status), (S3Fault::Misconfigured, Some(404)));
+    assert_eq!(err.reason(), ReasonCode::ArchiveMisconfigured);
+}
+
+#[tokio::test]
+async fn a_wrong_secret_is_denied_not_retried() {
+    let s3 = S3Server::start("lessons");
+    let mut config = isolated_config("wrong-secret");
+    s3.configure(&mut config, "lessons");
+    config.s3_secret_access_key = Some("not-the-secret".to_owned().into());
+    let settings = config.media_settings().archive.unwrap();
+    let archiver = Archiver::new(&settings, Metrics::default()).await;
+    let err = archiver.check().await.unwrap_err();
+    assert_eq!(
+        (err.fault, err.status),
+        (S3Fault::Denied, Some(403)),
+        "{err}"
+    );
+
+    // A request with a body: the store names its refusal, and it is kept.
+    let mut upload = archiver.upload("lesson/a.mp4".into());
+    use lesson_replay::media::fetch::ChunkSink;
+    upload.write(vec![1u8; 1024].into()).await.unwrap();
+    let err = upload.finish("00", None).await.unwrap_err();
+    assert_eq!(err.fault, S3Fault::Denied, "{err}");
+    assert_eq!(err.code.as_deref(), Some("SignatureDoesNotMatch"), "{err}");
+    assert_eq!(err.reason(), ReasonCode::ArchiveDenied);
+    assert!(!err.is_transient());
+}
+
+#[tokio::test]
+async fn a_store_that_is_down_is_a_transient_failure() {
+    let mut s3 = S3Server::start("lessons");
+    let archiver = archiver_for(&s3, "lessons").await;
+    s3.stop();
+    let err = archiver.check().await.unwrap_err();
+    assert_eq!((err.fault, err.status), (S3Fault::Transient, None), "{err}");
+    assert_eq!(err.reason(), ReasonCode::ArchiveFailed);
 }
 
 #[tokio::test]
@@ -447,7 +483,7 @@ async fn private_addresses_are_refused_unless_allowed() {
     let origin = Origin::start().await;
     let url = origin.add("/a.mp4", FASTSTART.to_vec(), Faults::default());
     let mut strict = settings();
-    strict.url_policy = std::sync::Arc::new(lesson_replay::guard::UrlPolicy {
+    strict.url_policy = std::sync::Arc::new(UrlPolicy {
         allowed_hosts: vec!["127.0.0.1".into(), "localhost".into()],
         allow_private_networks: false,
     });

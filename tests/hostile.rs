@@ -9,8 +9,8 @@ use std::path::Path;
 
 use common::{Broker, header, isolated_config, spawn_worker};
 use lapin::types::FieldTable;
-use lesson_replay::broker::set_header;
-use lesson_replay::pipeline::{Decision, InputPolicy, decide};
+use lesson_replay::broker::headers::set_header;
+use lesson_replay::decision::decide::{Decision, InputPolicy, decide};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -58,7 +58,7 @@ fn corpus() -> Vec<(String, String, Vec<u8>)> {
 fn the_corpus_is_large_and_every_file_names_a_known_reason() {
     let cases = corpus();
     assert!(cases.len() >= 100, "{} cases", cases.len());
-    let known: Vec<&str> = lesson_replay::reason::ReasonCode::ALL
+    let known: Vec<&str> = lesson_replay::decision::reason::ReasonCode::ALL
         .iter()
         .map(|c| c.as_str())
         .collect();
@@ -90,7 +90,7 @@ async fn every_hostile_message_is_parked_with_its_reason_and_the_worker_keeps_se
     config.vod_allowed_hosts = vec!["*.vod2.myqcloud.com".into()];
     config.vod_allow_private_networks = false;
     let broker = Broker::new(config).await;
-    let worker = spawn_worker(broker.config.clone());
+    let worker = spawn_worker(broker.config.clone()).await;
 
     let cases = corpus();
     for (name, _, body) in &cases {

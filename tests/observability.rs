@@ -5,17 +5,15 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::time::Duration;
 
 use common::origin::{Faults, Origin};
 use common::s3::S3Server;
 use common::{Broker, header, isolated_config, spawn_worker_with};
 use lapin::types::FieldTable;
-use lesson_replay::broker::set_header;
-use lesson_replay::metrics::{Metrics, serve};
-use lesson_replay::worker::Health;
+use lesson_replay::broker::headers::set_header;
+use lesson_replay::service::endpoints::Health;
+use lesson_replay::telemetry::metrics::Metrics;
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 const FASTSTART: &[u8] = include_bytes!("fixtures/faststart-2s-320x240.mp4");
 const DASHBOARD: &str = include_str!("../deploy/grafana/dashboards/lesson-replay.json");
@@ -81,16 +79,10 @@ async fn dashboard_and_alerts_use_only_metrics_the_worker_exports() {
     let broker = Broker::new(config).await;
     let health = Health::default();
     let metrics = Metrics::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop_server = CancellationToken::new();
-    let server = tokio::spawn(serve(
-        listener,
-        metrics.clone(),
-        health.clone(),
-        stop_server.clone().cancelled_owned(),
-    ));
-    let worker = spawn_worker_with(broker.config.clone(), health.clone(), metrics.clone());
+    let mut config = broker.config.clone();
+    config.metrics_addr = "127.0.0.1:0".into();
+    let worker = spawn_worker_with(config, health.clone(), metrics.clone()).await;
+    let base = format!("http://{}", worker.endpoint.expect("endpoints listen"));
 
     // Traffic touching every labelled metric: published, retried, parked, skipped.
     let good = origin.add("/good.mp4", FASTSTART.to_vec(), Faults::default());
@@ -172,14 +164,11 @@ async fn dashboard_and_alerts_use_only_metrics_the_worker_exports() {
     assert!(text.contains("lesson_replay_broker_connected 1"));
 
     worker.stop().await;
-    assert_eq!(
-        get("/readyz").await.unwrap().status(),
-        503,
-        "not ready once stopped"
+    assert!(!health.is_ready(), "not ready once stopped");
+    assert!(
+        get("/healthz").await.is_err(),
+        "the endpoints close with the service"
     );
-    stop_server.cancel();
-    server.await.unwrap().unwrap();
-    tokio::time::sleep(Duration::from_millis(10)).await;
     broker.cleanup().await;
 }
 

@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicNackOptions};
 use lapin::types::FieldTable;
 use lesson_replay::cli::callback_headers;
-use lesson_replay::verify::{SignatureMode, compute_sign};
+use lesson_replay::decision::verify::{SignatureMode, compute_sign};
 use secrecy::SecretString;
 use serde_json::Value;
 
@@ -29,7 +29,7 @@ const GOOD: &str = r#"{"callback_type":"record_finished","error_code":0,"expire_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_contract_example_becomes_a_record_or_is_parked() {
     let broker = Broker::new(isolated_config("examples")).await;
-    let worker = spawn_worker(broker.config.clone());
+    let worker = spawn_worker(broker.config.clone()).await;
 
     let finished = [
         "realtime-result-record",
@@ -109,7 +109,7 @@ async fn every_contract_example_becomes_a_record_or_is_parked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_message_is_parked_and_the_next_one_still_processed() {
     let broker = Broker::new(isolated_config("park")).await;
-    let worker = spawn_worker(broker.config.clone());
+    let worker = spawn_worker(broker.config.clone()).await;
 
     let bad = GOOD.replace(r#""video_type":0"#, r#""video_type":"camera""#);
     broker.publish(bad.as_bytes(), FieldTable::default()).await;
@@ -174,7 +174,7 @@ async fn redelivered_and_repeated_messages_keep_their_replay_id() {
         .await
         .unwrap();
 
-    let worker = spawn_worker(broker.config.clone());
+    let worker = spawn_worker(broker.config.clone()).await;
     // TIC retries a callback up to 10 times: the same body again.
     broker.publish(GOOD.as_bytes(), FieldTable::default()).await;
     broker.publish(GOOD.as_bytes(), FieldTable::default()).await;
@@ -194,11 +194,11 @@ async fn redelivered_and_repeated_messages_keep_their_replay_id() {
 async fn required_signatures_are_enforced_over_the_broker() {
     let mut config = isolated_config("signature");
     config.signature = SignatureMode::Required;
-    config.tic_keys = lesson_replay::config::TicKeysSetting::List(SecretString::from(
+    config.tic_keys = lesson_replay::config::settings::TicKeysSetting::List(SecretString::from(
         "1400000001=9016607A382749C69D4F4B00C61DD083".to_owned(),
     ));
     let broker = Broker::new(config).await;
-    let worker = spawn_worker(broker.config.clone());
+    let worker = spawn_worker(broker.config.clone()).await;
 
     let sign = compute_sign("9016607A382749C69D4F4B00C61DD083", 1700000600);
     broker

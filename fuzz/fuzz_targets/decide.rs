@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use lesson_replay::pipeline::{Envelope, InputPolicy, decide};
+use lesson_replay::decision::decide::{Envelope, InputPolicy, decide};
 
 fuzz_target!(|input: (&[u8], Option<String>, Option<String>, Option<i64>)| {
     let (body, sign, sdkappid, timestamp) = input;

@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use lesson_replay::broker;
-use lesson_replay::config::Config;
-use lesson_replay::metrics::Metrics;
-use lesson_replay::worker::Health;
+use lesson_replay::broker::{amqp, headers, topology};
+use lesson_replay::config::settings::Config;
+use lesson_replay::service::endpoints::Health;
+use lesson_replay::service::run::{Service, ServiceError};
+use lesson_replay::telemetry::metrics::Metrics;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -87,8 +88,10 @@ impl Broker {
         )
         .await
         .expect("RabbitMQ is reachable (scripts/test.sh starts it)");
-        let channel = broker::confirm_channel(&connection).await.unwrap();
-        broker::declare_topology(&channel, &config).await.unwrap();
+        let channel = amqp::confirm_channel(&connection).await.unwrap();
+        amqp::declare_topology(&channel, &config.broker_settings().topology)
+            .await
+            .unwrap();
         Broker {
             config,
             connection,
@@ -98,8 +101,8 @@ impl Broker {
 
     /// Publish a message body to the inbound exchange, as the callback service does.
     pub async fn publish(&self, body: &[u8], headers: FieldTable) {
-        let properties = broker::json_properties().with_headers(headers);
-        broker::publish_confirmed(
+        let properties = amqp::json_properties().with_headers(headers);
+        amqp::publish_confirmed(
             &self.channel,
             &self.config.inbound_exchange,
             "tic.test",
@@ -205,55 +208,73 @@ impl Drop for Broker {
     }
 }
 
+/// Delete every queue and exchange of the test's topology, as the worker plans it.
 async fn delete_topology(channel: &Channel, c: &Config) {
-    let tiers = c
-        .retry_policy()
-        .tiers
-        .into_iter()
-        .map(|d| lesson_replay::retry::tier_queue(&c.work_queue, d));
-    let queues = [
-        c.work_queue.clone(),
-        c.parking_queue.clone(),
-        c.records_queue.clone(),
-    ];
-    for queue in queues.into_iter().chain(tiers) {
+    let plan = topology::plan(&c.broker_settings().topology);
+    for queue in plan.queue_names() {
         let _ = channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
             .await;
     }
-    for exchange in [&c.inbound_exchange, &c.records_exchange] {
+    for exchange in &plan.exchanges {
         let _ = channel
             .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
             .await;
     }
 }
 
-/// The real worker, running in this process until [`RunningWorker::stop`].
+/// The real worker service, running in this process until [`RunningWorker::stop`]:
+/// started exactly as `lesson-replay worker` starts it, endpoints included.
 pub struct RunningWorker {
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), lesson_replay::worker::WorkerError>>,
+    task: JoinHandle<Result<(), ServiceError>>,
+    /// Where `/metrics`, `/healthz`, `/readyz` answer (set `metrics_addr` to `127.0.0.1:0`).
+    pub endpoint: Option<std::net::SocketAddr>,
+    health: Health,
 }
 
-pub fn spawn_worker(config: Config) -> RunningWorker {
-    spawn_worker_with(config, Health::default(), Metrics::default())
+pub async fn spawn_worker(config: Config) -> RunningWorker {
+    spawn_worker_with(config, Health::default(), Metrics::default()).await
 }
 
 /// The worker with health and metrics the test can watch.
-pub fn spawn_worker_with(config: Config, health: Health, metrics: Metrics) -> RunningWorker {
+pub async fn spawn_worker_with(config: Config, health: Health, metrics: Metrics) -> RunningWorker {
     let (stop, stopped) = oneshot::channel::<()>();
     let shutdown = async move {
         let _ = stopped.await;
     };
-    let task = tokio::spawn(lesson_replay::worker::run(
-        config, shutdown, health, metrics,
-    ));
+    let service = Service::bind(config, metrics, health.clone())
+        .await
+        .expect("the endpoint listener binds");
+    let endpoint = service.endpoint_addr();
+    let task = tokio::spawn(service.run_worker(shutdown));
     RunningWorker {
         stop: Some(stop),
         task,
+        endpoint,
+        health,
+    }
+}
+
+/// Wait until `check` holds, polling, at most `limit` (then fail the test).
+pub async fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 impl RunningWorker {
+    /// Wait until it has checked its dependencies and consumes.
+    pub async fn wait_ready(&self) {
+        let health = self.health.clone();
+        wait_until("the worker is ready", Duration::from_secs(20), || {
+            health.is_ready()
+        })
+        .await;
+    }
+
     /// Stop it the way SIGTERM does and check it exits cleanly.
     pub async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
@@ -285,7 +306,7 @@ pub fn assert_valid_record(record: &Value) {
 
 /// Header value as text.
 pub fn header(properties: &BasicProperties, name: &str) -> Option<String> {
-    broker::header_text(properties.headers().as_ref(), name)
+    headers::header_text(properties.headers().as_ref(), name)
 }
 
 /// The real `lesson-replay worker` binary as a child process, configured
@@ -294,65 +315,13 @@ pub struct WorkerProcess {
     child: std::process::Child,
 }
 
-/// The environment that gives the binary the same settings as `config`.
+/// The environment that gives the binary the same settings as `config`:
+/// every setting, secrets included, with text logs for the test output.
 pub fn worker_env(c: &Config) -> Vec<(String, String)> {
-    let join = |v: &[String]| v.join(",");
-    let mut env = vec![
-        ("AMQP_URL", c.amqp_url.expose_secret().to_owned()),
-        ("INBOUND_EXCHANGE", c.inbound_exchange.clone()),
-        ("WORK_QUEUE", c.work_queue.clone()),
-        ("PARKING_QUEUE", c.parking_queue.clone()),
-        ("RECORDS_EXCHANGE", c.records_exchange.clone()),
-        ("RECORDS_QUEUE", c.records_queue.clone()),
-        ("CONCURRENCY", c.concurrency.to_string()),
-        ("DELIVERY_LIMIT", c.delivery_limit.to_string()),
-        ("SHUTDOWN_GRACE_SECS", c.shutdown_grace_secs.to_string()),
-        ("PROBE", c.probe.to_string()),
-        ("ARCHIVE", c.archive.to_string()),
-        ("FETCH_ATTEMPTS", c.fetch_attempts.to_string()),
-        (
-            "FETCH_IDLE_TIMEOUT_SECS",
-            c.fetch_idle_timeout_secs.to_string(),
-        ),
-        ("STAGE_BUDGET_SECS", c.stage_budget_secs.to_string()),
-        (
-            "RETRY_DELAYS_SECS",
-            c.retry_delays_secs
-                .iter()
-                .map(u64::to_string)
-                .collect::<Vec<_>>()
-                .join(","),
-        ),
-        ("VOD_ALLOWED_HOSTS", join(&c.vod_allowed_hosts)),
-        (
-            "VOD_ALLOW_PRIVATE_NETWORKS",
-            c.vod_allow_private_networks.to_string(),
-        ),
-        ("METRICS_ADDR", c.metrics_addr.clone()),
-        ("LOG_FORMAT", "text".to_owned()),
-        ("S3_FORCE_PATH_STYLE", c.s3_force_path_style.to_string()),
-        ("S3_PART_SIZE_BYTES", c.s3_part_size_bytes.to_string()),
-    ];
-    let optional = [
-        ("S3_ENDPOINT", c.s3_endpoint.clone()),
-        ("S3_BUCKET", c.s3_bucket.clone()),
-        (
-            "S3_ACCESS_KEY_ID",
-            c.s3_access_key_id
-                .as_ref()
-                .map(|s| s.expose_secret().to_owned()),
-        ),
-        (
-            "S3_SECRET_ACCESS_KEY",
-            c.s3_secret_access_key
-                .as_ref()
-                .map(|s| s.expose_secret().to_owned()),
-        ),
-    ];
-    env.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
-    env.into_iter()
-        .map(|(k, v)| (format!("LESSON_REPLAY_{k}"), v))
-        .collect()
+    let mut env = c.to_environment();
+    env.retain(|(name, _)| name != "LESSON_REPLAY_LOG_FORMAT");
+    env.push(("LESSON_REPLAY_LOG_FORMAT".into(), "text".into()));
+    env
 }
 
 impl WorkerProcess {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{Credentials, Region};
-use lesson_replay::config::Config;
+use lesson_replay::config::settings::Config;
 use secrecy::SecretString;
 
 pub const ACCESS_KEY: &str = "lesson-replay-test";
@@ -53,7 +53,7 @@ impl S3Server {
     /// Start on a given port and root.
     pub fn start_on(port: u16, bucket: &str, root: PathBuf) -> S3Server {
         std::fs::create_dir_all(root.join(bucket)).unwrap();
-        let child = spawn(port, &root);
+        let child = spawn(port, &root, SECRET_KEY);
         S3Server {
             child,
             endpoint: format!("http://127.0.0.1:{port}"),
@@ -71,7 +71,14 @@ impl S3Server {
     /// Start it again on the same port and data: the outage is over.
     pub fn restart(&mut self) {
         self.stop();
-        self.child = spawn(self.port, &self.root);
+        self.child = spawn(self.port, &self.root, SECRET_KEY);
+    }
+
+    /// Restart with another secret key: the worker's credentials stop working,
+    /// as when a store's keys are rotated under a running fleet.
+    pub fn restart_with_secret(&mut self, secret: &str) {
+        self.stop();
+        self.child = spawn(self.port, &self.root, secret);
     }
 
     /// Point `config` at this server and bucket, archiving on.
@@ -105,10 +112,10 @@ impl Drop for S3Server {
 }
 
 /// Run s3s-fs on `port` and wait until it listens.
-fn spawn(port: u16, root: &std::path::Path) -> Child {
+fn spawn(port: u16, root: &std::path::Path, secret: &str) -> Child {
     let child = Command::new(binary())
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+        .args(["--access-key", ACCESS_KEY, "--secret-key", secret])
         .arg(root)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -11,24 +11,6 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-/// Broker-level retries already made (0 on the first delivery).
-pub const HEADER_ATTEMPT: &str = "x-lesson-replay-attempt";
-/// When the message first failed (RFC 3339).
-pub const HEADER_FIRST_SEEN: &str = "x-lesson-replay-first-seen";
-/// When it last failed (RFC 3339), with what.
-pub const HEADER_LAST_ERROR_AT: &str = "x-lesson-replay-last-error-at";
-pub const HEADER_LAST_REASON: &str = "x-lesson-replay-last-reason";
-pub const HEADER_LAST_ERROR: &str = "x-lesson-replay-last-error";
-
-/// Every retry header, removed when an operator replays a parked message.
-pub const RETRY_HEADERS: [&str; 5] = [
-    HEADER_ATTEMPT,
-    HEADER_FIRST_SEEN,
-    HEADER_LAST_ERROR_AT,
-    HEADER_LAST_REASON,
-    HEADER_LAST_ERROR,
-];
-
 /// The delay tiers and the age limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {

@@ -7,13 +7,21 @@
 //! again), and are acknowledged only after the broker confirmed the copy.
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
 use serde::Serialize;
 
-use crate::broker::{self, HEADER_ERROR, HEADER_PARKED_AT, HEADER_REASON, header_text};
-use crate::config::Config;
-use crate::retry::{HEADER_ATTEMPT, HEADER_FIRST_SEEN, HEADER_LAST_ERROR_AT, RETRY_HEADERS};
+use crate::broker::amqp::{self, BrokerSettings, PublishError};
+use crate::broker::headers::{self, header_text};
+
+/// Why a `dlq` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("moving a message back to the work queue: {0}")]
+    Replay(#[from] PublishError),
+}
 
 /// One parked message, as `dlq list` prints it (one JSON object per line).
 #[derive(Debug, Clone, Serialize)]
@@ -33,21 +41,21 @@ pub struct ParkedMessage {
 }
 
 fn summarize(properties: &BasicProperties, body: &[u8]) -> ParkedMessage {
-    let headers = properties.headers().as_ref();
-    let text = |name| header_text(headers, name);
-    let reason = text(HEADER_REASON)
-        .unwrap_or_else(|| death_reason(headers).unwrap_or_else(|| "unknown".into()));
+    let table = properties.headers().as_ref();
+    let text = |name| header_text(table, name);
+    let reason = text(headers::REASON)
+        .unwrap_or_else(|| death_reason(table).unwrap_or_else(|| "unknown".into()));
     let preview: String = String::from_utf8_lossy(&body[..body.len().min(120)])
         .chars()
         .filter(|c| !c.is_control())
         .collect();
     ParkedMessage {
         reason,
-        error: text(HEADER_ERROR),
-        attempts: text(HEADER_ATTEMPT).and_then(|a| a.parse().ok()),
-        first_seen: text(HEADER_FIRST_SEEN),
-        last_error_at: text(HEADER_LAST_ERROR_AT),
-        parked_at: text(HEADER_PARKED_AT),
+        error: text(headers::ERROR),
+        attempts: text(headers::ATTEMPT).and_then(|a| a.parse().ok()),
+        first_seen: text(headers::FIRST_SEEN),
+        last_error_at: text(headers::LAST_ERROR_AT),
+        parked_at: text(headers::PARKED_AT),
         message_id: properties.message_id().as_ref().map(|m| m.to_string()),
         bytes: body.len(),
         body_preview: preview,
@@ -55,9 +63,9 @@ fn summarize(properties: &BasicProperties, body: &[u8]) -> ParkedMessage {
 }
 
 /// The broker's own reason (`x-death[0].reason`), for messages it dead-lettered.
-fn death_reason(headers: Option<&FieldTable>) -> Option<String> {
+fn death_reason(table: Option<&FieldTable>) -> Option<String> {
     use lapin::types::AMQPValue;
-    let AMQPValue::FieldArray(deaths) = headers?.inner().get("x-death")? else {
+    let AMQPValue::FieldArray(deaths) = table?.inner().get(headers::X_DEATH)? else {
         return None;
     };
     let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else {
@@ -66,17 +74,17 @@ fn death_reason(headers: Option<&FieldTable>) -> Option<String> {
     header_text(Some(first), "reason")
 }
 
-async fn open(config: &Config) -> Result<(lapin::Connection, Channel, u32), lapin::Error> {
-    let connection = broker::connect(config, "lesson-replay dlq").await?;
-    let channel = broker::confirm_channel(&connection).await?;
-    broker::declare_topology(&channel, config).await?;
+async fn open(broker: &BrokerSettings) -> Result<(lapin::Connection, Channel, u32), lapin::Error> {
+    let connection = amqp::connect(broker, "lesson-replay dlq").await?;
+    let channel = amqp::confirm_channel(&connection).await?;
+    amqp::declare_topology(&channel, &broker.topology).await?;
     let passive = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()
     };
     let queue = channel
         .queue_declare(
-            config.parking_queue.as_str().into(),
+            broker.topology.parking_queue.as_str().into(),
             passive,
             FieldTable::default(),
         )
@@ -86,15 +94,15 @@ async fn open(config: &Config) -> Result<(lapin::Connection, Channel, u32), lapi
 
 /// Every parked message (or those with `reason`), the queue left unchanged.
 pub async fn list(
-    config: &Config,
+    broker: &BrokerSettings,
     reason: Option<&str>,
-) -> Result<Vec<ParkedMessage>, lapin::Error> {
-    let (connection, channel, count) = open(config).await?;
+) -> Result<Vec<ParkedMessage>, DlqError> {
+    let (connection, channel, count) = open(broker).await?;
     let mut out = Vec::new();
     for _ in 0..count {
         let Some(message) = channel
             .basic_get(
-                config.parking_queue.as_str().into(),
+                broker.topology.parking_queue.as_str().into(),
                 BasicGetOptions::default(),
             )
             .await?
@@ -115,11 +123,12 @@ pub async fn list(
 /// Move parked messages (those with `reason`, at most `limit`) back to the
 /// work queue with their attempt count reset. Returns how many moved.
 pub async fn replay(
-    config: &Config,
+    broker: &BrokerSettings,
     reason: Option<&str>,
     limit: Option<usize>,
-) -> Result<usize, String> {
-    let (connection, channel, count) = open(config).await.map_err(|e| e.to_string())?;
+) -> Result<usize, DlqError> {
+    let (connection, channel, count) = open(broker).await?;
+    let queues = &broker.topology;
     let mut moved = 0;
     for _ in 0..count {
         if limit.is_some_and(|l| moved >= l) {
@@ -127,54 +136,36 @@ pub async fn replay(
         }
         let got = channel
             .basic_get(
-                config.parking_queue.as_str().into(),
+                queues.parking_queue.as_str().into(),
                 BasicGetOptions::default(),
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         let Some(message) = got else { break };
         let delivery = &message.delivery;
         if reason.is_some_and(|r| r != summarize(&delivery.properties, &delivery.data).reason) {
             continue;
         }
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        let mut inner = headers.inner().clone();
-        for name in
-            RETRY_HEADERS
-                .iter()
-                .chain(&[HEADER_REASON, HEADER_ERROR, HEADER_PARKED_AT, "x-death"])
-        {
-            inner.remove(&ShortString::from(*name));
-        }
-        headers = FieldTable::from(inner);
-        let properties = delivery.properties.clone().with_headers(headers);
-        broker::publish_confirmed(&channel, "", &config.work_queue, &delivery.data, properties)
-            .await
-            .map_err(|e| e.to_string())?;
-        delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map_err(|e| e.to_string())?;
+        let original = delivery.properties.headers().clone().unwrap_or_default();
+        let properties = delivery
+            .properties
+            .clone()
+            .with_headers(headers::without_bookkeeping(&original));
+        amqp::publish_confirmed(&channel, "", &queues.work_queue, &delivery.data, properties)
+            .await?;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
         moved += 1;
     }
-    channel
-        .close(200, "replayed".into())
-        .await
-        .map_err(|e| e.to_string())?;
-    connection
-        .close(200, "done".into())
-        .await
-        .map_err(|e| e.to_string())?;
+    channel.close(200, "replayed".into()).await?;
+    connection.close(200, "done".into()).await?;
     Ok(moved)
 }
 
 /// Delete every parked message. Returns how many there were.
-pub async fn purge(config: &Config) -> Result<u32, lapin::Error> {
-    let (connection, channel, _) = open(config).await?;
+pub async fn purge(broker: &BrokerSettings) -> Result<u32, DlqError> {
+    let (connection, channel, _) = open(broker).await?;
     let purged = channel
         .queue_purge(
-            config.parking_queue.as_str().into(),
+            broker.topology.parking_queue.as_str().into(),
             QueuePurgeOptions::default(),
         )
         .await?;

@@ -4,11 +4,11 @@
 //! headers, and [`MoovScanner`] captures `ftyp` and `moov` from bytes streaming
 //! past while skipping `mdat` by its size. The `moov` contents are parsed by
 //! Mozilla's `mp4parse` ([`parse_moov`]). All of it is pure: the range reads
-//! live in [`crate::fetch`].
+//! live in [`crate::media::fetch`].
 
 use std::io::Cursor;
 
-use crate::record::Probe;
+use crate::decision::record::Probe;
 
 /// The largest `moov` we keep in memory (a multi-hour lesson needs a few MB).
 pub const MAX_MOOV_BYTES: u64 = 64 * 1024 * 1024;
@@ -224,8 +224,8 @@ impl MoovScanner {
 mod tests {
     use super::*;
 
-    const FASTSTART: &[u8] = include_bytes!("../tests/fixtures/faststart-2s-320x240.mp4");
-    const MOOV_AT_END: &[u8] = include_bytes!("../tests/fixtures/moov-at-end-5s-160x120.mp4");
+    const FASTSTART: &[u8] = include_bytes!("../../tests/fixtures/faststart-2s-320x240.mp4");
+    const MOOV_AT_END: &[u8] = include_bytes!("../../tests/fixtures/moov-at-end-5s-160x120.mp4");
 
     fn scan_in_chunks(file: &[u8], chunk: usize) -> MoovScanner {
         let mut scanner = MoovScanner::new();

@@ -16,11 +16,13 @@ use md5::{Digest, Md5};
 use reqwest::StatusCode;
 use reqwest::header::{self, HeaderMap};
 
-use crate::guard::{GuardedResolver, Refused, UrlPolicy};
-use crate::metrics::Metrics;
-use crate::probe::{MAX_MOOV_BYTES, MoovScanner, parse_box_header, parse_moov};
-use crate::reason::ReasonCode;
-use crate::record::Probe;
+use crate::decision::reason::ReasonCode;
+use crate::decision::record::Probe;
+use crate::decision::url_policy::UrlPolicy;
+use crate::media::guard::{GuardedResolver, Refused};
+use crate::media::probe::{MAX_MOOV_BYTES, MoovScanner, parse_box_header, parse_moov};
+use crate::media::s3_error::S3Error;
+use crate::telemetry::metrics::{Metrics, Target};
 
 /// First range read of a probe: enough for `ftyp` and a small faststart `moov`.
 const PROBE_WINDOW: u64 = 32 * 1024;
@@ -58,7 +60,7 @@ pub enum FetchError {
     #[error("HTTP: {0}")]
     Transport(String),
     #[error("archive: {0}")]
-    Sink(String),
+    Sink(#[from] S3Error),
     #[error("URL not allowed: {0}")]
     NotAllowed(String),
 }
@@ -70,7 +72,7 @@ impl FetchError {
             FetchError::Status(s) if !retryable_status(*s) => ReasonCode::VodUnavailable,
             FetchError::TooLarge { .. } => ReasonCode::FileTooLarge,
             FetchError::SizeMismatch(_) => ReasonCode::SizeMismatch,
-            FetchError::Sink(_) => ReasonCode::ArchiveFailed,
+            FetchError::Sink(e) => e.reason(),
             FetchError::NotAllowed(_) => ReasonCode::UrlNotAllowed,
             FetchError::Status(_)
             | FetchError::Interrupted { .. }
@@ -89,16 +91,16 @@ fn retryable_status(status: u16) -> bool {
     status == 408 || status == 429 || status >= 500
 }
 
-/// Where downloaded bytes go, in order.
+/// Where downloaded bytes go, in order: an archive upload, or nowhere.
 pub trait ChunkSink: Send {
-    fn write(&mut self, chunk: Bytes) -> impl Future<Output = Result<(), String>> + Send;
+    fn write(&mut self, chunk: Bytes) -> impl Future<Output = Result<(), S3Error>> + Send;
 }
 
 /// A sink that keeps nothing (probing and checksumming only).
 pub struct Discard;
 
 impl ChunkSink for Discard {
-    async fn write(&mut self, _chunk: Bytes) -> Result<(), String> {
+    async fn write(&mut self, _chunk: Bytes) -> Result<(), S3Error> {
         Ok(())
     }
 }
@@ -163,12 +165,10 @@ impl Fetcher {
     /// client's resolver when it connects, so pooled connections cost no
     /// lookup and a rebinding DNS answer cannot slip past.
     pub fn check_url(&self, url: &str) -> Result<url::Url, FetchError> {
-        let parsed = url::Url::parse(url).map_err(|e| FetchError::NotAllowed(e.to_string()))?;
         self.settings
             .url_policy
-            .check(&parsed)
-            .map_err(FetchError::NotAllowed)?;
-        Ok(parsed)
+            .check_str(url)
+            .map_err(FetchError::NotAllowed)
     }
 
     async fn send(
@@ -178,8 +178,11 @@ impl Fetcher {
         let response = tokio::time::timeout(self.settings.idle_timeout, request.send())
             .await
             .map_err(|_| FetchError::IdleTimeout(self.settings.idle_timeout))?
-            .inspect(|r| self.metrics.http_response("vod", Some(r.status().as_u16())))
-            .inspect_err(|_| self.metrics.http_response("vod", None))
+            .inspect(|r| {
+                self.metrics
+                    .http_response(Target::Vod, Some(r.status().as_u16()))
+            })
+            .inspect_err(|_| self.metrics.http_response(Target::Vod, None))
             .map_err(|e| {
                 if e.is_redirect() || refused_by_guard(&e) {
                     FetchError::NotAllowed(error_chain(&e))
@@ -257,7 +260,7 @@ impl Fetcher {
                     Ok(Some(Ok(chunk))) => chunk,
                 };
                 transferred += chunk.len() as u64;
-                self.metrics.downloaded_bytes.inc_by(chunk.len() as u64);
+                self.metrics.downloaded(chunk.len() as u64);
                 if skip > 0 {
                     let drop = skip.min(chunk.len() as u64);
                     skip -= drop;
@@ -302,7 +305,7 @@ impl Fetcher {
                 return Err(FetchError::Interrupted { received, why });
             }
             resumes += 1;
-            self.metrics.range_resumes.inc();
+            self.metrics.range_resumed();
             tracing::info!(received, resumes, %why, "connection dropped mid-body: resuming with a range request");
         }
         if let Some(declared) = declared_size
@@ -370,8 +373,8 @@ impl Fetcher {
                 Ok(Some(Err(e))) => return Err(FetchError::Transport(error_chain(&e))),
                 Ok(Some(Ok(chunk))) => {
                     bytes_read += chunk.len() as u64;
-                    self.metrics.probe_bytes.inc_by(chunk.len() as u64);
-                    self.metrics.downloaded_bytes.inc_by(chunk.len() as u64);
+                    self.metrics.probed(chunk.len() as u64);
+                    self.metrics.downloaded(chunk.len() as u64);
                     scanner.feed(&chunk);
                 }
             }
@@ -444,11 +447,8 @@ impl RangeReader<'_> {
             .await
             .map_err(|e| FetchError::Transport(error_chain(&e)))?;
         self.bytes_read += bytes.len() as u64;
-        self.fetcher.metrics.probe_bytes.inc_by(bytes.len() as u64);
-        self.fetcher
-            .metrics
-            .downloaded_bytes
-            .inc_by(bytes.len() as u64);
+        self.fetcher.metrics.probed(bytes.len() as u64);
+        self.fetcher.metrics.downloaded(bytes.len() as u64);
         self.buf.extend_from_slice(&bytes);
         Ok(())
     }
@@ -564,6 +564,7 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::media::s3_error::S3Fault;
     use reqwest::header::HeaderValue;
 
     #[test]
@@ -607,7 +608,14 @@ mod tests {
         assert!(!FetchError::Status(403).is_transient());
         assert!(!FetchError::SizeMismatch(String::new()).is_transient());
         assert!(FetchError::IdleTimeout(Duration::from_secs(1)).is_transient());
-        assert!(FetchError::Sink(String::new()).is_transient());
+        let store = |fault| {
+            let mut e = S3Error::protocol("PUT k", "refused");
+            e.fault = fault;
+            FetchError::Sink(e)
+        };
+        assert!(store(S3Fault::Transient).is_transient());
+        assert_eq!(store(S3Fault::Denied).reason(), ReasonCode::ArchiveDenied);
+        assert!(!store(S3Fault::Misconfigured).is_transient());
         assert_eq!(
             FetchError::NotAllowed(String::new()).reason(),
             ReasonCode::UrlNotAllowed

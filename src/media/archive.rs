@@ -16,17 +16,18 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{
     Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
+use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     CompletedMultipartUpload, CompletedPart, MetadataDirective, ServerSideEncryption, StorageClass,
 };
 use bytes::{Bytes, BytesMut};
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::Config;
-use crate::fetch::ChunkSink;
-use crate::metrics::Metrics;
-use crate::record::{Archive, Kind, Probe, Record, Track};
+use crate::decision::record::{Archive, Kind, Probe, Record, Track};
+use crate::media::fetch::ChunkSink;
+use crate::media::s3_error::S3Error;
+use crate::telemetry::metrics::{Metrics, Target};
 use tokio_util::task::TaskTracker;
 
 /// Objects above this size cannot be copied in one request, so they keep no MD5 metadata.
@@ -37,31 +38,42 @@ const META_DURATION: &str = "probe-duration-ms";
 const META_WIDTH: &str = "probe-width";
 const META_HEIGHT: &str = "probe-height";
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ArchiveError(pub String);
-
 type SdkError<E> = aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>;
 
-fn s3_error<E: std::error::Error + 'static>(what: &str, e: SdkError<E>) -> ArchiveError {
-    use aws_sdk_s3::error::DisplayErrorContext;
-    ArchiveError(format!("{what}: {}", DisplayErrorContext(e)))
+/// Counts every S3 response by status class, and keeps what a failure said.
+trait Observed<T> {
+    fn observed(self, metrics: &Metrics, operation: impl FnOnce() -> String) -> Result<T, S3Error>;
 }
 
-/// Counts every S3 response by status class.
-trait Observed {
-    fn observed(self, metrics: &Metrics) -> Self;
-}
-
-impl<T, E> Observed for Result<T, SdkError<E>> {
-    fn observed(self, metrics: &Metrics) -> Self {
+impl<T, E> Observed<T> for Result<T, SdkError<E>>
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    fn observed(self, metrics: &Metrics, operation: impl FnOnce() -> String) -> Result<T, S3Error> {
         let status = match &self {
             Ok(_) => Some(200),
             Err(e) => e.raw_response().map(|r| r.status().as_u16()),
         };
-        metrics.http_response("s3", status);
-        self
+        metrics.http_response(Target::S3, status);
+        self.map_err(|e| S3Error::from_sdk(operation(), e))
     }
+}
+
+/// Where and how to archive: built from the settings by `config::parts`.
+#[derive(Debug, Clone)]
+pub struct ArchiveSettings {
+    pub bucket: String,
+    /// Endpoint URL of a non-AWS store; `None`: AWS.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub force_path_style: bool,
+    /// Static credentials (key id, secret); `None`: the standard AWS chain.
+    pub credentials: Option<(SecretString, SecretString)>,
+    /// Key prefix of every object, without surrounding slashes.
+    pub prefix: String,
+    pub storage_class: Option<String>,
+    pub sse: Option<String>,
+    pub part_size: usize,
 }
 
 /// The S3 side of the worker.
@@ -79,58 +91,39 @@ pub struct Archiver {
 }
 
 impl Archiver {
-    /// The archiver `config` asks for, or `None` when archiving is off.
-    pub async fn from_config(
-        config: &Config,
-        metrics: Metrics,
-    ) -> Result<Option<Archiver>, ArchiveError> {
-        if !config.archive {
-            return Ok(None);
-        }
-        let bucket = config
-            .s3_bucket
-            .clone()
-            .filter(|b| !b.is_empty())
-            .ok_or_else(|| ArchiveError("archive = true needs s3_bucket".into()))?;
+    /// The archiver `settings` describe (no request is made: see [`Archiver::check`]).
+    pub async fn new(settings: &ArchiveSettings, metrics: Metrics) -> Archiver {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(Region::new(config.s3_region.clone()));
-        if let Some(endpoint) = &config.s3_endpoint {
+            .region(Region::new(settings.region.clone()));
+        if let Some(endpoint) = &settings.endpoint {
             loader = loader.endpoint_url(endpoint);
         }
-        match (&config.s3_access_key_id, &config.s3_secret_access_key) {
-            (Some(id), Some(secret)) => {
-                loader = loader.credentials_provider(Credentials::new(
-                    id.expose_secret(),
-                    secret.expose_secret(),
-                    None,
-                    None,
-                    "lesson-replay settings",
-                ));
-            }
-            (None, None) => {} // the standard AWS chain
-            _ => {
-                return Err(ArchiveError(
-                    "set both s3_access_key_id and s3_secret_access_key, or neither".into(),
-                ));
-            }
+        if let Some((id, secret)) = &settings.credentials {
+            loader = loader.credentials_provider(Credentials::new(
+                id.expose_secret(),
+                secret.expose_secret(),
+                None,
+                None,
+                "lesson-replay settings",
+            ));
         }
         let shared = loader.load().await;
         // Since aws-sdk-s3 1.69 the default checksums break MinIO, COS, OSS, R2, Garage.
         let s3_config = aws_sdk_s3::config::Builder::from(&shared)
-            .force_path_style(config.s3_force_path_style)
+            .force_path_style(settings.force_path_style)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .build();
-        Ok(Some(Archiver {
+        Archiver {
             client: Client::from_conf(s3_config),
-            bucket,
-            prefix: config.s3_prefix.trim_matches('/').to_owned(),
-            storage_class: config.s3_storage_class.as_deref().map(StorageClass::from),
-            sse: config.s3_sse.as_deref().map(ServerSideEncryption::from),
-            part_size: config.s3_part_size_bytes,
+            bucket: settings.bucket.clone(),
+            prefix: settings.prefix.trim_matches('/').to_owned(),
+            storage_class: settings.storage_class.as_deref().map(StorageClass::from),
+            sse: settings.sse.as_deref().map(ServerSideEncryption::from),
+            part_size: settings.part_size,
             metrics,
             cleanup: TaskTracker::new(),
-        }))
+        }
     }
 
     /// Wait (at most `limit`) for the aborts of dropped uploads to finish.
@@ -144,23 +137,19 @@ impl Archiver {
     }
 
     /// Fail fast at start-up when the bucket or the credentials are wrong.
-    pub async fn check(&self) -> Result<(), ArchiveError> {
+    pub async fn check(&self) -> Result<(), S3Error> {
         self.client
             .head_bucket()
             .bucket(&self.bucket)
             .send()
             .await
-            .observed(&self.metrics)
-            .map(|_| ())
-            .map_err(|e| {
-                s3_error(
-                    &format!(
-                        "bucket {:?} is not usable (does it exist, are the credentials right?)",
-                        self.bucket
-                    ),
-                    e,
+            .observed(&self.metrics, || {
+                format!(
+                    "bucket {:?} is not usable (does it exist, are the credentials right?)",
+                    self.bucket
                 )
             })
+            .map(|_| ())
     }
 
     /// The key of a track's copy.
@@ -210,19 +199,21 @@ impl Archiver {
         &self,
         key: &str,
         expected_size: Option<i64>,
-    ) -> Result<Option<(Archive, Option<Probe>)>, ArchiveError> {
-        let head = match self
+    ) -> Result<Option<(Archive, Option<Probe>)>, S3Error> {
+        let head = self
             .client
             .head_object()
             .bucket(&self.bucket)
             .key(key)
             .send()
-            .await
-            .observed(&self.metrics)
-        {
-            Ok(head) => head,
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => return Ok(None),
-            Err(e) => return Err(s3_error(&format!("HEAD {key}"), e)),
+            .await;
+        // The expected 404 of a first upload is an answer, not a failure.
+        let head = match head {
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {
+                self.metrics.http_response(Target::S3, Some(404));
+                return Ok(None);
+            }
+            other => other.observed(&self.metrics, || format!("HEAD {key}"))?,
         };
         let size = head.content_length().unwrap_or(-1);
         let metadata = head.metadata().cloned().unwrap_or_default();
@@ -261,7 +252,7 @@ impl Archiver {
     }
 
     /// Write the record as the lesson's `manifest.json`.
-    pub async fn put_manifest(&self, record: &Record) -> Result<String, ArchiveError> {
+    pub async fn put_manifest(&self, record: &Record) -> Result<String, S3Error> {
         let key = self.manifest_key(record);
         let body = serde_json::to_vec_pretty(record).expect("a record always serializes");
         let mut request = self
@@ -277,8 +268,7 @@ impl Archiver {
         request
             .send()
             .await
-            .observed(&self.metrics)
-            .map_err(|e| s3_error(&format!("PUT {key}"), e))?;
+            .observed(&self.metrics, || format!("PUT {key}"))?;
         Ok(key)
     }
 }
@@ -308,7 +298,7 @@ pub struct Upload<'a> {
 }
 
 impl ChunkSink for Upload<'_> {
-    async fn write(&mut self, chunk: Bytes) -> Result<(), String> {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), S3Error> {
         // Fill the part buffer exactly to its capacity: it never reallocates.
         let mut rest = &chunk[..];
         while !rest.is_empty() {
@@ -317,7 +307,7 @@ impl ChunkSink for Upload<'_> {
             self.buf.extend_from_slice(now);
             rest = later;
             if self.buf.len() == self.archiver.part_size {
-                self.upload_part().await.map_err(|e| e.0)?;
+                self.upload_part().await?;
             }
         }
         Ok(())
@@ -325,7 +315,7 @@ impl ChunkSink for Upload<'_> {
 }
 
 impl Upload<'_> {
-    async fn upload_part(&mut self) -> Result<(), ArchiveError> {
+    async fn upload_part(&mut self) -> Result<(), S3Error> {
         let a = self.archiver;
         let upload_id = match &self.upload_id {
             Some(id) => id.clone(),
@@ -340,11 +330,17 @@ impl Upload<'_> {
                     .set_server_side_encryption(a.sse.clone())
                     .send()
                     .await
-                    .observed(&self.archiver.metrics)
-                    .map_err(|e| s3_error(&format!("starting the upload of {}", self.key), e))?;
+                    .observed(&a.metrics, || {
+                        format!("starting the upload of {}", self.key)
+                    })?;
                 let id = created
                     .upload_id()
-                    .ok_or_else(|| ArchiveError("no upload id".into()))?
+                    .ok_or_else(|| {
+                        S3Error::protocol(
+                            format!("starting the upload of {}", self.key),
+                            "the store answered without an upload id",
+                        )
+                    })?
                     .to_owned();
                 self.upload_id = Some(id.clone());
                 id
@@ -364,8 +360,7 @@ impl Upload<'_> {
             .body(ByteStream::from(part))
             .send()
             .await
-            .observed(&self.archiver.metrics)
-            .map_err(|e| s3_error(&format!("part {number} of {}", self.key), e))?;
+            .observed(&a.metrics, || format!("part {number} of {}", self.key))?;
         self.parts.push(
             CompletedPart::builder()
                 .part_number(number)
@@ -373,16 +368,12 @@ impl Upload<'_> {
                 .build(),
         );
         self.uploaded += size;
-        a.metrics.uploaded_bytes.inc_by(size);
+        a.metrics.uploaded(size);
         Ok(())
     }
 
     /// Complete the object and store its MD5 (and probe) as metadata.
-    pub async fn finish(
-        mut self,
-        md5: &str,
-        probe: Option<&Probe>,
-    ) -> Result<Archive, ArchiveError> {
+    pub async fn finish(mut self, md5: &str, probe: Option<&Probe>) -> Result<Archive, S3Error> {
         let a = self.archiver;
         let meta = metadata(md5, probe);
         let etag = match self.upload_id.clone() {
@@ -401,10 +392,9 @@ impl Upload<'_> {
                     .body(ByteStream::from(body))
                     .send()
                     .await
-                    .observed(&self.archiver.metrics)
-                    .map_err(|e| s3_error(&format!("PUT {}", self.key), e))?;
+                    .observed(&a.metrics, || format!("PUT {}", self.key))?;
                 self.uploaded = size;
-                a.metrics.uploaded_bytes.inc_by(size);
+                a.metrics.uploaded(size);
                 put.e_tag().map(str::to_owned)
             }
             Some(upload_id) => {
@@ -422,8 +412,7 @@ impl Upload<'_> {
                     .multipart_upload(done)
                     .send()
                     .await
-                    .observed(&self.archiver.metrics)
-                    .map_err(|e| s3_error(&format!("completing {}", self.key), e))?;
+                    .observed(&a.metrics, || format!("completing {}", self.key))?;
                 self.upload_id = None;
                 self.store_metadata(meta).await?
             }
@@ -443,7 +432,7 @@ impl Upload<'_> {
     async fn store_metadata(
         &self,
         meta: HashMap<String, String>,
-    ) -> Result<Option<String>, ArchiveError> {
+    ) -> Result<Option<String>, S3Error> {
         let a = self.archiver;
         if self.uploaded > MAX_COPY_BYTES {
             tracing::warn!(key = %self.key, "object above 5 GiB: stored without MD5 metadata, a redelivery uploads it again");
@@ -463,8 +452,9 @@ impl Upload<'_> {
             .set_server_side_encryption(a.sse.clone())
             .send()
             .await
-            .observed(&self.archiver.metrics)
-            .map_err(|e| s3_error(&format!("storing the metadata of {}", self.key), e))?;
+            .observed(&a.metrics, || {
+                format!("storing the metadata of {}", self.key)
+            })?;
         Ok(copied
             .copy_object_result()
             .and_then(|r| r.e_tag())
@@ -521,12 +511,10 @@ async fn abort_upload(
         .upload_id(upload_id)
         .send()
         .await
-        .observed(&metrics);
+        .observed(&metrics, || format!("aborting the upload of {key}"));
     match aborted {
         Ok(_) => tracing::info!(%key, "multipart upload aborted"),
-        Err(e) => {
-            tracing::warn!(%key, error = %aws_sdk_s3::error::DisplayErrorContext(e), "could not abort the multipart upload")
-        }
+        Err(e) => tracing::warn!(%key, error = %e, "could not abort the multipart upload"),
     }
 }
 

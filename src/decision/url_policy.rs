@@ -1,15 +1,17 @@
-//! The VOD URL guard: the worker fetches URLs taken from messages, a
-//! server-side request forgery risk. Only http(s), only allowed hosts, and —
-//! unless explicitly allowed — never an address in a loopback, private,
-//! link-local (cloud metadata 169.254.169.254), unspecified or multicast range.
-//! Scheme, host and IP literals are checked before each request and on every
-//! redirect hop; the addresses a host name resolves to are filtered by the
-//! HTTP client's resolver when it connects (so rebinding cannot slip past).
+//! Which VOD URLs may be fetched at all — the pure half of the URL guard,
+//! part of the decision so that every command judges a message the same way.
+//! Only http(s), only allowed hosts, and — unless explicitly allowed — never an
+//! IP literal in a loopback, private, link-local (cloud metadata
+//! 169.254.169.254), unspecified or multicast range. The addresses a host
+//! *name* resolves to are checked at connect time by
+//! [`crate::media::guard::GuardedResolver`], with [`UrlPolicy::check_ip`].
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use url::{Host, Url};
+
+/// Where TIC's VOD files live: the default `vod_allowed_hosts`.
+pub const TIC_VOD_HOSTS: &str = "*.vod2.myqcloud.com";
 
 #[derive(Debug, Clone)]
 pub struct UrlPolicy {
@@ -18,7 +20,25 @@ pub struct UrlPolicy {
     pub allow_private_networks: bool,
 }
 
+impl Default for UrlPolicy {
+    /// TIC's VOD hosts only, no private addresses: the defaults of the settings.
+    fn default() -> Self {
+        UrlPolicy {
+            allowed_hosts: vec![TIC_VOD_HOSTS.to_owned()],
+            allow_private_networks: false,
+        }
+    }
+}
+
 impl UrlPolicy {
+    /// Parse `raw` and [`check`](Self::check) it: the one test every VOD URL
+    /// of a message passes, in the decision and again before each request.
+    pub fn check_str(&self, raw: &str) -> Result<Url, String> {
+        let url = Url::parse(raw).map_err(|e| format!("not a URL: {e}"))?;
+        self.check(&url)?;
+        Ok(url)
+    }
+
     /// Check scheme, host pattern and (for IP literals) the address.
     pub fn check(&self, url: &Url) -> Result<(), String> {
         if !matches!(url.scheme(), "http" | "https") {
@@ -95,34 +115,6 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || ip.is_multicast()
         || (first & 0xfe00) == 0xfc00 // unique local
         || (first & 0xffc0) == 0xfe80) // link-local
-}
-
-/// A host name resolved only to refused addresses (kept in the error chain so
-/// the fetcher can tell it from a DNS failure: this one is permanent).
-#[derive(Debug, thiserror::Error)]
-#[error("{0} resolves to no allowed address")]
-pub struct Refused(pub String);
-
-/// A DNS resolver for reqwest that drops refused addresses.
-pub struct GuardedResolver(pub Arc<UrlPolicy>);
-
-impl reqwest::dns::Resolve for GuardedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let policy = self.0.clone();
-        Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let allowed: Vec<SocketAddr> = addrs
-                .into_iter()
-                .filter(|a| policy.check_ip(a.ip()).is_ok())
-                .collect();
-            if allowed.is_empty() {
-                return Err(Box::new(Refused(host)) as Box<dyn std::error::Error + Send + Sync>);
-            }
-            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
 }
 
 #[cfg(test)]

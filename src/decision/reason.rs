@@ -31,8 +31,12 @@ pub enum ReasonCode {
     SizeMismatch,
     /// Download failed for a reason a retry may cure (5xx, 429, timeout, reset).
     FetchFailed,
-    /// The S3-compatible store failed (unavailable, throttling, credentials).
+    /// The S3-compatible store failed in a way a retry may cure (throttling, 5xx, timeouts).
     ArchiveFailed,
+    /// The S3-compatible store refused the credentials or the policy refused the call (401/403).
+    ArchiveDenied,
+    /// The bucket does not exist, or the store rejects a setting (storage class, encryption).
+    ArchiveMisconfigured,
     /// The broker did not confirm the record.
     PublishFailed,
     /// The body is larger than `max_body_bytes`.
@@ -53,7 +57,7 @@ pub enum ReasonCode {
 
 impl ReasonCode {
     /// Every code, in documentation order.
-    pub const ALL: [ReasonCode; 21] = [
+    pub const ALL: [ReasonCode; 23] = [
         ReasonCode::InvalidJson,
         ReasonCode::UnknownFormat,
         ReasonCode::InvalidField,
@@ -67,6 +71,8 @@ impl ReasonCode {
         ReasonCode::SizeMismatch,
         ReasonCode::FetchFailed,
         ReasonCode::ArchiveFailed,
+        ReasonCode::ArchiveDenied,
+        ReasonCode::ArchiveMisconfigured,
         ReasonCode::PublishFailed,
         ReasonCode::BodyTooLarge,
         ReasonCode::TooManyTracks,
@@ -93,6 +99,8 @@ impl ReasonCode {
             ReasonCode::SizeMismatch => "size_mismatch",
             ReasonCode::FetchFailed => "fetch_failed",
             ReasonCode::ArchiveFailed => "archive_failed",
+            ReasonCode::ArchiveDenied => "archive_denied",
+            ReasonCode::ArchiveMisconfigured => "archive_misconfigured",
             ReasonCode::PublishFailed => "publish_failed",
             ReasonCode::BodyTooLarge => "body_too_large",
             ReasonCode::TooManyTracks => "too_many_tracks",
@@ -149,6 +157,22 @@ impl Rejection {
     }
 }
 
+/// The backticked first column of the Markdown table between
+/// `<!-- {name}:begin -->` and `<!-- {name}:end -->` in `doc`.
+#[cfg(test)]
+pub(crate) fn documented_codes(doc: &str, name: &str) -> Vec<String> {
+    let begin = format!("<!-- {name}:begin -->");
+    let end = format!("<!-- {name}:end -->");
+    let start = doc.find(&begin).expect("begin marker") + begin.len();
+    let stop = doc.find(&end).expect("end marker");
+    doc[start..stop]
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|rest| rest.split('`').next())
+        .map(str::to_owned)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +188,15 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn the_operations_docs_list_every_code_once() {
+        let mut documented =
+            documented_codes(include_str!("../../docs/operations.md"), "reason-codes");
+        let mut listed: Vec<&str> = ReasonCode::ALL.iter().map(|c| c.as_str()).collect();
+        documented.sort();
+        listed.sort();
+        assert_eq!(documented, listed, "docs/operations.md's reason codes");
     }
 }

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Unexpected, Visitor};
 use serde_json::Value;
 
-use crate::reason::{ReasonCode, Rejection};
+use crate::decision::reason::{ReasonCode, Rejection};
 
 /// Which of the four upstream formats a message was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,11 +1,13 @@
 //! The decision for one inbound message, with no I/O: decode → verify →
-//! normalize. The worker (and `lesson-replay normalize`) call [`decide`] and
-//! only carry out what it says.
+//! normalize (with its layout) → URL policy. The worker and `lesson-replay
+//! normalize` both call [`decide`] with the configured [`InputPolicy`] and only
+//! carry out what it says, so they can never disagree about a message.
 
-use crate::decode::{Limits, Payload, decode};
-use crate::normalize::{Normalized, normalize};
-use crate::reason::Rejection;
-use crate::verify::{SignatureMode, SignedFields, TicKeys, verify};
+use crate::decision::decode::{Limits, Payload, decode};
+use crate::decision::normalize::{Normalized, normalize};
+use crate::decision::reason::{ReasonCode, Rejection};
+use crate::decision::url_policy::UrlPolicy;
+use crate::decision::verify::{SignatureMode, SignedFields, TicKeys, verify};
 
 /// What travelled next to the body and matters to the decision: the
 /// callback's URL parameters `x-tic-sign` and `x-tic-sdkappid` (AMQP headers;
@@ -19,12 +21,13 @@ pub struct Envelope {
     pub timestamp: Option<i64>,
 }
 
-/// What inbound messages must satisfy: signatures and size limits.
+/// What inbound messages must satisfy: signatures, size limits, VOD URLs.
 #[derive(Debug, Clone, Default)]
 pub struct InputPolicy {
     pub mode: SignatureMode,
     pub keys: TicKeys,
     pub limits: Limits,
+    pub urls: UrlPolicy,
 }
 
 /// What to do with a message.
@@ -68,10 +71,25 @@ fn try_decide(
     )?;
     match announcement.payload {
         Payload::NotFinished(reason) => Ok(Decision::Skip(reason)),
-        Payload::Finished(recording) => Ok(Decision::Publish(Box::new(normalize(
-            &recording, sdkappid,
-        )?))),
+        Payload::Finished(recording) => {
+            let normalized = normalize(&recording, sdkappid)?;
+            check_urls(&normalized, &policy.urls)?;
+            Ok(Decision::Publish(Box::new(normalized)))
+        }
     }
+}
+
+/// A record only ever points at URLs the policy allows, fetched or not.
+fn check_urls(normalized: &Normalized, urls: &UrlPolicy) -> Result<(), Rejection> {
+    for track in &normalized.record.tracks {
+        urls.check_str(&track.source_url).map_err(|why| {
+            Rejection::new(
+                ReasonCode::UrlNotAllowed,
+                format!("track {}: {why}", track.track_id),
+            )
+        })?;
+    }
+    Ok(())
 }
 
 fn header_sdkappid(envelope: &Envelope) -> Result<Option<i64>, Rejection> {
@@ -92,8 +110,7 @@ fn header_sdkappid(envelope: &Envelope) -> Result<Option<i64>, Rejection> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reason::ReasonCode;
-    use crate::verify::compute_sign;
+    use crate::decision::verify::compute_sign;
 
     const BODY: &str = r#"{"callback_type":"record_finished","expire_time":1700000100,"timestamp":1700000000,
         "task_id":"t1","room_id":1,"group_id":"1","start_time":1700000000,"stop_time":1700000060,"video_info":[]}"#;
@@ -103,6 +120,7 @@ mod tests {
             mode,
             keys: TicKeys::parse_list("1400000001=SECRETKEY").unwrap(),
             limits: Limits::default(),
+            urls: UrlPolicy::default(),
         }
     }
 
@@ -179,6 +197,36 @@ mod tests {
         ) {
             Decision::Skip(r) => assert_eq!(r.code, ReasonCode::RecordingStarted),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn urls_outside_the_policy_are_refused_by_the_decision() {
+        let track = |url: &str| {
+            format!(
+                r#"{{"callback_type":"record_finished","task_id":"t1","room_id":1,"start_time":1700000000,
+                "stop_time":1700000060,"video_info":[{{"video_play_time":0,"video_size":10,"video_format":"mp4",
+                "video_duration":1000,"video_url":"{url}","video_id":"v1","video_type":0,"user_id":"u"}}]}}"#
+            )
+        };
+        let policy = policy(SignatureMode::Off);
+        let allowed = track("http://1253488539.vod2.myqcloud.com/a.mp4");
+        assert!(matches!(
+            decide(allowed.as_bytes(), &Envelope::default(), &policy),
+            Decision::Publish(_)
+        ));
+        // A look-alike host with a Cyrillic "о", and a private address.
+        for url in [
+            "http://1253488539.vod2.myqcl\u{043e}ud.com/a.mp4",
+            "http://10.0.0.1/a.mp4",
+        ] {
+            match decide(track(url).as_bytes(), &Envelope::default(), &policy) {
+                Decision::Reject(r) => {
+                    assert_eq!(r.code, ReasonCode::UrlNotAllowed, "{url}");
+                    assert!(r.message.starts_with("track v1: "), "{r}");
+                }
+                other => panic!("{url}: {other:?}"),
+            }
         }
     }
 }

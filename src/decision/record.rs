@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::decision::warning::WarningCode;
+
 pub const SCHEMA_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,14 +133,14 @@ pub struct Placement {
 /// Something normalization had to assume or repair.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Warning {
-    pub code: String,
+    pub code: WarningCode,
     pub message: String,
 }
 
 impl Warning {
-    pub fn new(code: &str, message: impl Into<String>) -> Self {
+    pub fn new(code: WarningCode, message: impl Into<String>) -> Self {
         Warning {
-            code: code.to_owned(),
+            code,
             message: message.into(),
         }
     }

@@ -13,7 +13,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-use crate::reason::{ReasonCode, Rejection};
+use crate::decision::reason::{ReasonCode, Rejection};
 
 /// When a signature is demanded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +61,11 @@ impl TicKeys {
 
     pub fn len(&self) -> usize {
         self.0.len()
+    }
+
+    /// The sdkappids that have a key.
+    pub fn ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.0.keys().copied()
     }
 
     pub fn is_empty(&self) -> bool {

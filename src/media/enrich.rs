@@ -8,14 +8,16 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use tracing::{info, warn};
 
-use crate::archive::{ArchiveError, Archiver};
-use crate::config::Config;
-use crate::fetch::{Download, FetchError, Fetcher};
-use crate::metrics::Metrics;
-use crate::normalize::Normalized;
-use crate::reason::{ReasonCode, Rejection};
-use crate::record::{Archive, Probe, Record, Track, Warning};
 use futures_util::StreamExt;
+
+use crate::decision::normalize::Normalized;
+use crate::decision::reason::Rejection;
+use crate::decision::record::{Archive, Probe, Record, Track, Warning};
+use crate::decision::warning::WarningCode;
+use crate::media::archive::{ArchiveSettings, Archiver};
+use crate::media::fetch::{Download, FetchError, FetchSettings, Fetcher};
+use crate::media::s3_error::S3Error;
+use crate::telemetry::metrics::{Metrics, Stage};
 
 /// Tracks of one recording probed at once.
 const PARALLEL_PROBES: usize = 4;
@@ -26,6 +28,29 @@ struct Checked {
     archive: Option<Archive>,
     probe: Option<Result<Probe, String>>,
     warning: Option<Warning>,
+}
+
+/// How tracks are checked: built from the settings by `config::parts`.
+#[derive(Debug, Clone)]
+pub struct MediaSettings {
+    pub fetch: FetchSettings,
+    /// `None`: archiving is off.
+    pub archive: Option<ArchiveSettings>,
+    /// Probe every track's MP4 for its real duration and picture size.
+    pub probe: bool,
+    /// Attempts per file within one delivery.
+    pub attempts: usize,
+    /// Longest total backoff of one stage's in-process retries.
+    pub budget: Duration,
+}
+
+/// Why the media edge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MediaError {
+    #[error("HTTP client: {0}")]
+    Http(#[from] FetchError),
+    #[error("archive: {0}")]
+    Archive(#[from] S3Error),
 }
 
 pub struct Media {
@@ -41,22 +66,23 @@ pub struct Media {
 impl Media {
     /// Build from the settings and check the bucket once: a wrong bucket or
     /// wrong credentials stop the worker at start-up with a clear message.
-    pub async fn from_config(config: &Config, metrics: Metrics) -> Result<Media, String> {
-        let fetcher =
-            Fetcher::new(config.fetch_settings(), metrics.clone()).map_err(|e| e.to_string())?;
-        let archiver = Archiver::from_config(config, metrics.clone())
-            .await
-            .map_err(|e| e.to_string())?;
-        if let Some(archiver) = &archiver {
-            archiver.check().await.map_err(|e| e.to_string())?;
-            info!(bucket = archiver.bucket(), "archiving to S3");
-        }
+    pub async fn new(settings: MediaSettings, metrics: Metrics) -> Result<Media, MediaError> {
+        let fetcher = Fetcher::new(settings.fetch, metrics.clone())?;
+        let archiver = match &settings.archive {
+            Some(archive) => {
+                let archiver = Archiver::new(archive, metrics.clone()).await;
+                archiver.check().await?;
+                info!(bucket = archiver.bucket(), "archiving to S3");
+                Some(archiver)
+            }
+            None => None,
+        };
         Ok(Media {
             fetcher,
             archiver,
-            probe: config.probe,
-            attempts: config.fetch_attempts,
-            budget: Duration::from_secs(config.stage_budget_secs),
+            probe: settings.probe,
+            attempts: settings.attempts,
+            budget: settings.budget,
             metrics,
         })
     }
@@ -80,12 +106,8 @@ impl Media {
 
     /// Probe and (when on) archive every track, then write the manifest.
     pub async fn enrich(&self, normalized: &mut Normalized) -> Result<(), Rejection> {
-        // Records only ever point at allowed hosts, fetched or not.
-        for track in &normalized.record.tracks {
-            self.fetcher.check_url(&track.source_url).map_err(|e| {
-                Rejection::new(e.reason(), format!("track {}: {e}", track.track_id))
-            })?;
-        }
+        // The decision has refused URLs the policy forbids; the fetcher
+        // checks each again before every request and redirect hop.
         if self.archiver.is_none() && !self.probe {
             return Ok(());
         }
@@ -96,7 +118,7 @@ impl Media {
             Some(archiver) => {
                 let mut out = Vec::with_capacity(tracks.len());
                 for track in &tracks {
-                    let stage = self.metrics.stage_timer("archive");
+                    let stage = self.metrics.stage_timer(Stage::Archive);
                     out.push(
                         self.archive_track(archiver, &normalized.record, track)
                             .await,
@@ -106,7 +128,7 @@ impl Media {
                 out
             }
             None => {
-                let stage = self.metrics.stage_timer("probe");
+                let stage = self.metrics.stage_timer(Stage::Probe);
                 let probes: Vec<_> = tracks.iter().map(|t| self.probe_track(t)).collect();
                 let out = futures_util::stream::iter(probes)
                     .buffered(PARALLEL_PROBES)
@@ -125,7 +147,7 @@ impl Media {
             match checked.probe {
                 Some(Ok(probe)) => normalized.apply_probe(index, probe),
                 Some(Err(why)) => normalized.record.warnings.push(Warning::new(
-                    "probe_failed",
+                    WarningCode::ProbeFailed,
                     format!("track {}: not probed: {why}", track.track_id),
                 )),
                 None => {}
@@ -137,10 +159,9 @@ impl Media {
             let key = put
                 .retry(self.backoff())
                 .sleep(tokio::time::sleep)
+                .when(S3Error::is_transient)
                 .await
-                .map_err(|e: ArchiveError| {
-                    Rejection::new(ReasonCode::ArchiveFailed, format!("manifest: {e}"))
-                })?;
+                .map_err(|e| Rejection::new(e.reason(), format!("manifest: {e}")))?;
             info!(%key, "manifest written");
         }
         Ok(())
@@ -162,7 +183,7 @@ impl Media {
         let warning = match (read.total_size, track.size_bytes) {
             (Some(real), Some(declared)) if i64::try_from(real).ok() != Some(declared) => {
                 Some(Warning::new(
-                    "size_mismatch",
+                    WarningCode::SizeMismatch,
                     format!(
                         "track {}: the file has {real} bytes, video_size declares {declared}",
                         track.track_id
@@ -186,14 +207,9 @@ impl Media {
         track: &Track,
     ) -> Result<Checked, FetchError> {
         let key = archiver.track_key(record, track);
-        let sink_error = |e: ArchiveError| FetchError::Sink(e.0);
-        if let Some((archive, probe)) = archiver
-            .existing(&key, track.size_bytes)
-            .await
-            .map_err(sink_error)?
-        {
+        if let Some((archive, probe)) = archiver.existing(&key, track.size_bytes).await? {
             info!(track = %track.track_id, %key, "already archived: upload skipped");
-            self.metrics.uploads_skipped.inc();
+            self.metrics.upload_skipped();
             let mut checked = match probe {
                 Some(p) => Checked {
                     probe: Some(Ok(p)),
@@ -213,10 +229,7 @@ impl Media {
             {
                 Ok(download) => {
                     let probe = download.probe.as_ref().ok();
-                    let archive = upload
-                        .finish(&download.md5, probe)
-                        .await
-                        .map_err(sink_error)?;
+                    let archive = upload.finish(&download.md5, probe).await?;
                     Ok((archive, download))
                 }
                 Err(e) => {

@@ -16,7 +16,8 @@
 //! the next eight the column left of it. A mixed video is `main` over the whole
 //! canvas, with no tiles. Coordinates are fractions of the canvas.
 
-use crate::record::{Kind, Placement, Segment, Track, Warning};
+use crate::decision::record::{Kind, Placement, Segment, Track, Warning};
+use crate::decision::warning::WarningCode;
 
 /// The most cameras the TIC rules can place.
 pub const MAX_TILES: usize = 16;
@@ -110,7 +111,7 @@ pub fn compute_layout(tracks: &[Track], duration_ms: i64) -> (Vec<Segment>, Vec<
     let mut warnings = Vec::new();
     if most_cameras > MAX_TILES {
         warnings.push(Warning::new(
-            "too_many_cameras",
+            WarningCode::TooManyCameras,
             format!(
                 "{most_cameras} cameras active at once; the layout tiles the first {MAX_TILES} only"
             ),
@@ -225,7 +226,7 @@ mod tests {
         assert_eq!(seg.tiles.len(), 16);
         assert!(seg.tiles.iter().all(|t| t.track_id != "c16"));
         assert_eq!(warnings.len(), 1);
-        assert_eq!(warnings[0].code, "too_many_cameras");
+        assert_eq!(warnings[0].code, WarningCode::TooManyCameras);
     }
 
     #[test]

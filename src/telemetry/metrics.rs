@@ -1,27 +1,143 @@
-//! Metrics: every Prometheus metric of the worker, defined here once with its
-//! help text, and the HTTP listener serving `/metrics`, `/healthz` and `/readyz`.
+//! Metrics: every Prometheus metric of the product, defined here once with
+//! its help text.
 //!
 //! Names follow the Prometheus conventions: one `lesson_replay_` prefix, base
 //! units, `_total` counters, `_seconds`/`_bytes` suffixes. Labels are
-//! low-cardinality only — outcome, reason code, stage, tier, target, status
-//! class — never a room, task or user id. Call sites use the named methods
-//! below, never raw label strings of their own.
+//! low-cardinality, closed sets — [`Outcome`] × [`ReasonCode`], [`Stage`],
+//! [`Target`] × [`StatusClass`], the delay tier — never a room, task or user
+//! id. Call sites emit named events (`metrics.parked(reason)`,
+//! `metrics.uploaded(bytes)`); no handle and no label string leaves this file.
 
-use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramTimer, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::worker::Health;
+use crate::decision::reason::ReasonCode;
+
+/// What became of one inbound message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Its record is published.
+    Published,
+    /// No finished recording: acknowledged without a record.
+    Skipped,
+    /// Sent to a delay tier for a later attempt.
+    Retried,
+    /// Copied to the parking queue.
+    Parked,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Published,
+        Outcome::Skipped,
+        Outcome::Retried,
+        Outcome::Parked,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Published => "published",
+            Outcome::Skipped => "skipped",
+            Outcome::Retried => "retried",
+            Outcome::Parked => "parked",
+        }
+    }
+}
+
+/// A timed stage of processing one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Decode, verify, normalize: the decision.
+    Parse,
+    /// Range-read probes of every track.
+    Probe,
+    /// Download and upload of one track.
+    Archive,
+    /// Publishing the record, until confirmed.
+    Publish,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 4] = [Stage::Parse, Stage::Probe, Stage::Archive, Stage::Publish];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Parse => "parse",
+            Stage::Probe => "probe",
+            Stage::Archive => "archive",
+            Stage::Publish => "publish",
+        }
+    }
+}
+
+/// Whom an HTTP request went to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The VOD origin (downloads and probes).
+    Vod,
+    /// The S3-compatible store.
+    S3,
+}
+
+impl Target {
+    pub const ALL: [Target; 2] = [Target::Vod, Target::S3];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::Vod => "vod",
+            Target::S3 => "s3",
+        }
+    }
+}
+
+/// An HTTP answer's status class, or no answer at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusClass {
+    Informational,
+    Success,
+    Redirect,
+    ClientError,
+    ServerError,
+    /// No response: connection refused, reset, timeout.
+    Error,
+}
+
+impl StatusClass {
+    pub const ALL: [StatusClass; 6] = [
+        StatusClass::Informational,
+        StatusClass::Success,
+        StatusClass::Redirect,
+        StatusClass::ClientError,
+        StatusClass::ServerError,
+        StatusClass::Error,
+    ];
+
+    pub fn of(status: Option<u16>) -> StatusClass {
+        match status {
+            Some(100..=199) => StatusClass::Informational,
+            Some(200..=299) => StatusClass::Success,
+            Some(300..=399) => StatusClass::Redirect,
+            Some(400..=499) => StatusClass::ClientError,
+            Some(500..=599) => StatusClass::ServerError,
+            _ => StatusClass::Error,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatusClass::Informational => "1xx",
+            StatusClass::Success => "2xx",
+            StatusClass::Redirect => "3xx",
+            StatusClass::ClientError => "4xx",
+            StatusClass::ServerError => "5xx",
+            StatusClass::Error => "error",
+        }
+    }
+}
 
 /// Buckets for whole-message and stage durations, in seconds.
 const DURATION_BUCKETS: &[f64] = &[
@@ -34,19 +150,19 @@ const DURATION_BUCKETS: &[f64] = &[
 pub struct Metrics {
     registry: Registry,
     messages: IntCounterVec,
-    pub processing_seconds: Histogram,
+    processing_seconds: Histogram,
     stage_seconds: HistogramVec,
-    pub downloaded_bytes: IntCounter,
-    pub uploaded_bytes: IntCounter,
-    pub uploads_skipped: IntCounter,
-    pub range_resumes: IntCounter,
-    pub probe_bytes: IntCounter,
+    downloaded_bytes: IntCounter,
+    uploaded_bytes: IntCounter,
+    uploads_skipped: IntCounter,
+    range_resumes: IntCounter,
+    probe_bytes: IntCounter,
     in_flight: IntGauge,
-    pub concurrency: IntGauge,
+    concurrency: IntGauge,
     retries: IntCounterVec,
-    pub broker_connected: IntGauge,
-    pub broker_reconnects: IntCounter,
-    pub publish_confirm_seconds: Histogram,
+    broker_connected: IntGauge,
+    broker_reconnects: IntCounter,
+    publish_confirm_seconds: Histogram,
     http_responses: IntCounterVec,
 }
 
@@ -198,32 +314,98 @@ impl Metrics {
         }
     }
 
-    /// Count one message's outcome.
-    pub fn message(&self, outcome: &str, reason: &str) {
-        self.messages.with_label_values(&[outcome, reason]).inc();
+    fn message(&self, outcome: Outcome, reason: Option<ReasonCode>) {
+        let reason = reason.map_or("", ReasonCode::as_str);
+        self.messages
+            .with_label_values(&[outcome.as_str(), reason])
+            .inc();
     }
 
-    /// Count a retry through the delay tier of `delay`.
-    pub fn retry(&self, delay: Duration) {
+    /// A record was published for a message.
+    pub fn published(&self) {
+        self.message(Outcome::Published, None);
+    }
+
+    /// A message without a finished recording was acknowledged.
+    pub fn skipped(&self, reason: ReasonCode) {
+        self.message(Outcome::Skipped, Some(reason));
+    }
+
+    /// A message was sent to the delay tier of `delay`.
+    pub fn retried(&self, reason: ReasonCode, delay: Duration) {
+        self.message(Outcome::Retried, Some(reason));
         self.retries
             .with_label_values(&[&format!("{}s", delay.as_secs())])
             .inc();
     }
 
+    /// A message was copied to the parking queue.
+    pub fn parked(&self, reason: ReasonCode) {
+        self.message(Outcome::Parked, Some(reason));
+    }
+
     /// Time one stage: observed when the timer is dropped or observed.
-    pub fn stage_timer(&self, stage: &str) -> HistogramTimer {
-        self.stage_seconds.with_label_values(&[stage]).start_timer()
+    pub fn stage_timer(&self, stage: Stage) -> HistogramTimer {
+        self.stage_seconds
+            .with_label_values(&[stage.as_str()])
+            .start_timer()
+    }
+
+    /// Time one message from delivery to settlement.
+    pub fn processing_timer(&self) -> HistogramTimer {
+        self.processing_seconds.start_timer()
+    }
+
+    /// Time one publish until the broker's confirm.
+    pub fn publish_confirm_timer(&self) -> HistogramTimer {
+        self.publish_confirm_seconds.start_timer()
     }
 
     /// Count an HTTP response (`status` None: no response at all).
-    pub fn http_response(&self, target: &str, status: Option<u16>) {
-        let class = match status {
-            Some(s) => format!("{}xx", s / 100),
-            None => "error".into(),
-        };
+    pub fn http_response(&self, target: Target, status: Option<u16>) {
         self.http_responses
-            .with_label_values(&[target, &class])
+            .with_label_values(&[target.as_str(), StatusClass::of(status).as_str()])
             .inc();
+    }
+
+    /// Bytes received from a VOD origin.
+    pub fn downloaded(&self, bytes: u64) {
+        self.downloaded_bytes.inc_by(bytes);
+    }
+
+    /// Bytes uploaded to the store.
+    pub fn uploaded(&self, bytes: u64) {
+        self.uploaded_bytes.inc_by(bytes);
+    }
+
+    /// A track was found already archived.
+    pub fn upload_skipped(&self) {
+        self.uploads_skipped.inc();
+    }
+
+    /// A download resumed with a Range request.
+    pub fn range_resumed(&self) {
+        self.range_resumes.inc();
+    }
+
+    /// Bytes read by a range-read probe.
+    pub fn probed(&self, bytes: u64) {
+        self.probe_bytes.inc_by(bytes);
+    }
+
+    /// The configured number of messages processed at once.
+    pub fn set_concurrency(&self, concurrency: u16) {
+        self.concurrency.set(i64::from(concurrency));
+    }
+
+    /// Connected to the broker and consuming, or not.
+    pub fn set_broker_connected(&self, connected: bool) {
+        self.broker_connected.set(i64::from(connected));
+    }
+
+    /// A broker session was rebuilt after a loss.
+    pub fn broker_reconnected(&self) {
+        self.broker_reconnects.inc();
     }
 
     /// Counts a message as in flight until dropped.
@@ -250,49 +432,6 @@ impl Drop for InFlight {
     }
 }
 
-#[derive(Clone)]
-struct Endpoints {
-    metrics: Metrics,
-    health: Health,
-}
-
-/// Serve `/metrics`, `/healthz` (alive) and `/readyz` (consuming) on
-/// `listener` until `shutdown`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Metrics,
-    health: Health,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
-    let app = Router::new()
-        .route("/metrics", get(metrics_endpoint))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready_endpoint))
-        .with_state(Arc::new(Endpoints { metrics, health }));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
-async fn metrics_endpoint(State(endpoints): State<Arc<Endpoints>>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        endpoints.metrics.render(),
-    )
-}
-
-async fn ready_endpoint(State(endpoints): State<Arc<Endpoints>>) -> impl IntoResponse {
-    if endpoints.health.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,9 +439,9 @@ mod tests {
     #[test]
     fn names_follow_the_conventions() {
         let metrics = Metrics::new();
-        metrics.message("published", "");
-        metrics.retry(Duration::from_secs(10));
-        metrics.http_response("vod", Some(503));
+        metrics.published();
+        metrics.retried(ReasonCode::FetchFailed, Duration::from_secs(10));
+        metrics.http_response(Target::Vod, Some(503));
         let text = metrics.render();
         for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
             let mut parts = line.split(' ').skip(2);
@@ -326,11 +465,49 @@ mod tests {
     }
 
     #[test]
+    fn status_classes_cover_every_status() {
+        assert_eq!(StatusClass::of(Some(204)), StatusClass::Success);
+        assert_eq!(StatusClass::of(Some(404)), StatusClass::ClientError);
+        assert_eq!(StatusClass::of(Some(503)), StatusClass::ServerError);
+        assert_eq!(StatusClass::of(Some(700)), StatusClass::Error);
+        assert_eq!(StatusClass::of(None), StatusClass::Error);
+    }
+
+    #[test]
     fn in_flight_counts_until_dropped() {
         let metrics = Metrics::new();
         let guard = metrics.in_flight_guard();
         assert_eq!(metrics.in_flight.get(), 1);
         drop(guard);
         assert_eq!(metrics.in_flight.get(), 0);
+    }
+
+    #[test]
+    fn the_metrics_docs_list_every_metric() {
+        let mut documented = crate::decision::reason::documented_codes(
+            include_str!("../../docs/metrics.md"),
+            "metrics",
+        );
+        let text = Metrics::new().render();
+        let mut exported: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .map(str::to_owned)
+            .collect();
+        // Labelled series appear once used: use each once.
+        for name in [
+            "lesson_replay_messages_total",
+            "lesson_replay_stage_duration_seconds",
+            "lesson_replay_retries_total",
+            "lesson_replay_http_responses_total",
+        ] {
+            if !exported.iter().any(|e| e == name) {
+                exported.push(name.to_owned());
+            }
+        }
+        documented.sort();
+        exported.sort();
+        assert_eq!(documented, exported, "docs/metrics.md's metrics table");
     }
 }

@@ -1,32 +1,30 @@
 //! The RabbitMQ edge: connection, topology, confirmed publishing, and the
 //! translation between AMQP properties and the pipeline's [`Envelope`].
 //!
-//! The topology itself is data: see [`crate::topology`].
+//! The topology itself is data: see [`crate::broker::topology`].
 
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::Config;
-use crate::pipeline::Envelope;
-use crate::topology::{self, Arg};
+use crate::broker::headers::{self, header_text};
+use crate::broker::topology::{self, Arg, TopologySettings};
+use crate::decision::decide::Envelope;
 
-/// Headers carrying the callback's URL parameters.
-pub const HEADER_SIGN: &str = "x-tic-sign";
-pub const HEADER_RANDOM: &str = "x-tic-random";
-pub const HEADER_SDKAPPID: &str = "x-tic-sdkappid";
-/// Headers added to a parked message.
-pub const HEADER_REASON: &str = "x-lesson-replay-reason";
-pub const HEADER_ERROR: &str = "x-lesson-replay-error";
-pub const HEADER_PARKED_AT: &str = "x-lesson-replay-parked-at";
-/// W3C trace context, copied from the inbound message to its record.
-pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// Where the broker is and what to declare on it: built from the settings by
+/// `config::parts`.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    /// May contain a password: never logged.
+    pub amqp_url: SecretString,
+    pub topology: TopologySettings,
+}
 
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
@@ -44,9 +42,9 @@ pub enum PublishError {
 }
 
 /// Connect, naming the connection so operators can find it in the management UI.
-pub async fn connect(config: &Config, name: &str) -> Result<Connection, lapin::Error> {
+pub async fn connect(settings: &BrokerSettings, name: &str) -> Result<Connection, lapin::Error> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(config.amqp_url.expose_secret(), properties).await
+    Connection::connect(settings.amqp_url.expose_secret(), properties).await
 }
 
 /// A channel in publisher-confirm mode.
@@ -59,8 +57,11 @@ pub async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::
 }
 
 /// Declare every exchange, queue and binding of [`topology::plan`]. Idempotent.
-pub async fn declare_topology(channel: &Channel, config: &Config) -> Result<(), lapin::Error> {
-    let plan = topology::plan(config);
+pub async fn declare_topology(
+    channel: &Channel,
+    settings: &TopologySettings,
+) -> Result<(), lapin::Error> {
+    let plan = topology::plan(settings);
     let exchange_options = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
@@ -147,35 +148,12 @@ pub fn json_properties() -> BasicProperties {
         .with_delivery_mode(PERSISTENT)
 }
 
-/// The header as text, whatever AMQP type the publisher chose.
-pub fn header_text(headers: Option<&FieldTable>, name: &str) -> Option<String> {
-    let value = headers?.inner().get(name)?;
-    match value {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        AMQPValue::ShortShortInt(v) => Some(v.to_string()),
-        AMQPValue::ShortShortUInt(v) => Some(v.to_string()),
-        AMQPValue::ShortInt(v) => Some(v.to_string()),
-        AMQPValue::ShortUInt(v) => Some(v.to_string()),
-        AMQPValue::LongInt(v) => Some(v.to_string()),
-        AMQPValue::LongUInt(v) => Some(v.to_string()),
-        AMQPValue::LongLongInt(v) => Some(v.to_string()),
-        AMQPValue::Timestamp(v) => Some(v.to_string()),
-        _ => None,
-    }
-}
-
 /// The pipeline's view of a delivery's properties.
 pub fn envelope_of(properties: &BasicProperties) -> Envelope {
-    let headers = properties.headers().as_ref();
+    let table = properties.headers().as_ref();
     Envelope {
-        sign: header_text(headers, HEADER_SIGN),
-        sdkappid: header_text(headers, HEADER_SDKAPPID),
+        sign: header_text(table, headers::TIC_SIGN),
+        sdkappid: header_text(table, headers::TIC_SDKAPPID),
         timestamp: properties.timestamp().and_then(|t| i64::try_from(t).ok()),
     }
-}
-
-/// Set a text header, replacing any previous value.
-pub fn set_header(headers: &mut FieldTable, name: &str, value: &str) {
-    headers.insert(ShortString::from(name), LongString::from(value).into());
 }

@@ -8,10 +8,11 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
-use crate::decode::{Recording, VideoInfo};
-use crate::layout::compute_layout;
-use crate::reason::Rejection;
-use crate::record::{Kind, Probe, Record, SCHEMA_VERSION, Source, Track, Warning};
+use crate::decision::decode::{Recording, VideoInfo};
+use crate::decision::layout::compute_layout;
+use crate::decision::reason::Rejection;
+use crate::decision::record::{Kind, Probe, Record, SCHEMA_VERSION, Source, Track, Warning};
+use crate::decision::warning::WarningCode;
 
 /// Namespace of the v5 UUIDs used as replay ids. Never change it: ids would change.
 const REPLAY_NAMESPACE: Uuid = Uuid::from_u128(0x6c65_7373_6f6e_4a72_a570_6c61_7900_0001);
@@ -24,7 +25,6 @@ const SPAN_TOLERANCE: f64 = 1.05;
 const MAX_PLAUSIBLE_SPAN_MS: i64 = 24 * 3600 * 1000;
 /// A probed duration further than this from the declared one replaces it.
 const PROBE_TOLERANCE: f64 = 0.02;
-const TOO_MANY_CAMERAS: &str = "too_many_cameras";
 
 /// The replay id of a recording: a UUID v5, stable across formats and redeliveries.
 ///
@@ -76,7 +76,9 @@ impl Normalized {
         record.duration_ms = self.span_ms.unwrap_or(0).max(last_end);
         let (layout, warnings) = compute_layout(&record.tracks, record.duration_ms);
         record.layout = layout;
-        record.warnings.retain(|w| w.code != TOO_MANY_CAMERAS);
+        record
+            .warnings
+            .retain(|w| w.code != WarningCode::TooManyCameras);
         record.warnings.extend(warnings);
     }
 
@@ -88,7 +90,7 @@ impl Normalized {
         let off_by = (probe.duration_ms - declared).abs() as f64;
         if off_by > PROBE_TOLERANCE * declared.max(1) as f64 {
             let warning = Warning::new(
-                "duration_probed",
+                WarningCode::DurationProbed,
                 format!(
                     "track {}: the file lasts {} ms, not the {} ms declared; the file's length is used",
                     track.track_id, probe.duration_ms, declared
@@ -151,14 +153,14 @@ pub fn normalize(recording: &Recording, sdkappid: Option<i64>) -> Result<Normali
     });
     if tracks.is_empty() {
         warnings.push(Warning::new(
-            "no_tracks",
+            WarningCode::NoTracks,
             "the recording lists no video files",
         ));
     }
     let mixed = !tracks.is_empty() && tracks.iter().all(|t| t.kind == Kind::Mixed);
     if !mixed && tracks.iter().any(|t| t.kind == Kind::Mixed) {
         warnings.push(Warning::new(
-            "mixed_with_other_tracks",
+            WarningCode::MixedWithOtherTracks,
             "a mixed video is listed together with separate tracks",
         ));
     }
@@ -167,7 +169,7 @@ pub fn normalize(recording: &Recording, sdkappid: Option<i64>) -> Result<Normali
         Some(g) => g.to_owned(),
         None => {
             warnings.push(Warning::new(
-                "group_id_defaulted",
+                WarningCode::GroupIdDefaulted,
                 "no group_id: the room id is used, as TIC does by default",
             ));
             recording.room_id.to_string()
@@ -215,21 +217,21 @@ fn recording_span(recording: &Recording, warnings: &mut Vec<Warning>) -> Option<
     match declared {
         None => {
             warnings.push(Warning::new(
-                "span_unknown",
+                WarningCode::SpanUnknown,
                 "no stop time or total time: the timeline is taken from the tracks",
             ));
             None
         }
         Some(0) => {
             warnings.push(Warning::new(
-                "zero_span",
+ WarningCode::ZeroSpan,
                 "the recording declares a zero length (start == stop): the timeline is taken from the tracks",
             ));
             None
         }
         Some(ms) if ms < 0 => {
             warnings.push(Warning::new(
-                "negative_span",
+                WarningCode::NegativeSpan,
                 "the recording stops before it starts: the timeline is taken from the tracks",
             ));
             None
@@ -247,7 +249,7 @@ fn recording_span(recording: &Recording, warnings: &mut Vec<Warning>) -> Option<
                 .unwrap_or(0);
             if tracks_end > 0 && tracks_end as f64 <= as_ms as f64 * SPAN_TOLERANCE {
                 warnings.push(Warning::new(
-                    "span_unit_ms",
+                    WarningCode::SpanUnitMs,
                     format!(
                         "stop_time - start_time = {as_ms} is implausible in seconds, read as ms"
                     ),
@@ -255,7 +257,7 @@ fn recording_span(recording: &Recording, warnings: &mut Vec<Warning>) -> Option<
                 Some(as_ms)
             } else {
                 warnings.push(Warning::new(
-                    "span_implausible",
+                    WarningCode::SpanImplausible,
                     format!("the recording declares {} hours", ms / 3_600_000),
                 ));
                 Some(ms)
@@ -330,7 +332,7 @@ fn normalize_track(
     let mut user_id = video.user_id.clone().filter(|u| !u.is_empty());
     if let (Kind::Whiteboard | Kind::Mixed, Some(user)) = (kind, &user_id) {
         warnings.push(Warning::new(
-            "user_id_dropped",
+            WarningCode::UserIdDropped,
             format!(
                 "track {track_id}: a {} video has no owner, user {user:?} dropped",
                 kind.as_str()
@@ -383,7 +385,7 @@ fn resolve_format(
     match (declared, from_url) {
         (Some(d), Some(u)) if d != u => {
             warnings.push(Warning::new(
-                "format_mismatch",
+                WarningCode::FormatMismatch,
                 format!("track {track_id}: format {d:?} declared for a .{u} URL, {u:?} used"),
             ));
             u
@@ -392,7 +394,7 @@ fn resolve_format(
         (None, guess) => {
             let guess = guess.unwrap_or_else(|| "mp4".to_owned());
             warnings.push(Warning::new(
-                "format_assumed",
+                WarningCode::FormatAssumed,
                 format!("track {track_id}: no video_format, {guess:?} assumed"),
             ));
             guess
@@ -436,7 +438,7 @@ pub fn resolve_duration(
     let as_seconds = declared.saturating_mul(1000);
     if plausible_ms(as_seconds, size_bytes, offset_ms, span_ms) {
         warnings.push(Warning::new(
-            "duration_unit_seconds",
+            WarningCode::DurationUnitSeconds,
             format!(
                 "track {track_id}: video_duration {declared} is implausible in ms, read as seconds"
             ),
@@ -444,7 +446,7 @@ pub fn resolve_duration(
         return as_seconds;
     }
     warnings.push(Warning::new(
-        "duration_implausible",
+        WarningCode::DurationImplausible,
         format!(
             "track {track_id}: video_duration {declared} is implausible in ms and in s, kept as ms"
         ),
@@ -459,7 +461,7 @@ fn dedupe_tracks(tracks: Vec<Track>, warnings: &mut Vec<Warning>) -> Vec<Track> 
     for mut track in tracks {
         if out.contains(&track) {
             warnings.push(Warning::new(
-                "duplicate_track",
+                WarningCode::DuplicateTrack,
                 format!("track {} is listed twice, kept once", track.track_id),
             ));
             continue;
@@ -469,7 +471,7 @@ fn dedupe_tracks(tracks: Vec<Track>, warnings: &mut Vec<Warning>) -> Vec<Track> 
         if *count > 1 {
             let renamed = format!("{}-{}", track.track_id, count);
             warnings.push(Warning::new(
-                "track_id_collision",
+                WarningCode::TrackIdCollision,
                 format!(
                     "two different files share id {}: the second is {renamed}",
                     track.track_id
@@ -485,7 +487,7 @@ fn dedupe_tracks(tracks: Vec<Track>, warnings: &mut Vec<Warning>) -> Vec<Track> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reason::ReasonCode;
+    use crate::decision::reason::ReasonCode;
 
     fn video(play: i64, size: i64, duration: i64, kind: i64, user: &str) -> VideoInfo {
         VideoInfo {

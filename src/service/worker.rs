@@ -1,6 +1,6 @@
 //! The worker: where a message enters ([`run`] consumes the work queue), is
-//! decided ([`crate::pipeline::decide`]), checked against its files
-//! ([`crate::media`]) and leaves — `publish_record` to the records exchange,
+//! decided ([`crate::decision::decide::decide`]), checked against its files
+//! ([`crate::media::enrich`]) and leaves — `publish_record` to the records exchange,
 //! `retry_later` to a delay tier, or `park_message` to the parking queue.
 //!
 //! The input is acknowledged only after its outcome is confirmed by the
@@ -15,7 +15,6 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -33,14 +32,16 @@ use tokio_util::task::TaskTracker;
 use tracing::field::Empty;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::broker::{self, PublishError, header_text, set_header};
-use crate::config::Config;
-use crate::media::Media;
-use crate::metrics::Metrics;
-use crate::pipeline::{Decision, InputPolicy, decide};
-use crate::reason::{ReasonCode, Rejection};
-use crate::record::Record;
-use crate::retry::{self, RetryPolicy, RetryStep};
+use crate::broker::amqp::{self, BrokerSettings, PublishError};
+use crate::broker::headers::{self, header_text, set_header};
+use crate::broker::retry::{self, RetryPolicy, RetryStep};
+use crate::config::settings::Config;
+use crate::decision::decide::{Decision, InputPolicy, decide};
+use crate::decision::reason::{ReasonCode, Rejection};
+use crate::decision::record::Record;
+use crate::media::enrich::{Media, MediaError};
+use crate::service::endpoints::Health;
+use crate::telemetry::metrics::{Metrics, Stage};
 
 /// After the grace period, how long aborted handlers get to clean up
 /// (abort multipart uploads) before the channels close.
@@ -52,26 +53,8 @@ pub enum WorkerError {
     Broker(#[from] lapin::Error),
     #[error("the broker cancelled the consumer of {0}")]
     ConsumerCancelled(String),
-    #[error("{0}")]
-    Startup(String),
-}
-
-/// Liveness and readiness, for the health endpoints.
-#[derive(Debug, Clone, Default)]
-pub struct Health {
-    ready: Arc<AtomicBool>,
-}
-
-impl Health {
-    /// Connected to the broker and consuming.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
-    }
-
-    fn set_ready(&self, ready: bool, metrics: &Metrics) {
-        self.ready.store(ready, Ordering::SeqCst);
-        metrics.broker_connected.set(i64::from(ready));
-    }
+    #[error(transparent)]
+    Media(#[from] MediaError),
 }
 
 /// What the delivery handlers of one broker session share.
@@ -89,6 +72,7 @@ struct Context {
 /// Everything that outlives a broker session.
 struct Shared {
     config: Arc<Config>,
+    broker: BrokerSettings,
     policy: Arc<InputPolicy>,
     retry: Arc<RetryPolicy>,
     media: Arc<Media>,
@@ -109,11 +93,10 @@ pub async fn run(
     health: Health,
     metrics: Metrics,
 ) -> Result<(), WorkerError> {
-    let media = Media::from_config(&config, metrics.clone())
-        .await
-        .map_err(WorkerError::Startup)?;
-    metrics.concurrency.set(i64::from(config.concurrency));
+    let media = Media::new(config.media_settings(), metrics.clone()).await?;
+    metrics.set_concurrency(config.concurrency);
     let shared = Shared {
+        broker: config.broker_settings(),
         policy: Arc::new(config.input_policy()),
         retry: Arc::new(config.retry_policy()),
         config: Arc::new(config),
@@ -150,7 +133,7 @@ async fn supervise(shared: &Shared) -> Result<(), WorkerError> {
         let on_connected = || {
             delays = reconnect();
             if sessions > 0 {
-                shared.metrics.broker_reconnects.inc();
+                shared.metrics.broker_reconnected();
                 info!("reconnected to the broker");
             }
             sessions += 1;
@@ -183,13 +166,13 @@ async fn supervise(shared: &Shared) -> Result<(), WorkerError> {
 /// worker stops. `Ok` only after a clean, ordered stop.
 async fn session(shared: &Shared, connected: impl FnOnce()) -> Result<(), WorkerError> {
     let config = &shared.config;
-    let connection = broker::connect(config, "lesson-replay worker").await?;
+    let connection = amqp::connect(&shared.broker, "lesson-replay worker").await?;
     let consumer_channel = connection.create_channel().await?;
-    broker::declare_topology(&consumer_channel, config).await?;
+    amqp::declare_topology(&consumer_channel, &shared.broker.topology).await?;
     consumer_channel
         .basic_qos(config.concurrency, BasicQosOptions::default())
         .await?;
-    let publisher = broker::confirm_channel(&connection).await?;
+    let publisher = amqp::confirm_channel(&connection).await?;
     let consumer_tag = format!("lesson-replay-{}", std::process::id());
     let mut deliveries = consumer_channel
         .basic_consume(
@@ -277,12 +260,9 @@ enum Outcome {
 /// Decide what one delivery becomes, carry it out, and settle it with the
 /// broker only once the outcome is safe there.
 async fn handle_delivery(context: Arc<Context>, delivery: Delivery) {
-    let attempt = header_text(
-        delivery.properties.headers().as_ref(),
-        retry::HEADER_ATTEMPT,
-    )
-    .and_then(|a| a.parse::<u32>().ok())
-    .unwrap_or(0);
+    let attempt = header_text(delivery.properties.headers().as_ref(), headers::ATTEMPT)
+        .and_then(|a| a.parse::<u32>().ok())
+        .unwrap_or(0);
     let span = info_span!(
         "delivery",
         replay_id = Empty,
@@ -294,16 +274,13 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery) {
         // TIC's per-request `random`, which its support asks for.
         tic_random = Empty
     );
-    if let Some(random) = header_text(
-        delivery.properties.headers().as_ref(),
-        broker::HEADER_RANDOM,
-    ) {
+    if let Some(random) = header_text(delivery.properties.headers().as_ref(), headers::TIC_RANDOM) {
         span.record("tic_random", random.as_str());
     }
     async move {
         let metrics = &context.metrics;
         let _in_flight = metrics.in_flight_guard();
-        let timer = metrics.processing_seconds.start_timer();
+        let timer = metrics.processing_timer();
         // A panic is a bug in one message's processing: caught, retried like a
         // transient failure, and the worker goes on.
         let processing = AssertUnwindSafe(process(&context, &delivery)).catch_unwind();
@@ -330,15 +307,15 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery) {
 }
 
 async fn process(context: &Context, delivery: &Delivery) -> Outcome {
-    let envelope = broker::envelope_of(&delivery.properties);
-    let stage = context.metrics.stage_timer("parse");
+    let envelope = amqp::envelope_of(&delivery.properties);
+    let stage = context.metrics.stage_timer(Stage::Parse);
     let decision = decide(&delivery.data, &envelope, &context.policy);
     stage.observe_duration();
     let mut normalized = match decision {
         Decision::Publish(normalized) => normalized,
         Decision::Skip(reason) => {
             info!(reason = %reason.code, "skipped: {}", reason.message);
-            context.metrics.message("skipped", reason.code.as_str());
+            context.metrics.skipped(reason.code);
             return Outcome::Done;
         }
         Decision::Reject(reason) => return Outcome::Park(reason),
@@ -359,7 +336,7 @@ async fn process(context: &Context, delivery: &Delivery) -> Outcome {
         Err(reason) => return Outcome::Park(reason),
     }
     let record = &normalized.record;
-    let stage = context.metrics.stage_timer("publish");
+    let stage = context.metrics.stage_timer(Stage::Publish);
     let published = publish_record(context, record, delivery).await;
     stage.observe_duration();
     match published {
@@ -369,7 +346,7 @@ async fn process(context: &Context, delivery: &Delivery) -> Outcome {
                 warnings = record.warnings.len(),
                 "published"
             );
-            context.metrics.message("published", "");
+            context.metrics.published();
             Outcome::Done
         }
         Err(e) => Outcome::Retry(Rejection::new(ReasonCode::PublishFailed, e.to_string())),
@@ -418,22 +395,22 @@ async fn publish_record(
     delivery: &Delivery,
 ) -> Result<(), PublishError> {
     let body = serde_json::to_vec(record).expect("a record always serializes");
-    let mut properties = broker::json_properties()
+    let mut properties = amqp::json_properties()
         .with_message_id(record.replay_id.as_str().into())
         .with_type("lesson-replay.v1".into())
         .with_app_id("lesson-replay".into())
         .with_timestamp(now().unix_timestamp().max(0) as u64);
     let inbound = delivery.properties.headers().as_ref();
-    let mut headers = FieldTable::default();
-    if let Some(traceparent) = header_text(inbound, broker::HEADER_TRACEPARENT) {
-        set_header(&mut headers, broker::HEADER_TRACEPARENT, &traceparent);
+    let mut table = FieldTable::default();
+    if let Some(traceparent) = header_text(inbound, headers::TRACEPARENT) {
+        set_header(&mut table, headers::TRACEPARENT, &traceparent);
     }
-    properties = properties.with_headers(headers);
+    properties = properties.with_headers(table);
     if let Some(inbound_id) = delivery.properties.message_id() {
         properties = properties.with_correlation_id(inbound_id.clone());
     }
-    let timer = context.metrics.publish_confirm_seconds.start_timer();
-    let published = broker::publish_confirmed(
+    let timer = context.metrics.publish_confirm_timer();
+    let published = amqp::publish_confirmed(
         &context.publisher,
         &context.config.records_exchange,
         &record_routing_key(record),
@@ -455,20 +432,16 @@ fn rfc3339(t: OffsetDateTime) -> String {
 
 /// The message's headers with the retry bookkeeping of one more failure.
 fn failure_headers(delivery: &Delivery, reason: &Rejection, failures: u32) -> FieldTable {
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    let mut table = delivery.properties.headers().clone().unwrap_or_default();
     let at = rfc3339(now());
-    if header_text(Some(&headers), retry::HEADER_FIRST_SEEN).is_none() {
-        set_header(&mut headers, retry::HEADER_FIRST_SEEN, &at);
+    if header_text(Some(&table), headers::FIRST_SEEN).is_none() {
+        set_header(&mut table, headers::FIRST_SEEN, &at);
     }
-    set_header(&mut headers, retry::HEADER_ATTEMPT, &failures.to_string());
-    set_header(&mut headers, retry::HEADER_LAST_ERROR_AT, &at);
-    set_header(
-        &mut headers,
-        retry::HEADER_LAST_REASON,
-        reason.code.as_str(),
-    );
-    set_header(&mut headers, retry::HEADER_LAST_ERROR, &reason.message);
-    headers
+    set_header(&mut table, headers::ATTEMPT, &failures.to_string());
+    set_header(&mut table, headers::LAST_ERROR_AT, &at);
+    set_header(&mut table, headers::LAST_REASON, reason.code.as_str());
+    set_header(&mut table, headers::LAST_ERROR, &reason.message);
+    table
 }
 
 /// Republish to the next delay tier (confirmed), or park when out of tiers.
@@ -478,12 +451,9 @@ async fn retry_later(
     reason: &Rejection,
     attempt: u32,
 ) -> Result<(), PublishError> {
-    let first_seen = header_text(
-        delivery.properties.headers().as_ref(),
-        retry::HEADER_FIRST_SEEN,
-    )
-    .and_then(|t| OffsetDateTime::parse(&t, &Rfc3339).ok())
-    .unwrap_or_else(now);
+    let first_seen = header_text(delivery.properties.headers().as_ref(), headers::FIRST_SEEN)
+        .and_then(|t| OffsetDateTime::parse(&t, &Rfc3339).ok())
+        .unwrap_or_else(now);
     match context.retry.next_step(attempt, first_seen, now()) {
         RetryStep::Park(why) => {
             let reason = Rejection::new(reason.code, format!("{}; {why}", reason.message));
@@ -492,13 +462,12 @@ async fn retry_later(
         RetryStep::Delay(tier) => {
             let delay = context.retry.tiers[tier];
             let queue = retry::tier_queue(&context.config.work_queue, delay);
-            let headers = failure_headers(delivery, reason, attempt + 1);
-            let properties = delivery.properties.clone().with_headers(headers);
-            broker::publish_confirmed(&context.publisher, "", &queue, &delivery.data, properties)
+            let table = failure_headers(delivery, reason, attempt + 1);
+            let properties = delivery.properties.clone().with_headers(table);
+            amqp::publish_confirmed(&context.publisher, "", &queue, &delivery.data, properties)
                 .await?;
             warn!(reason = %reason.code, delay_secs = delay.as_secs(), "retrying later: {}", reason.message);
-            context.metrics.message("retried", reason.code.as_str());
-            context.metrics.retry(delay);
+            context.metrics.retried(reason.code, delay);
             Ok(())
         }
     }
@@ -512,16 +481,16 @@ async fn park_message(
     reason: &Rejection,
     failures: u32,
 ) -> Result<(), PublishError> {
-    let mut headers = failure_headers(delivery, reason, failures);
-    set_header(&mut headers, broker::HEADER_REASON, reason.code.as_str());
-    set_header(&mut headers, broker::HEADER_ERROR, &reason.message);
-    set_header(&mut headers, broker::HEADER_PARKED_AT, &rfc3339(now()));
+    let mut table = failure_headers(delivery, reason, failures);
+    set_header(&mut table, headers::REASON, reason.code.as_str());
+    set_header(&mut table, headers::ERROR, &reason.message);
+    set_header(&mut table, headers::PARKED_AT, &rfc3339(now()));
     let properties = delivery
         .properties
         .clone()
-        .with_headers(headers)
+        .with_headers(table)
         .with_delivery_mode(2);
-    broker::publish_confirmed(
+    amqp::publish_confirmed(
         &context.publisher,
         "",
         &context.config.parking_queue,
@@ -530,6 +499,6 @@ async fn park_message(
     )
     .await?;
     warn!(reason = %reason.code, "parked: {}", reason.message);
-    context.metrics.message("parked", reason.code.as_str());
+    context.metrics.parked(reason.code);
     Ok(())
 }

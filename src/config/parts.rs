@@ -1,0 +1,148 @@
+//! The settings of each part, built from [`Config`] in one place and one way:
+//! the lower rooms (decision, media, broker) never see `Config`, only the
+//! typed settings they need, so they can be used and tested on their own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+use crate::broker::amqp::BrokerSettings;
+use crate::broker::retry::RetryPolicy;
+use crate::broker::topology::TopologySettings;
+use crate::config::settings::Config;
+use crate::decision::decide::InputPolicy;
+use crate::decision::decode::Limits;
+use crate::decision::url_policy::UrlPolicy;
+use crate::media::archive::ArchiveSettings;
+use crate::media::enrich::MediaSettings;
+use crate::media::fetch::FetchSettings;
+
+impl Config {
+    /// What the decision demands of every inbound message.
+    pub fn input_policy(&self) -> InputPolicy {
+        InputPolicy {
+            mode: self.signature,
+            // validate() has parsed it already.
+            keys: self.tic_keys.parse().unwrap_or_default(),
+            limits: Limits {
+                max_body_bytes: self.max_body_bytes,
+                max_tracks: self.max_tracks,
+                max_string_bytes: self.max_string_bytes,
+            },
+            urls: self.url_policy(),
+        }
+    }
+
+    pub fn url_policy(&self) -> UrlPolicy {
+        UrlPolicy {
+            allowed_hosts: self.vod_allowed_hosts.clone(),
+            allow_private_networks: self.vod_allow_private_networks,
+        }
+    }
+
+    /// The broker address and every name of the topology.
+    pub fn broker_settings(&self) -> BrokerSettings {
+        BrokerSettings {
+            amqp_url: self.amqp_url.clone(),
+            topology: TopologySettings {
+                inbound_exchange: self.inbound_exchange.clone(),
+                work_queue: self.work_queue.clone(),
+                parking_queue: self.parking_queue.clone(),
+                records_exchange: self.records_exchange.clone(),
+                records_queue: self.records_queue.clone(),
+                delivery_limit: self.delivery_limit,
+                retry_tiers: self.retry_policy().tiers,
+            },
+        }
+    }
+
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            tiers: self
+                .retry_delays_secs
+                .iter()
+                .map(|s| Duration::from_secs(*s))
+                .collect(),
+            max_age: Duration::from_secs(self.retry_max_age_secs),
+        }
+    }
+
+    /// How tracks are fetched, probed and archived.
+    pub fn media_settings(&self) -> MediaSettings {
+        MediaSettings {
+            fetch: FetchSettings {
+                connect_timeout: Duration::from_secs(self.fetch_connect_timeout_secs),
+                idle_timeout: Duration::from_secs(self.fetch_idle_timeout_secs),
+                max_file_bytes: self.max_file_bytes,
+                max_resumes: self.fetch_max_resumes,
+                url_policy: Arc::new(self.url_policy()),
+            },
+            archive: self.archive.then(|| self.archive_settings()),
+            probe: self.probe,
+            attempts: self.fetch_attempts,
+            budget: Duration::from_secs(self.stage_budget_secs),
+        }
+    }
+
+    fn archive_settings(&self) -> ArchiveSettings {
+        let credentials: Option<(SecretString, SecretString)> = self
+            .s3_access_key_id
+            .clone()
+            .zip(self.s3_secret_access_key.clone());
+        ArchiveSettings {
+            // validate() refuses archive = true without a bucket.
+            bucket: self.s3_bucket.clone().unwrap_or_default(),
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            force_path_style: self.s3_force_path_style,
+            credentials,
+            prefix: self.s3_prefix.trim_matches('/').to_owned(),
+            storage_class: self.s3_storage_class.clone(),
+            sse: self.s3_sse.clone(),
+            part_size: self.s3_part_size_bytes,
+        }
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use super::*;
+    use crate::broker::topology::{definitions, plan};
+
+    #[test]
+    fn the_committed_definitions_match_the_default_topology() {
+        let committed: Value =
+            serde_json::from_str(include_str!("../../deploy/rabbitmq/definitions.json"))
+                .expect("deploy/rabbitmq/definitions.json is JSON");
+        let generated = definitions(&plan(&Config::default().broker_settings().topology));
+        assert_eq!(
+            committed, generated,
+            "regenerate with: cargo run -- topology --print-definitions > deploy/rabbitmq/definitions.json"
+        );
+    }
+
+    #[test]
+    fn archiving_off_builds_no_archive_settings() {
+        let config = Config::default();
+        assert!(config.media_settings().archive.is_none());
+        let on = Config {
+            archive: true,
+            s3_bucket: Some("b".into()),
+            s3_prefix: "/p/".into(),
+            ..Config::default()
+        };
+        let archive = on.media_settings().archive.expect("archive settings");
+        assert_eq!(
+            (archive.bucket.as_str(), archive.prefix.as_str()),
+            ("b", "p")
+        );
+        assert!(archive.credentials.is_none());
+    }
+}

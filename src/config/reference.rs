@@ -1,0 +1,288 @@
+//! The one description of every setting: its name, what it means, whether it
+//! is a secret. The `--help` text and the table in `docs/configuration.md`
+//! are generated from [`SETTINGS`] with the defaults of
+//! [`Config::default`](crate::config::settings::Config), and tests fail when
+//! the table, the struct and the documentation drift apart.
+
+use serde_json::Value;
+
+use crate::config::settings::{Config, ENV_PREFIX};
+
+/// One setting, as documented.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    /// The TOML key; the environment variable is `LESSON_REPLAY_` + the name in upper case.
+    pub name: &'static str,
+    pub meaning: &'static str,
+    /// Never logged, never printed: redacted by `lesson-replay config`.
+    pub secret: bool,
+}
+
+const fn setting(name: &'static str, meaning: &'static str) -> Setting {
+    Setting {
+        name,
+        meaning,
+        secret: false,
+    }
+}
+
+const fn secret(name: &'static str, meaning: &'static str) -> Setting {
+    Setting {
+        name,
+        meaning,
+        secret: true,
+    }
+}
+
+/// Every setting, in documentation order.
+pub const SETTINGS: &[Setting] = &[
+    secret("amqp_url", "broker URL"),
+    setting(
+        "inbound_exchange",
+        "topic exchange the callback service publishes TIC messages to",
+    ),
+    setting(
+        "work_queue",
+        "the quorum queue workers consume, bound to `inbound_exchange` with `#`",
+    ),
+    setting("parking_queue", "rejected messages, with their reason"),
+    setting(
+        "records_exchange",
+        "topic exchange records are published to",
+    ),
+    setting(
+        "records_queue",
+        "bound to `records_exchange` with `#`: keeps records before any consumer binds",
+    ),
+    setting(
+        "delivery_limit",
+        "deliveries of one message before the broker parks it (`delivery_limit` in `dlq list`)",
+    ),
+    setting(
+        "concurrency",
+        "messages in flight per worker (the consumer prefetch)",
+    ),
+    setting(
+        "signature",
+        "`required`, `if-present` or `off`: when a TIC signature is demanded",
+    ),
+    secret(
+        "tic_keys",
+        "TicKeys per sdkappid: `SDKAPPID=TICKEY,...` in the environment, a `[tic_keys]` table in TOML",
+    ),
+    setting(
+        "shutdown_grace_secs",
+        "time in-flight messages get on shutdown (below Kubernetes' 30 s)",
+    ),
+    setting(
+        "log_format",
+        "`json`, `text`, or `auto` (JSON unless stderr is a terminal); level from `RUST_LOG`",
+    ),
+    setting(
+        "metrics_addr",
+        "`/metrics`, `/healthz`, `/readyz` listener; empty to disable",
+    ),
+    setting(
+        "probe",
+        "probe every track's MP4 for its real duration and picture size",
+    ),
+    setting(
+        "fetch_connect_timeout_secs",
+        "seconds to connect to the VOD origin",
+    ),
+    setting(
+        "fetch_idle_timeout_secs",
+        "longest wait, in seconds, for response headers or the next chunk",
+    ),
+    setting(
+        "fetch_attempts",
+        "attempts per file within one delivery (exponential backoff, jitter)",
+    ),
+    setting(
+        "fetch_max_resumes",
+        "range resumes within one download attempt",
+    ),
+    setting(
+        "max_file_bytes",
+        "larger files are refused (`file_too_large`)",
+    ),
+    setting("archive", "copy every track into the S3-compatible bucket"),
+    setting(
+        "s3_endpoint",
+        "endpoint URL of a non-AWS store, e.g. `http://minio:9000`; unset: AWS",
+    ),
+    setting("s3_region", "region"),
+    setting(
+        "s3_force_path_style",
+        "path-style addressing (`endpoint/bucket/key`); `true` for MinIO and most non-AWS stores",
+    ),
+    secret(
+        "s3_access_key_id",
+        "static credentials, set with `s3_secret_access_key` or not at all; unset: the standard AWS chain",
+    ),
+    secret("s3_secret_access_key", "the secret of `s3_access_key_id`"),
+    setting("s3_bucket", "the bucket (required with `archive`)"),
+    setting("s3_prefix", "key prefix of every object"),
+    setting(
+        "s3_storage_class",
+        "e.g. `STANDARD_IA`; unset: the bucket's default",
+    ),
+    setting(
+        "s3_sse",
+        "server-side encryption: `AES256` or `aws:kms`; unset: none requested",
+    ),
+    setting(
+        "s3_part_size_bytes",
+        "multipart part size: 5 MiB to 5 GiB (at most 16 MiB for MinIO)",
+    ),
+    setting(
+        "retry_delays_secs",
+        "delay tiers of broker-level retries, comma-separated (changing them adds tier queues)",
+    ),
+    setting(
+        "retry_max_age_secs",
+        "a message failing for longer is parked",
+    ),
+    setting(
+        "stage_budget_secs",
+        "longest total backoff of one stage's in-process retries",
+    ),
+    setting(
+        "vod_allowed_hosts",
+        "hosts VOD files may come from: exact names or `*.suffix`, comma-separated",
+    ),
+    setting(
+        "vod_allow_private_networks",
+        "allow VOD hosts resolving to loopback, private, link-local addresses (SSRF risk)",
+    ),
+    setting(
+        "max_body_bytes",
+        "larger messages are parked (`body_too_large`)",
+    ),
+    setting(
+        "max_tracks",
+        "recordings with more video files are parked (`too_many_tracks`)",
+    ),
+    setting(
+        "max_string_bytes",
+        "longer strings in a message are parked (`field_too_long`)",
+    ),
+];
+
+/// The environment variable of a setting.
+pub fn env_var(name: &str) -> String {
+    format!("{ENV_PREFIX}{}", name.to_ascii_uppercase())
+}
+
+/// The defaults, as `lesson-replay config` would print them.
+fn defaults() -> serde_json::Map<String, Value> {
+    match serde_json::to_value(Config::default()) {
+        Ok(Value::Object(map)) => map,
+        _ => unreachable!("Config serializes to an object"),
+    }
+}
+
+/// A default value as a person writes it.
+fn show(value: Option<&Value>) -> String {
+    match value {
+        None | Some(Value::Null) => "unset".into(),
+        Some(Value::String(s)) if s.is_empty() => "empty".into(),
+        Some(Value::String(s)) => format!("`{s}`"),
+        Some(Value::Array(items)) => {
+            let items: Vec<String> = items
+                .iter()
+                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                .collect();
+            format!("`{}`", items.join(","))
+        }
+        Some(Value::Object(map)) if map.is_empty() => "none".into(),
+        Some(other) => format!("`{other}`"),
+    }
+}
+
+/// The settings table of `docs/configuration.md`.
+pub fn markdown_table() -> String {
+    let defaults = defaults();
+    let mut out =
+        String::from("| setting | environment | default | meaning |\n|---|---|---|---|\n");
+    for s in SETTINGS {
+        let meaning = if s.secret {
+            format!("{} (secret: never logged or printed)", s.meaning)
+        } else {
+            s.meaning.to_owned()
+        };
+        out.push_str(&format!(
+            "| `{}` | `{}` | {} | {meaning} |\n",
+            s.name,
+            env_var(s.name),
+            show(defaults.get(s.name)),
+        ));
+    }
+    out
+}
+
+/// The settings part of `--help`.
+pub fn help_text() -> String {
+    let defaults = defaults();
+    let mut out = String::from(
+        "Settings come from defaults, then the TOML file given by --config, then\n\
+         LESSON_REPLAY_* environment variables (docs/configuration.md explains each):\n",
+    );
+    for s in SETTINGS {
+        let default = show(defaults.get(s.name)).replace('`', "");
+        out.push_str(&format!("  {:<44} [{default}]\n", env_var(s.name)));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The field names of `Config`, as serde sees them.
+    fn config_fields() -> Vec<String> {
+        defaults().keys().cloned().collect()
+    }
+
+    #[test]
+    fn every_field_is_documented_once_and_nothing_else() {
+        let mut documented: Vec<String> = SETTINGS.iter().map(|s| s.name.to_owned()).collect();
+        let count = documented.len();
+        documented.sort();
+        documented.dedup();
+        assert_eq!(documented.len(), count, "a setting is documented twice");
+        let mut fields = config_fields();
+        fields.sort();
+        assert_eq!(documented, fields);
+    }
+
+    #[test]
+    fn the_documentation_table_is_the_generated_one() {
+        let doc = include_str!("../../docs/configuration.md");
+        let begin = "<!-- settings:begin -->\n";
+        let end = "<!-- settings:end -->";
+        let start = doc
+            .find(begin)
+            .expect("docs/configuration.md has the begin marker")
+            + begin.len();
+        let stop = doc
+            .find(end)
+            .expect("docs/configuration.md has the end marker");
+        assert_eq!(
+            &doc[start..stop],
+            markdown_table(),
+            "regenerate with: lesson-replay config --reference (between the markers)"
+        );
+    }
+
+    #[test]
+    fn secrets_never_show_their_default_value() {
+        let text = help_text();
+        assert!(!text.contains("guest:guest"), "{text}");
+        assert!(text.contains("LESSON_REPLAY_AMQP_URL"));
+        assert!(
+            text.contains("[amqp://guest:***@127.0.0.1:5672/%2f]"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,573 @@
+//! The settings: defaults, then an optional TOML file, then `LESSON_REPLAY_*`
+//! environment variables (each setting's variable is its name in upper case,
+//! e.g. `amqp_url` → `LESSON_REPLAY_AMQP_URL`), validated as a whole at load
+//! time so that `lesson-replay config` catches every mistake it can. Secrets
+//! are wrapped so that `Debug` and serialized output never show them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::decision::url_policy::TIC_VOD_HOSTS;
+use crate::decision::verify::{SignatureMode, TicKeys};
+
+pub const ENV_PREFIX: &str = "LESSON_REPLAY_";
+
+/// S3's limits on a multipart part.
+const MIN_PART_BYTES: usize = 5 * 1024 * 1024;
+const MAX_PART_BYTES: usize = 5 * 1024 * 1024 * 1024;
+
+/// Every setting of the product. Each field is described once, in
+/// [`SETTINGS`](crate::config::reference::SETTINGS); a test keeps the two equal.
+/// Serializing it (as `lesson-replay config` does) redacts the secrets.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    #[serde(serialize_with = "redacted_url")]
+    pub amqp_url: SecretString,
+    pub inbound_exchange: String,
+    pub work_queue: String,
+    pub parking_queue: String,
+    pub records_exchange: String,
+    pub records_queue: String,
+    pub delivery_limit: u32,
+    pub concurrency: u16,
+    pub signature: SignatureMode,
+    pub tic_keys: TicKeysSetting,
+    pub shutdown_grace_secs: u64,
+    pub log_format: LogFormat,
+    pub metrics_addr: String,
+    pub probe: bool,
+    pub fetch_connect_timeout_secs: u64,
+    pub fetch_idle_timeout_secs: u64,
+    pub fetch_attempts: usize,
+    pub fetch_max_resumes: u32,
+    pub max_file_bytes: u64,
+    pub archive: bool,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: String,
+    pub s3_force_path_style: bool,
+    #[serde(serialize_with = "redacted")]
+    pub s3_access_key_id: Option<SecretString>,
+    #[serde(serialize_with = "redacted")]
+    pub s3_secret_access_key: Option<SecretString>,
+    pub s3_bucket: Option<String>,
+    pub s3_prefix: String,
+    pub s3_storage_class: Option<String>,
+    pub s3_sse: Option<String>,
+    pub s3_part_size_bytes: usize,
+    #[serde(deserialize_with = "list")]
+    pub retry_delays_secs: Vec<u64>,
+    pub retry_max_age_secs: u64,
+    pub stage_budget_secs: u64,
+    #[serde(deserialize_with = "list")]
+    pub vod_allowed_hosts: Vec<String>,
+    pub vod_allow_private_networks: bool,
+    pub max_body_bytes: usize,
+    pub max_tracks: usize,
+    pub max_string_bytes: usize,
+}
+
+/// A list given as a TOML array or as a comma-separated string (environment).
+fn list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form<T> {
+        List(Vec<T>),
+        Text(String),
+        One(u64),
+    }
+    match Form::<T>::deserialize(d)? {
+        Form::List(items) => Ok(items),
+        Form::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().map_err(serde::de::Error::custom))
+            .collect(),
+        Form::One(n) => n
+            .to_string()
+            .parse()
+            .map(|v| vec![v])
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            amqp_url: SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            inbound_exchange: "tic.recordings".into(),
+            work_queue: "lesson-replay.recordings".into(),
+            parking_queue: "lesson-replay.parking".into(),
+            records_exchange: "lesson-replay.records".into(),
+            records_queue: "lesson-replay.records".into(),
+            delivery_limit: 20,
+            concurrency: 16,
+            signature: SignatureMode::IfPresent,
+            tic_keys: TicKeysSetting::default(),
+            shutdown_grace_secs: 25,
+            log_format: LogFormat::Auto,
+            metrics_addr: "0.0.0.0:9090".into(),
+            probe: true,
+            fetch_connect_timeout_secs: 10,
+            fetch_idle_timeout_secs: 30,
+            fetch_attempts: 4,
+            fetch_max_resumes: 5,
+            max_file_bytes: 20 * 1024 * 1024 * 1024,
+            archive: false,
+            s3_endpoint: None,
+            s3_region: "us-east-1".into(),
+            s3_force_path_style: false,
+            s3_access_key_id: None,
+            s3_secret_access_key: None,
+            s3_bucket: None,
+            s3_prefix: "lesson-replay".into(),
+            s3_storage_class: None,
+            s3_sse: None,
+            s3_part_size_bytes: 8 * 1024 * 1024,
+            retry_delays_secs: vec![10, 60, 300, 1800, 7200],
+            retry_max_age_secs: 12 * 3600,
+            stage_budget_secs: 60,
+            vod_allowed_hosts: vec![TIC_VOD_HOSTS.into()],
+            vod_allow_private_networks: false,
+            max_body_bytes: 1024 * 1024,
+            max_tracks: 500,
+            max_string_bytes: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Auto,
+    Json,
+    Text,
+}
+
+/// TicKeys as configured: a `ID=KEY,...` list (environment) or a table (TOML).
+#[derive(Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TicKeysSetting {
+    List(SecretString),
+    Table(BTreeMap<String, SecretString>),
+}
+
+impl Default for TicKeysSetting {
+    fn default() -> Self {
+        TicKeysSetting::Table(BTreeMap::new())
+    }
+}
+
+impl std::fmt::Debug for TicKeysSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+/// Shown with the sdkappids only: `{"1400000001": "[REDACTED]"}`.
+impl Serialize for TicKeysSetting {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let ids: BTreeMap<String, &str> = match self.parse() {
+            Ok(keys) => keys.ids().map(|id| (id.to_string(), REDACTED)).collect(),
+            Err(_) => BTreeMap::from([("invalid".to_owned(), REDACTED)]),
+        };
+        ids.serialize(serializer)
+    }
+}
+
+const REDACTED: &str = "[REDACTED]";
+
+fn redacted<S: Serializer>(secret: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    secret.as_ref().map(|_| REDACTED).serialize(s)
+}
+
+/// The broker URL with its password masked: `amqp://user:***@host:5672/%2f`.
+fn redacted_url<S: Serializer>(url: &SecretString, s: S) -> Result<S::Ok, S::Error> {
+    mask_password(url.expose_secret()).serialize(s)
+}
+
+/// `url` without its password; the whole URL is redacted when it cannot be parsed.
+pub fn mask_password(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => REDACTED.to_owned(),
+    }
+}
+
+impl TicKeysSetting {
+    pub fn parse(&self) -> Result<TicKeys, String> {
+        match self {
+            TicKeysSetting::List(list) => TicKeys::parse_list(list.expose_secret()),
+            TicKeysSetting::Table(table) => {
+                let mut keys = TicKeys::default();
+                for (id, key) in table {
+                    let id = id
+                        .parse()
+                        .map_err(|_| format!("tic_keys: sdkappid {id:?} is not an integer"))?;
+                    keys.insert(id, key.clone());
+                }
+                Ok(keys)
+            }
+        }
+    }
+
+    /// The `ID=KEY,...` form, keys exposed (for handing settings to a child process).
+    fn as_list(&self) -> String {
+        match self {
+            TicKeysSetting::List(list) => list.expose_secret().to_owned(),
+            TicKeysSetting::Table(table) => table
+                .iter()
+                .map(|(id, key)| format!("{id}={}", key.expose_secret()))
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Load defaults, then `file` (when given), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} not found",
+                    file.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        // LESSON_REPLAY_CONFIG names the file; LESSON_REPLAY_TEST_* belong to the tests.
+        let env = Env::prefixed(ENV_PREFIX)
+            .filter(|key| key != "config" && !key.as_str().starts_with("test_"));
+        figment = figment.merge(env);
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.concurrency == 0 {
+            return Err(ConfigError::Invalid(
+                "concurrency must be at least 1".into(),
+            ));
+        }
+        if self.delivery_limit == 0 {
+            return Err(ConfigError::Invalid(
+                "delivery_limit must be at least 1".into(),
+            ));
+        }
+        if !(MIN_PART_BYTES..=MAX_PART_BYTES).contains(&self.s3_part_size_bytes) {
+            return Err(ConfigError::Invalid(
+                "s3_part_size_bytes must be between 5 MiB and 5 GiB (S3's part limits)".into(),
+            ));
+        }
+        if self.s3_access_key_id.is_some() != self.s3_secret_access_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "set both s3_access_key_id and s3_secret_access_key, or neither".into(),
+            ));
+        }
+        if let Some(endpoint) = &self.s3_endpoint
+            && !matches!(url::Url::parse(endpoint), Ok(u) if matches!(u.scheme(), "http" | "https"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "s3_endpoint {endpoint:?} is not an http(s) URL"
+            )));
+        }
+        // The broker URL as the AMQP client will read it; the error never echoes it.
+        if let Err(why) = lapin::uri::AMQPUri::from_str(self.amqp_url.expose_secret()) {
+            let why = why.replace(self.amqp_url.expose_secret(), "[REDACTED]");
+            return Err(ConfigError::Invalid(format!(
+                "amqp_url is not a valid AMQP URL: {why}"
+            )));
+        }
+        if let Some(addr) = Some(self.metrics_addr.trim()).filter(|a| !a.is_empty())
+            && addr.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "metrics_addr {addr:?} is not an address like 0.0.0.0:9090 (empty: no listener)"
+            )));
+        }
+        if self.vod_allowed_hosts.is_empty() {
+            return Err(ConfigError::Invalid(
+                "vod_allowed_hosts is empty: no recording could ever be fetched".into(),
+            ));
+        }
+        for (name, value) in [
+            (
+                "fetch_connect_timeout_secs",
+                self.fetch_connect_timeout_secs,
+            ),
+            ("fetch_idle_timeout_secs", self.fetch_idle_timeout_secs),
+            ("max_file_bytes", self.max_file_bytes),
+            ("max_body_bytes", self.max_body_bytes as u64),
+            ("max_tracks", self.max_tracks as u64),
+            ("max_string_bytes", self.max_string_bytes as u64),
+            ("retry_max_age_secs", self.retry_max_age_secs),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if self.archive && self.s3_bucket.as_deref().is_none_or(str::is_empty) {
+            return Err(ConfigError::Invalid(
+                "archive = true needs s3_bucket".into(),
+            ));
+        }
+        if self.retry_delays_secs.contains(&0) {
+            return Err(ConfigError::Invalid(
+                "retry_delays_secs must all be at least 1".into(),
+            ));
+        }
+        if self.fetch_attempts == 0 {
+            return Err(ConfigError::Invalid(
+                "fetch_attempts must be at least 1".into(),
+            ));
+        }
+        let keys = self.tic_keys.parse().map_err(ConfigError::Invalid)?;
+        if self.signature == SignatureMode::Required && keys.is_empty() {
+            return Err(ConfigError::Invalid(
+                "signature = required but no tic_keys are configured".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every setting as the environment variable that sets it, secrets
+    /// included: how a parent process (a test, a supervisor) hands a child
+    /// exactly this configuration.
+    pub fn to_environment(&self) -> Vec<(String, String)> {
+        let Ok(serde_json::Value::Object(values)) = serde_json::to_value(self) else {
+            unreachable!("Config serializes to an object");
+        };
+        let secrets = [
+            ("amqp_url", Some(self.amqp_url.expose_secret().to_owned())),
+            ("tic_keys", Some(self.tic_keys.as_list())),
+            (
+                "s3_access_key_id",
+                self.s3_access_key_id
+                    .as_ref()
+                    .map(|s| s.expose_secret().to_owned()),
+            ),
+            (
+                "s3_secret_access_key",
+                self.s3_secret_access_key
+                    .as_ref()
+                    .map(|s| s.expose_secret().to_owned()),
+            ),
+        ];
+        let mut out = Vec::new();
+        for (name, value) in values {
+            let text = match secrets.iter().find(|(secret, _)| *secret == name) {
+                Some((_, exposed)) => exposed.clone(),
+                None => env_text(&value),
+            };
+            if let Some(text) = text {
+                out.push((crate::config::reference::env_var(&name), text));
+            }
+        }
+        out
+    }
+}
+
+/// A serialized setting as an environment variable's text; `None` when unset.
+fn env_text(value: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    match value {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        Value::Array(items) => Some(
+            items
+                .iter()
+                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        other => Some(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error.
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "lr.toml",
+                "concurrency = 4\nwork_queue = \"from-file\"\n[tic_keys]\n1400000001 = \"FILEKEY\"\n",
+            )?;
+            jail.set_env("LESSON_REPLAY_WORK_QUEUE", "from-env");
+            jail.set_env("LESSON_REPLAY_SIGNATURE", "required");
+            jail.set_env("LESSON_REPLAY_RETRY_DELAYS_SECS", "1,2,3");
+            jail.set_env(
+                "LESSON_REPLAY_VOD_ALLOWED_HOSTS",
+                "*.vod2.myqcloud.com, cdn.example.org",
+            );
+            let config = Config::load(Some(Path::new("lr.toml"))).expect("loads");
+            assert_eq!(config.retry_delays_secs, [1, 2, 3]);
+            assert_eq!(
+                config.vod_allowed_hosts,
+                ["*.vod2.myqcloud.com", "cdn.example.org"]
+            );
+            assert_eq!(config.concurrency, 4);
+            assert_eq!(config.work_queue, "from-env");
+            assert_eq!(config.signature, SignatureMode::Required);
+            assert_eq!(config.records_queue, "lesson-replay.records");
+            assert_eq!(config.tic_keys.parse().unwrap().len(), 1);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_and_printed_output() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("LESSON_REPLAY_AMQP_URL", "amqp://user:hunter2@broker/%2f");
+            jail.set_env("LESSON_REPLAY_TIC_KEYS", "1400000001=TOPSECRETKEY");
+            jail.set_env("LESSON_REPLAY_S3_ACCESS_KEY_ID", "S3KEYIDVALUE");
+            jail.set_env("LESSON_REPLAY_S3_SECRET_ACCESS_KEY", "S3SECRETVALUE");
+            let config = Config::load(None).expect("loads");
+            let debug = format!("{config:?}");
+            let printed = serde_json::to_string(&config).unwrap();
+            for shown in [&debug, &printed] {
+                for secret in ["hunter2", "TOPSECRETKEY", "S3KEYIDVALUE", "S3SECRETVALUE"] {
+                    assert!(!shown.contains(secret), "{secret} in {shown}");
+                }
+            }
+            // What an operator needs to check them is still there.
+            assert!(printed.contains("amqp://user:***@broker/%2f"), "{printed}");
+            assert!(
+                printed.contains(r#""1400000001":"[REDACTED]""#),
+                "{printed}"
+            );
+            assert_eq!(config.input_policy().keys.len(), 1);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_environment_form_gives_back_the_same_settings() {
+        let config = Config {
+            amqp_url: SecretString::from("amqp://u:p%40ss@broker:5673/vh"),
+            tic_keys: TicKeysSetting::List(SecretString::from("1400000001=K1,1400000002=K2")),
+            s3_access_key_id: Some(SecretString::from("id")),
+            s3_secret_access_key: Some(SecretString::from("secret")),
+            archive: true,
+            s3_bucket: Some("b".into()),
+            retry_delays_secs: vec![1, 2],
+            vod_allowed_hosts: vec!["a.example".into(), "*.b.example".into()],
+            signature: SignatureMode::Required,
+            metrics_addr: String::new(),
+            ..Config::default()
+        };
+        let env = config.to_environment();
+        figment::Jail::expect_with(|jail| {
+            for (name, value) in &env {
+                jail.set_env(name, value);
+            }
+            let loaded = Config::load(None).expect("loads");
+            assert_eq!(
+                serde_json::to_value(&loaded).unwrap(),
+                serde_json::to_value(&config).unwrap()
+            );
+            assert_eq!(
+                loaded.amqp_url.expose_secret(),
+                "amqp://u:p%40ss@broker:5673/vh"
+            );
+            assert_eq!(
+                loaded
+                    .s3_secret_access_key
+                    .as_ref()
+                    .map(|s| s.expose_secret()),
+                Some("secret")
+            );
+            assert_eq!(loaded.input_policy().keys.len(), 2);
+            Ok(())
+        });
+    }
+
+    /// The error message of loading with `name` = `value`.
+    fn load_error(name: &str, value: &str) -> String {
+        let mut message = String::new();
+        figment::Jail::expect_with(|jail| {
+            jail.set_env(name, value);
+            message = Config::load(None).expect_err(name).to_string();
+            Ok(())
+        });
+        message
+    }
+
+    #[test]
+    fn unknown_settings_and_bad_values_are_errors() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "concurency = 4\n")?;
+            assert!(Config::load(Some(Path::new("bad.toml"))).is_err());
+            jail.set_env("LESSON_REPLAY_SIGNATURE", "required");
+            assert!(Config::load(None).is_err(), "required without keys");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn what_can_be_checked_at_load_time_is() {
+        let half = load_error("LESSON_REPLAY_S3_ACCESS_KEY_ID", "id-only");
+        assert!(
+            half.contains("both s3_access_key_id and s3_secret_access_key"),
+            "{half}"
+        );
+        let query = load_error(
+            "LESSON_REPLAY_AMQP_URL",
+            "amqp://u:hunter2@broker/%2f?heartbeat=often",
+        );
+        assert!(
+            query.contains("amqp_url is not a valid AMQP URL"),
+            "{query}"
+        );
+        assert!(
+            !query.contains("hunter2"),
+            "the password is echoed: {query}"
+        );
+        let scheme = load_error("LESSON_REPLAY_AMQP_URL", "http://u:hunter2@broker/");
+        assert!(
+            scheme.contains("amqp_url") && !scheme.contains("hunter2"),
+            "{scheme}"
+        );
+        let part = load_error("LESSON_REPLAY_S3_PART_SIZE_BYTES", "6000000000");
+        assert!(part.contains("s3_part_size_bytes"), "{part}");
+        let small = load_error("LESSON_REPLAY_S3_PART_SIZE_BYTES", "1024");
+        assert!(small.contains("s3_part_size_bytes"), "{small}");
+        let addr = load_error("LESSON_REPLAY_METRICS_ADDR", "localhost");
+        assert!(addr.contains("metrics_addr"), "{addr}");
+        let endpoint = load_error("LESSON_REPLAY_S3_ENDPOINT", "minio:9000");
+        assert!(endpoint.contains("s3_endpoint"), "{endpoint}");
+        let zero = load_error("LESSON_REPLAY_MAX_TRACKS", "0");
+        assert!(zero.contains("max_tracks"), "{zero}");
+    }
+}

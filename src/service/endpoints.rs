@@ -1,0 +1,75 @@
+//! The HTTP endpoints every service serves: `/metrics` (Prometheus),
+//! `/healthz` (alive) and `/readyz` (ready for work), and the readiness flag
+//! the service sets.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::telemetry::metrics::Metrics;
+
+/// Readiness, for `/readyz` (and the `broker_connected` gauge).
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    ready: Arc<AtomicBool>,
+}
+
+impl Health {
+    /// Connected to the broker and consuming.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub fn set_ready(&self, ready: bool, metrics: &Metrics) {
+        self.ready.store(ready, Ordering::SeqCst);
+        metrics.set_broker_connected(ready);
+    }
+}
+
+#[derive(Clone)]
+struct Endpoints {
+    metrics: Metrics,
+    health: Health,
+}
+
+/// Serve `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    health: Health,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+    let app = Router::new()
+        .route("/metrics", get(metrics_endpoint))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready_endpoint))
+        .with_state(Arc::new(Endpoints { metrics, health }));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn metrics_endpoint(State(endpoints): State<Arc<Endpoints>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        endpoints.metrics.render(),
+    )
+}
+
+async fn ready_endpoint(State(endpoints): State<Arc<Endpoints>>) -> impl IntoResponse {
+    if endpoints.health.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}

@@ -1,0 +1,146 @@
+//! Starting a service: the one place that wires a service to its endpoints,
+//! its logging and its shutdown. `lesson-replay worker` and the tests both go
+//! through [`Service`], so what the tests run is what production runs.
+
+use std::future::Future;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::settings::{Config, LogFormat};
+use crate::service::endpoints::{self, Health};
+use crate::service::worker::{self, WorkerError};
+use crate::telemetry::metrics::Metrics;
+
+/// Why a service stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("metrics_addr {addr:?}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+}
+
+/// A service about to run: its settings, its metrics and readiness, and its
+/// endpoint listener, already bound (so a port conflict fails at once).
+pub struct Service {
+    config: Config,
+    metrics: Metrics,
+    health: Health,
+    listener: Option<TcpListener>,
+}
+
+impl Service {
+    /// Bind `metrics_addr` (none when empty); the service reports to
+    /// `metrics` and `health`, which the caller may keep to watch it.
+    pub async fn bind(
+        config: Config,
+        metrics: Metrics,
+        health: Health,
+    ) -> Result<Service, ServiceError> {
+        let listener = match config.metrics_addr.trim() {
+            "" => None,
+            addr => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServiceError::Bind {
+                        addr: addr.to_owned(),
+                        source,
+                    })?,
+            ),
+        };
+        Ok(Service {
+            config,
+            metrics,
+            health,
+            listener,
+        })
+    }
+
+    /// Where the endpoints listen (port 0 in the settings: the one the system chose).
+    pub fn endpoint_addr(&self) -> Option<SocketAddr> {
+        self.listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Run the worker until `shutdown` completes, then stop it in order; the
+    /// endpoints stop last.
+    pub async fn run_worker(self, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
+        let endpoints_stop = CancellationToken::new();
+        let server = self.listener.map(|listener| {
+            tokio::spawn(endpoints::serve(
+                listener,
+                self.metrics.clone(),
+                self.health.clone(),
+                endpoints_stop.clone().cancelled_owned(),
+            ))
+        });
+        let result = worker::run(self.config, shutdown, self.health, self.metrics).await;
+        endpoints_stop.cancel();
+        if let Some(server) = server
+            && let Ok(Err(e)) = server.await
+        {
+            tracing::warn!(error = %e, "metrics endpoint failed");
+        }
+        Ok(result?)
+    }
+}
+
+/// Log to stderr, JSON or text as `format` says, at the level `RUST_LOG` sets (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Completes on the first SIGINT or SIGTERM; a second one quits the process
+/// at once with exit code 130. Call inside the runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    let stop = CancellationToken::new();
+    tokio::spawn(watch_signals(stop.clone()));
+    stop.cancelled_owned()
+}
+
+async fn watch_signals(stop: CancellationToken) {
+    next_signal().await;
+    tracing::info!("shutdown signal received: stopping (a second signal quits at once)");
+    stop.cancel();
+    next_signal().await;
+    tracing::warn!("second signal: quitting now");
+    std::process::exit(130);
+}
+
+async fn next_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
