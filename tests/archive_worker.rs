@@ -7,39 +7,16 @@ mod common;
 
 use std::time::Duration;
 
+use common::messages::{FASTSTART, MOOV_AT_END, finished, video};
 use common::origin::{Faults, Origin};
 use common::s3::S3Server;
 use common::{Broker, assert_valid_record, header, isolated_config, spawn_worker};
 use lesson_replay::cli::callback_headers;
 use md5::{Digest, Md5};
-use serde_json::{Value, json};
+use serde_json::Value;
 
-const FASTSTART: &[u8] = include_bytes!("fixtures/faststart-2s-320x240.mp4");
-const MOOV_AT_END: &[u8] = include_bytes!("fixtures/moov-at-end-5s-160x120.mp4");
-
-fn track(
-    url: &str,
-    id: &str,
-    kind: i64,
-    user: &str,
-    size: usize,
-    duration: i64,
-    offset: i64,
-) -> Value {
-    json!({"video_play_time": offset, "video_size": size, "video_format": "mp4", "video_duration": duration,
-           "video_url": url, "video_id": id, "video_type": kind, "user_id": user})
-}
-
-fn callback(task: &str, tracks: Vec<Value>) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "callback_type": "record_finished", "error_code": 0, "error_msg": "", "expire_time": 1700000600,
-        "timestamp": 1700000500, "task_id": task, "room_id": 42, "group_id": "42",
-        "record_user_id": "tic_record_user_42_1", "start_time": 1700000000, "stop_time": 1700000010,
-        "video_info": tracks
-    }))
-    .unwrap()
-}
-
+// Long on purpose: one lesson end to end, then its redelivery, against
+// the same bucket; the second half only means something after the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recordings_are_archived_verified_and_not_uploaded_twice() {
     let s3 = S3Server::start("school");
@@ -60,10 +37,11 @@ async fn recordings_are_archived_verified_and_not_uploaded_twice() {
         },
     );
     let board = origin.add("/board.mp4", MOOV_AT_END.to_vec(), Faults::default());
-    let body = callback(
+    let body = finished(
         "task-archive",
+        42,
         vec![
-            track(
+            video(
                 &camera,
                 "cam1",
                 0,
@@ -73,7 +51,7 @@ async fn recordings_are_archived_verified_and_not_uploaded_twice() {
                 0,
             ),
             // Declared 4 s, the file lasts 5 s: the probe wins.
-            track(&board, "board1", 2, "", MOOV_AT_END.len(), 4000, 500),
+            video(&board, "board1", 2, "", MOOV_AT_END.len(), 4000, 500),
         ],
     );
     broker
@@ -175,11 +153,12 @@ async fn without_archiving_every_track_is_probed_by_range_reads() {
         b"<html>oops</html>".to_vec(),
         Faults::default(),
     );
-    let body = callback(
+    let body = finished(
         "task-probe",
+        42,
         vec![
-            track(&board, "b", 2, "", MOOV_AT_END.len() + 1, 5000, 0),
-            track(&html, "h", 0, "u", 17, 1000, 0),
+            video(&board, "b", 2, "", MOOV_AT_END.len() + 1, 5000, 0),
+            video(&html, "h", 0, "u", 17, 1000, 0),
         ],
     );
     broker.publish(&body, Default::default()).await;
@@ -220,16 +199,21 @@ async fn permanent_fetch_failures_are_parked_with_their_reason() {
     let missing = format!("{}/gone.mp4", origin.base);
     broker
         .publish(
-            &callback("t-404", vec![track(&missing, "g", 0, "u", 100, 1000, 0)]),
+            &finished(
+                "t-404",
+                42,
+                vec![video(&missing, "g", 0, "u", 100, 1000, 0)],
+            ),
             Default::default(),
         )
         .await;
     let board = origin.add("/board.mp4", MOOV_AT_END.to_vec(), Faults::default());
     broker
         .publish(
-            &callback(
+            &finished(
                 "t-size",
-                vec![track(&board, "b", 2, "", MOOV_AT_END.len() - 1, 5000, 0)],
+                42,
+                vec![video(&board, "b", 2, "", MOOV_AT_END.len() - 1, 5000, 0)],
             ),
             Default::default(),
         )
@@ -263,9 +247,10 @@ async fn a_store_refusing_the_credentials_parks_at_once_as_denied() {
     worker.wait_ready().await;
     let board = origin.add("/board.mp4", MOOV_AT_END.to_vec(), Faults::default());
     let lesson = |task: &str| {
-        callback(
+        finished(
             task,
-            vec![track(&board, "b", 2, "", MOOV_AT_END.len(), 5000, 0)],
+            42,
+            vec![video(&board, "b", 2, "", MOOV_AT_END.len(), 5000, 0)],
         )
     };
 

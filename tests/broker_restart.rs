@@ -8,21 +8,11 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use common::messages::one_camera;
 use common::{Broker, isolated_config, spawn_worker_with, wait_until};
 use lapin::types::FieldTable;
 use lesson_replay::service::endpoints::Health;
 use lesson_replay::telemetry::metrics::Metrics;
-use serde_json::json;
-
-fn message(i: usize) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "callback_type": "record_finished", "task_id": format!("restart-{i}"), "room_id": 9,
-        "group_id": "9", "start_time": 1700000000, "stop_time": 1700000010,
-        "video_info": [{"video_play_time": 0, "video_size": 1000, "video_format": "mp4", "video_duration": 1000,
-            "video_url": "http://1.vod2.myqcloud.com/a.mp4", "video_id": "v", "video_type": 0, "user_id": "u"}]
-    }))
-    .unwrap()
-}
 
 fn rabbitmqctl(args: &[&str]) {
     let status = std::process::Command::new("rabbitmqctl")
@@ -30,6 +20,15 @@ fn rabbitmqctl(args: &[&str]) {
         .status()
         .expect("rabbitmqctl runs");
     assert!(status.success(), "rabbitmqctl {args:?}");
+}
+
+/// Lessons `restart-{i}` for every `i` of `range`.
+async fn publish_lessons(broker: &Broker, range: std::ops::Range<usize>) {
+    for i in range {
+        let url = "http://1.vod2.myqcloud.com/a.mp4";
+        let body = one_camera(&format!("restart-{i}"), 9, url, 1000);
+        broker.publish(&body, FieldTable::default()).await;
+    }
 }
 
 async fn take_ids(broker: &Broker, n: usize, ids: &mut HashSet<String>) {
@@ -55,9 +54,7 @@ async fn the_worker_recovers_from_a_broker_restart_by_itself() {
     .await;
 
     let mut ids = HashSet::new();
-    for i in 0..20 {
-        broker.publish(&message(i), FieldTable::default()).await;
-    }
+    publish_lessons(&broker, 0..20).await;
     take_ids(&broker, 20, &mut ids).await;
 
     // (The test's own connection dies with the broker too; it is replaced below.)
@@ -84,9 +81,7 @@ async fn the_worker_recovers_from_a_broker_restart_by_itself() {
     );
 
     let broker = Broker::new(config).await;
-    for i in 20..40 {
-        broker.publish(&message(i), FieldTable::default()).await;
-    }
+    publish_lessons(&broker, 20..40).await;
     take_ids(&broker, 20, &mut ids).await;
     assert_eq!(
         ids.len(),

@@ -6,6 +6,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use common::messages::{FASTSTART, MOOV_AT_END, one_camera};
 use common::origin::{Faults, Origin};
 use common::s3::S3Server;
 use common::{Broker, WorkerProcess, header, isolated_config, spawn_worker_with};
@@ -14,20 +15,7 @@ use lesson_replay::config::settings::Config;
 use lesson_replay::service::endpoints::Health;
 use lesson_replay::telemetry::metrics::Metrics;
 use md5::{Digest, Md5};
-use serde_json::{Value, json};
-
-const FASTSTART: &[u8] = include_bytes!("fixtures/faststart-2s-320x240.mp4");
-const MOOV_AT_END: &[u8] = include_bytes!("fixtures/moov-at-end-5s-160x120.mp4");
-
-fn callback(task: &str, url: &str, size: usize) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "callback_type": "record_finished", "error_code": 0, "task_id": task, "room_id": 7,
-        "group_id": "7", "start_time": 1700000000, "stop_time": 1700000010,
-        "video_info": [{"video_play_time": 0, "video_size": size, "video_format": "mp4",
-            "video_duration": 2000, "video_url": url, "video_id": task, "video_type": 0, "user_id": "t"}]
-    }))
-    .unwrap()
-}
+use serde_json::Value;
 
 /// Collect records until `want` distinct replay ids arrived (or the deadline).
 async fn collect_records(
@@ -112,7 +100,7 @@ async fn killed_workers_lose_nothing() {
         let url = origin.add(&format!("/r{i}.mp4"), FASTSTART.to_vec(), Faults::default());
         broker
             .publish(
-                &callback(&format!("crash-{i}"), &url, FASTSTART.len()),
+                &one_camera(&format!("crash-{i}"), 7, &url, FASTSTART.len()),
                 FieldTable::default(),
             )
             .await;
@@ -162,7 +150,7 @@ async fn an_s3_outage_delays_messages_without_losing_them() {
     for i in 0..3 {
         broker
             .publish(
-                &callback(&format!("before-{i}"), &url, MOOV_AT_END.len()),
+                &one_camera(&format!("before-{i}"), 7, &url, MOOV_AT_END.len()),
                 FieldTable::default(),
             )
             .await;
@@ -175,7 +163,7 @@ async fn an_s3_outage_delays_messages_without_losing_them() {
     for i in 0..10 {
         broker
             .publish(
-                &callback(&format!("during-{i}"), &url, MOOV_AT_END.len()),
+                &one_camera(&format!("during-{i}"), 7, &url, MOOV_AT_END.len()),
                 FieldTable::default(),
             )
             .await;
@@ -203,6 +191,8 @@ async fn an_s3_outage_delays_messages_without_losing_them() {
     broker.cleanup().await;
 }
 
+// Long on purpose: three origins failing in three ways, one worker, one
+// set of assertions over what became of each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_failures_retry_through_the_delay_tiers_then_park() {
     let origin = Origin::start().await;
@@ -223,7 +213,7 @@ async fn origin_failures_retry_through_the_delay_tiers_then_park() {
     );
     broker
         .publish(
-            &callback("flaky", &flaky, FASTSTART.len()),
+            &one_camera("flaky", 7, &flaky, FASTSTART.len()),
             FieldTable::default(),
         )
         .await;
@@ -245,7 +235,7 @@ async fn origin_failures_retry_through_the_delay_tiers_then_park() {
     let cutting = origin.add("/cut.mp4", FASTSTART.to_vec(), cut);
     broker
         .publish(
-            &callback("cut", &cutting, FASTSTART.len()),
+            &one_camera("cut", 7, &cutting, FASTSTART.len()),
             FieldTable::default(),
         )
         .await;
@@ -263,7 +253,7 @@ async fn origin_failures_retry_through_the_delay_tiers_then_park() {
     );
     broker
         .publish(
-            &callback("down", &down, FASTSTART.len()),
+            &one_camera("down", 7, &down, FASTSTART.len()),
             FieldTable::default(),
         )
         .await;
@@ -313,7 +303,10 @@ async fn sigterm_during_a_long_upload_requeues_it_and_a_new_worker_completes_it(
     };
     let url = origin.add("/long.mp4", big.clone(), slow);
     broker
-        .publish(&callback("long", &url, big.len()), FieldTable::default())
+        .publish(
+            &one_camera("long", 7, &url, big.len()),
+            FieldTable::default(),
+        )
         .await;
 
     let mut worker = WorkerProcess::start(&broker.config);
@@ -373,7 +366,10 @@ async fn sigterm_lets_in_flight_work_finish_within_the_grace_period() {
     let big: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 13) as u8).collect();
     let url = origin.add("/slowish.mp4", big.clone(), slow);
     broker
-        .publish(&callback("slowish", &url, big.len()), FieldTable::default())
+        .publish(
+            &one_camera("slowish", 7, &url, big.len()),
+            FieldTable::default(),
+        )
         .await;
 
     let mut worker = WorkerProcess::start(&broker.config);
@@ -402,7 +398,7 @@ async fn parked_messages_are_listed_replayed_and_purged_by_the_operator() {
     let missing = format!("{}/late.mp4", origin.base);
     broker
         .publish(
-            &callback("late", &missing, FASTSTART.len()),
+            &one_camera("late", 7, &missing, FASTSTART.len()),
             FieldTable::default(),
         )
         .await;
@@ -471,7 +467,7 @@ async fn a_message_that_keeps_crashing_workers_is_parked_by_the_broker() {
     let broker = Broker::new(config).await;
     broker
         .publish(
-            &callback("poison", "http://1.vod2.myqcloud.com/a.mp4", 1),
+            &one_camera("poison", 7, "http://1.vod2.myqcloud.com/a.mp4", 1),
             FieldTable::default(),
         )
         .await;

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::isolated_config;
+use common::messages::{FASTSTART, MOOV_AT_END};
 use common::origin::{Faults, Origin, noise};
 use common::s3::S3Server;
 use lesson_replay::decision::reason::ReasonCode;
@@ -17,8 +18,6 @@ use lesson_replay::media::s3_error::S3Fault;
 use lesson_replay::telemetry::metrics::Metrics;
 use md5::{Digest, Md5};
 
-const FASTSTART: &[u8] = include_bytes!("fixtures/faststart-2s-320x240.mp4");
-const MOOV_AT_END: &[u8] = include_bytes!("fixtures/moov-at-end-5s-160x120.mp4");
 const MIB: usize = 1024 * 1024;
 
 fn settings() -> FetchSettings {

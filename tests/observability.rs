@@ -6,6 +6,7 @@ mod common;
 
 use std::collections::{BTreeSet, HashMap};
 
+use common::messages::{FASTSTART, one_camera};
 use common::origin::{Faults, Origin};
 use common::s3::S3Server;
 use common::{Broker, header, isolated_config, spawn_worker_with};
@@ -13,21 +14,9 @@ use lapin::types::FieldTable;
 use lesson_replay::broker::headers::set_header;
 use lesson_replay::service::endpoints::Health;
 use lesson_replay::telemetry::metrics::Metrics;
-use serde_json::json;
 
-const FASTSTART: &[u8] = include_bytes!("fixtures/faststart-2s-320x240.mp4");
 const DASHBOARD: &str = include_str!("../deploy/grafana/dashboards/lesson-replay.json");
 const RULES: &str = include_str!("../deploy/prometheus/rules/lesson-replay.yml");
-
-fn callback(task: &str, url: &str) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "callback_type": "record_finished", "task_id": task, "room_id": 987654, "group_id": "987654",
-        "start_time": 1700000000, "stop_time": 1700000010,
-        "video_info": [{"video_play_time": 0, "video_size": FASTSTART.len(), "video_format": "mp4",
-            "video_duration": 2000, "video_url": url, "video_id": task, "video_type": 0, "user_id": "t"}]
-    }))
-    .unwrap()
-}
 
 /// Metric names (as in `# TYPE` lines) and their types.
 fn exposed(text: &str) -> HashMap<String, String> {
@@ -69,6 +58,8 @@ fn referenced(text: &str, types: &HashMap<String, String>) -> BTreeSet<String> {
     names
 }
 
+// Long on purpose: traffic down every path first, then every check of the
+// scrape that traffic makes meaningful.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_and_alerts_use_only_metrics_the_worker_exports() {
     let s3 = S3Server::start("school");
@@ -97,9 +88,17 @@ async fn dashboard_and_alerts_use_only_metrics_the_worker_exports() {
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let mut traced = FieldTable::default();
     set_header(&mut traced, "traceparent", traceparent);
-    broker.publish(&callback("obs-good", &good), traced).await;
     broker
-        .publish(&callback("obs-flaky", &flaky), FieldTable::default())
+        .publish(
+            &one_camera("obs-good", 987654, &good, FASTSTART.len()),
+            traced,
+        )
+        .await;
+    broker
+        .publish(
+            &one_camera("obs-flaky", 987654, &flaky, FASTSTART.len()),
+            FieldTable::default(),
+        )
         .await;
     broker.publish(b"{", FieldTable::default()).await;
     broker

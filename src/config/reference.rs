@@ -6,7 +6,7 @@
 
 use serde_json::Value;
 
-use crate::config::settings::{Config, ENV_PREFIX};
+use crate::config::settings::{Config, env_var};
 
 /// One setting, as documented.
 #[derive(Debug, Clone, Copy)]
@@ -168,11 +168,6 @@ pub const SETTINGS: &[Setting] = &[
         "longer strings in a message are parked (`field_too_long`)",
     ),
 ];
-
-/// The environment variable of a setting.
-pub fn env_var(name: &str) -> String {
-    format!("{ENV_PREFIX}{}", name.to_ascii_uppercase())
-}
 
 /// The defaults, as `lesson-replay config` would print them.
 fn defaults() -> serde_json::Map<String, Value> {

@@ -18,6 +18,11 @@ use crate::decision::verify::{SignatureMode, TicKeys};
 
 pub const ENV_PREFIX: &str = "LESSON_REPLAY_";
 
+/// The environment variable of a setting: `amqp_url` → `LESSON_REPLAY_AMQP_URL`.
+pub fn env_var(name: &str) -> String {
+    format!("{ENV_PREFIX}{}", name.to_ascii_uppercase())
+}
+
 /// S3's limits on a multipart part.
 const MIN_PART_BYTES: usize = 5 * 1024 * 1024;
 const MAX_PART_BYTES: usize = 5 * 1024 * 1024 * 1024;
@@ -190,6 +195,10 @@ impl Serialize for TicKeysSetting {
 
 const REDACTED: &str = "[REDACTED]";
 
+fn invalid<T>(why: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError::Invalid(why.into()))
+}
+
 fn redacted<S: Serializer>(secret: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
     secret.as_ref().map(|_| REDACTED).serialize(s)
 }
@@ -271,54 +280,28 @@ impl Config {
         Ok(config)
     }
 
+    /// Everything that can be checked without the network, so that
+    /// `lesson-replay config` catches it before a deploy does.
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.concurrency == 0 {
-            return Err(ConfigError::Invalid(
-                "concurrency must be at least 1".into(),
-            ));
-        }
-        if self.delivery_limit == 0 {
-            return Err(ConfigError::Invalid(
-                "delivery_limit must be at least 1".into(),
-            ));
-        }
-        if !(MIN_PART_BYTES..=MAX_PART_BYTES).contains(&self.s3_part_size_bytes) {
-            return Err(ConfigError::Invalid(
-                "s3_part_size_bytes must be between 5 MiB and 5 GiB (S3's part limits)".into(),
-            ));
-        }
-        if self.s3_access_key_id.is_some() != self.s3_secret_access_key.is_some() {
-            return Err(ConfigError::Invalid(
-                "set both s3_access_key_id and s3_secret_access_key, or neither".into(),
-            ));
-        }
-        if let Some(endpoint) = &self.s3_endpoint
-            && !matches!(url::Url::parse(endpoint), Ok(u) if matches!(u.scheme(), "http" | "https"))
-        {
-            return Err(ConfigError::Invalid(format!(
-                "s3_endpoint {endpoint:?} is not an http(s) URL"
-            )));
-        }
-        // The broker URL as the AMQP client will read it; the error never echoes it.
-        if let Err(why) = lapin::uri::AMQPUri::from_str(self.amqp_url.expose_secret()) {
-            let why = why.replace(self.amqp_url.expose_secret(), "[REDACTED]");
-            return Err(ConfigError::Invalid(format!(
-                "amqp_url is not a valid AMQP URL: {why}"
-            )));
-        }
-        if let Some(addr) = Some(self.metrics_addr.trim()).filter(|a| !a.is_empty())
-            && addr.parse::<std::net::SocketAddr>().is_err()
-        {
-            return Err(ConfigError::Invalid(format!(
-                "metrics_addr {addr:?} is not an address like 0.0.0.0:9090 (empty: no listener)"
-            )));
+        self.validate_counts()?;
+        self.validate_addresses()?;
+        self.validate_archive()?;
+        let keys = self.tic_keys.parse().map_err(ConfigError::Invalid)?;
+        if self.signature == SignatureMode::Required && keys.is_empty() {
+            return invalid("signature = required but no tic_keys are configured");
         }
         if self.vod_allowed_hosts.is_empty() {
-            return Err(ConfigError::Invalid(
-                "vod_allowed_hosts is empty: no recording could ever be fetched".into(),
-            ));
+            return invalid("vod_allowed_hosts is empty: no recording could ever be fetched");
         }
+        Ok(())
+    }
+
+    /// Counts, sizes and durations that make no sense at zero.
+    fn validate_counts(&self) -> Result<(), ConfigError> {
         for (name, value) in [
+            ("concurrency", u64::from(self.concurrency)),
+            ("delivery_limit", u64::from(self.delivery_limit)),
+            ("fetch_attempts", self.fetch_attempts as u64),
             (
                 "fetch_connect_timeout_secs",
                 self.fetch_connect_timeout_secs,
@@ -331,29 +314,48 @@ impl Config {
             ("retry_max_age_secs", self.retry_max_age_secs),
         ] {
             if value == 0 {
-                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+                return invalid(format!("{name} must be at least 1"));
             }
         }
-        if self.archive && self.s3_bucket.as_deref().is_none_or(str::is_empty) {
-            return Err(ConfigError::Invalid(
-                "archive = true needs s3_bucket".into(),
-            ));
-        }
         if self.retry_delays_secs.contains(&0) {
-            return Err(ConfigError::Invalid(
-                "retry_delays_secs must all be at least 1".into(),
+            return invalid("retry_delays_secs must all be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The broker URL as the AMQP client will read it, and the listener.
+    fn validate_addresses(&self) -> Result<(), ConfigError> {
+        let url = self.amqp_url.expose_secret();
+        if let Err(why) = lapin::uri::AMQPUri::from_str(url) {
+            // The parser may quote the URL: never echo its password.
+            let why = why.replace(url, REDACTED);
+            return invalid(format!("amqp_url is not a valid AMQP URL: {why}"));
+        }
+        let addr = self.metrics_addr.trim();
+        if !addr.is_empty() && addr.parse::<std::net::SocketAddr>().is_err() {
+            return invalid(format!(
+                "metrics_addr {addr:?} is not an address like 0.0.0.0:9090 (empty: no listener)"
             ));
         }
-        if self.fetch_attempts == 0 {
-            return Err(ConfigError::Invalid(
-                "fetch_attempts must be at least 1".into(),
-            ));
+        Ok(())
+    }
+
+    fn validate_archive(&self) -> Result<(), ConfigError> {
+        if self.archive && self.s3_bucket.as_deref().is_none_or(str::is_empty) {
+            return invalid("archive = true needs s3_bucket");
         }
-        let keys = self.tic_keys.parse().map_err(ConfigError::Invalid)?;
-        if self.signature == SignatureMode::Required && keys.is_empty() {
-            return Err(ConfigError::Invalid(
-                "signature = required but no tic_keys are configured".into(),
-            ));
+        if !(MIN_PART_BYTES..=MAX_PART_BYTES).contains(&self.s3_part_size_bytes) {
+            return invalid(
+                "s3_part_size_bytes must be between 5 MiB and 5 GiB (S3's part limits)",
+            );
+        }
+        if self.s3_access_key_id.is_some() != self.s3_secret_access_key.is_some() {
+            return invalid("set both s3_access_key_id and s3_secret_access_key, or neither");
+        }
+        if let Some(endpoint) = &self.s3_endpoint
+            && !matches!(url::Url::parse(endpoint), Ok(u) if matches!(u.scheme(), "http" | "https"))
+        {
+            return invalid(format!("s3_endpoint {endpoint:?} is not an http(s) URL"));
         }
         Ok(())
     }
@@ -388,7 +390,7 @@ impl Config {
                 None => env_text(&value),
             };
             if let Some(text) = text {
-                out.push((crate::config::reference::env_var(&name), text));
+                out.push((env_var(&name), text));
             }
         }
         out

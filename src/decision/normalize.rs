@@ -128,35 +128,7 @@ pub fn normalize(recording: &Recording, sdkappid: Option<i64>) -> Result<Normali
         check_text(value.as_deref()).map_err(|problem| Rejection::field(field, problem))?;
     }
     let span_ms = recording_span(recording, &mut warnings);
-
-    let list = if recording.post_class {
-        "VideoInfos"
-    } else {
-        "video_info"
-    };
-    let mut tracks = Vec::with_capacity(recording.videos.len());
-    for (i, video) in recording.videos.iter().enumerate() {
-        let track =
-            normalize_track(video, i, span_ms, &mut warnings).map_err(|(field, problem)| {
-                Rejection::field(&format!("{list}[{i}].{field}"), problem)
-            })?;
-        tracks.push(track);
-    }
-    let mut tracks = dedupe_tracks(tracks, &mut warnings);
-    tracks.sort_by(|a, b| {
-        (a.offset_ms, a.kind, &a.user_id, &a.track_id).cmp(&(
-            b.offset_ms,
-            b.kind,
-            &b.user_id,
-            &b.track_id,
-        ))
-    });
-    if tracks.is_empty() {
-        warnings.push(Warning::new(
-            WarningCode::NoTracks,
-            "the recording lists no video files",
-        ));
-    }
+    let tracks = normalize_tracks(recording, span_ms, &mut warnings)?;
     let mixed = !tracks.is_empty() && tracks.iter().all(|t| t.kind == Kind::Mixed);
     if !mixed && tracks.iter().any(|t| t.kind == Kind::Mixed) {
         warnings.push(Warning::new(
@@ -278,6 +250,45 @@ fn check_text(value: Option<&str>) -> Result<(), String> {
     }
 }
 
+/// Every video of the recording as a track: checked, repaired, without
+/// duplicates, in timeline order (offset, kind, user, id).
+fn normalize_tracks(
+    recording: &Recording,
+    span_ms: Option<i64>,
+    warnings: &mut Vec<Warning>,
+) -> Result<Vec<Track>, Rejection> {
+    let list = if recording.post_class {
+        "VideoInfos"
+    } else {
+        "video_info"
+    };
+    let mut tracks = Vec::with_capacity(recording.videos.len());
+    for (i, video) in recording.videos.iter().enumerate() {
+        let track = normalize_track(video, i, span_ms, warnings).map_err(|(field, problem)| {
+            Rejection::field(&format!("{list}[{i}].{field}"), problem)
+        })?;
+        tracks.push(track);
+    }
+    let mut tracks = dedupe_tracks(tracks, warnings);
+    tracks.sort_by(|a, b| {
+        (a.offset_ms, a.kind, &a.user_id, &a.track_id).cmp(&(
+            b.offset_ms,
+            b.kind,
+            &b.user_id,
+            &b.track_id,
+        ))
+    });
+    if tracks.is_empty() {
+        warnings.push(Warning::new(
+            WarningCode::NoTracks,
+            "the recording lists no video files",
+        ));
+    }
+    Ok(tracks)
+}
+
+// Long by nature: one repair per field of a video, in the order of the
+// contract's table, each with its warning; split, the order would be lost.
 fn normalize_track(
     video: &VideoInfo,
     index: usize,

@@ -206,6 +206,7 @@ fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Hi
 }
 
 impl Metrics {
+    // Long on purpose: the one list of every series, each with its help text.
     pub fn new() -> Metrics {
         let r = Registry::new();
         let stage_seconds = HistogramVec::new(

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // Each test binary uses a different subset.
 
+pub mod messages;
 pub mod origin;
 pub mod s3;
 

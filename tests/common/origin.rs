@@ -212,6 +212,8 @@ impl Origin {
         }
     }
 
+    // Long on purpose: the test origin's whole HTTP behaviour (ranges,
+    // validators, every injected fault) in one match, read top to bottom.
     /// Answer one request; `false` when the connection must close.
     async fn respond(&self, stream: &mut TcpStream, head: &str) -> bool {
         self.requests.fetch_add(1, Ordering::SeqCst);

@@ -1,0 +1,261 @@
+//! What every scenario shares: the sizes of a run, loading the broker,
+//! reading a worker's memory and metrics, describing the machine.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use lapin::options::BasicPublishOptions;
+use lesson_replay::broker::amqp;
+use lesson_replay::config::settings::Config;
+use serde_json::{Value, json};
+
+use crate::common::messages::{finished, video};
+use crate::common::{Broker, isolated_config};
+
+pub(crate) const MIB: u64 = 1024 * 1024;
+
+/// Sizes of one run.
+pub(crate) struct Plan {
+    pub(crate) records: usize,
+    pub(crate) archive_files: usize,
+    pub(crate) archive_file_bytes: u64,
+    pub(crate) probe_file_bytes: u64,
+    pub(crate) latency_seconds: f64,
+    pub(crate) concurrency: u16,
+    pub(crate) archive_concurrency: u16,
+    pub(crate) part_size: usize,
+}
+
+impl Plan {
+    pub(crate) fn full() -> Plan {
+        Plan {
+            records: 20_000,
+            archive_files: 8,
+            archive_file_bytes: 256 * MIB,
+            probe_file_bytes: 1024 * MIB,
+            latency_seconds: 10.0,
+            concurrency: 16,
+            archive_concurrency: 4,
+            part_size: 8 * MIB as usize,
+        }
+    }
+
+    pub(crate) fn smoke() -> Plan {
+        Plan {
+            records: 300,
+            archive_files: 2,
+            archive_file_bytes: 12 * MIB,
+            probe_file_bytes: 64 * MIB,
+            latency_seconds: 1.0,
+            concurrency: 16,
+            archive_concurrency: 2,
+            part_size: 5 * MIB as usize,
+        }
+    }
+}
+
+/// A lesson of the benchmark: one video per `(url, size, video_type)`, half a
+/// second apart, each 2 s long.
+pub(crate) fn lesson(task: &str, videos: &[(String, usize, i64)]) -> Vec<u8> {
+    let videos = videos
+        .iter()
+        .enumerate()
+        .map(|(i, (url, size, kind))| {
+            let user = if *kind == 2 {
+                String::new()
+            } else {
+                format!("user{i}")
+            };
+            video(
+                url,
+                &format!("{task}-{i}"),
+                *kind,
+                &user,
+                *size,
+                2000,
+                i as i64 * 500,
+            )
+        })
+        .collect();
+    finished(task, 4242, videos)
+}
+
+/// Publish many messages, confirms pipelined.
+/// A worker's `/metrics` text.
+pub(crate) async fn scrape(port: u16) -> String {
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
+/// Publish `body` to `exchange` without waiting: the confirm to await.
+pub(crate) async fn publish_unconfirmed(
+    channel: &lapin::Channel,
+    exchange: &str,
+    body: &[u8],
+) -> lapin::PublisherConfirm {
+    channel
+        .basic_publish(
+            exchange.into(),
+            "bench".into(),
+            BasicPublishOptions::default(),
+            body,
+            amqp::json_properties(),
+        )
+        .await
+        .unwrap()
+}
+
+pub(crate) async fn preload(broker: &Broker, bodies: impl Iterator<Item = Vec<u8>>) {
+    let mut pending = Vec::new();
+    for body in bodies {
+        let confirm =
+            publish_unconfirmed(&broker.channel, &broker.config.inbound_exchange, &body).await;
+        pending.push(confirm);
+        if pending.len() == 1000 {
+            for c in pending.drain(..) {
+                c.await.unwrap();
+            }
+        }
+    }
+    for c in pending {
+        c.await.unwrap();
+    }
+}
+
+pub(crate) async fn wait_for_depth(broker: &Broker, queue: &str, want: u32, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while broker.depth(queue).await < want {
+        assert!(
+            Instant::now() < deadline,
+            "{queue} did not reach {want} messages"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub(crate) fn quiet() -> std::process::Stdio {
+    std::process::Stdio::null()
+}
+
+/// Peak resident set size of a process, MiB (VmHWM).
+pub(crate) fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Give the worker a metrics listener on a free loopback port; returns the port.
+pub(crate) fn serve_metrics(config: &mut Config) -> u16 {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    config.metrics_addr = format!("127.0.0.1:{port}");
+    port
+}
+
+pub(crate) fn records_config(plan: &Plan) -> Config {
+    let mut config = isolated_config("bench");
+    config.probe = true;
+    config.concurrency = plan.concurrency;
+    config.shutdown_grace_secs = 10;
+    config
+}
+
+/// Mean seconds per observation of each `*_duration_seconds` series, from a
+/// worker's `/metrics` text, keyed by metric and label (e.g. `stage="probe"`).
+pub(crate) fn mean_durations(metrics: &str) -> Value {
+    let mut sums: HashMap<String, f64> = HashMap::new();
+    let mut counts: HashMap<String, f64> = HashMap::new();
+    for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let value: f64 = value.parse().unwrap_or(0.0);
+        if let Some(key) = series
+            .split_once("_sum")
+            .map(|(name, labels)| format!("{name}{labels}"))
+        {
+            *sums.entry(key).or_default() += value;
+        } else if let Some(key) = series
+            .split_once("_count")
+            .map(|(name, labels)| format!("{name}{labels}"))
+        {
+            *counts.entry(key).or_default() += value;
+        }
+    }
+    let means: serde_json::Map<String, Value> = sums
+        .iter()
+        .filter(|(k, _)| counts.get(*k).is_some_and(|c| *c > 0.0))
+        .map(|(k, s)| {
+            let short = k
+                .replace("lesson_replay_", "")
+                .replace("_duration_seconds", "");
+            (short, json!(round(s / counts[k] * 1000.0, 3)))
+        })
+        .collect();
+    Value::Object(means)
+}
+
+pub(crate) fn command_output(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
+pub(crate) fn machine() -> Value {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    let rabbit = std::process::Command::new("rabbitmqctl")
+        .args(["eval", "rabbit_misc:version()."])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .trim_matches('"')
+                .to_owned()
+        })
+        .unwrap_or_default();
+    json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "memory_gib": (mem_gib * 10.0).round() / 10.0,
+        "rustc": command_output("rustc", &["--version"]),
+        "rabbitmq": rabbit,
+        "s3_server": "s3s-fs 0.14.1",
+        "lesson_replay": env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// The medians of (p50, p99) pairs.
+pub(crate) fn medians(rounds: &[(f64, f64)]) -> (f64, f64) {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    (
+        median(rounds.iter().map(|r| r.0).collect()),
+        median(rounds.iter().map(|r| r.1).collect()),
+    )
+}
+
+pub(crate) fn round(v: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (v * f).round() / f
+}

@@ -1,0 +1,120 @@
+//! The benchmark (scripts/bench.sh): the worker measured side by side with the
+//! limits of this machine, each scenario with its baseline in the same run.
+//!
+//! 1. records path (probing by range reads, no archive) vs a bare
+//!    consume → publish-with-confirm → ack loop on the same broker ([`records`]);
+//! 2. archive path vs a plain streaming copy origin → S3 (same part size and
+//!    concurrency, nothing else) ([`archive`]);
+//! 3. peak RSS of the worker during 2, and with files 4× larger ([`archive`]);
+//! 4. bytes read to probe a moov-at-end file of ≥ 1 GiB ([`probe`]);
+//! 5. publish → record latency at half the measured maximum rate ([`latency`]);
+//! 6. two worker processes vs one ([`records`]).
+//!
+//! Writes `target/bench/summary.json` and prints a table ([`report`]).
+//! `--smoke` runs tiny sizes (CI), so the benchmark cannot rot; there, a missed
+//! hard bound (flat memory, probe bytes) fails the run, ratios are reported.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+mod archive;
+mod harness;
+mod latency;
+mod probe;
+mod records;
+mod report;
+
+use common::origin::Origin;
+use harness::{MIB, Plan, medians};
+use latency::Processor;
+use report::Results;
+use serde_json::json;
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    // `cargo bench` passes `--bench`; our own flag is `--smoke`. Anything else
+    // (e.g. `cargo test --benches`) is not a benchmark run.
+    let args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "--bench") {
+        eprintln!("the benchmark runs through scripts/bench.sh (cargo bench); nothing to do here");
+        return;
+    }
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let plan = if smoke { Plan::smoke() } else { Plan::full() };
+    let origin = Origin::start_detached();
+    eprintln!(
+        "benchmark ({}): {} recordings, archive {} x {} MiB",
+        if smoke { "smoke" } else { "full" },
+        plan.records,
+        plan.archive_files,
+        plan.archive_file_bytes / MIB
+    );
+    // BENCH_ONLY=2,3 runs some scenarios only (for profiling); the others report 0.
+    let only = std::env::var("BENCH_ONLY").ok();
+    let wanted = |n: char| only.as_deref().is_none_or(|o| o.contains(n));
+    let mut results = Results::default();
+    if wanted('1') || wanted('5') || wanted('6') {
+        run_records(&plan, &origin, &mut results).await;
+    }
+    if wanted('6') {
+        eprintln!("6. two workers ...");
+        results.two_workers_per_s = records::records_rate(&plan, &origin, 2).await.0;
+    }
+    if wanted('5') {
+        run_latency(&plan, &origin, &mut results).await;
+    }
+    if wanted('2') || wanted('3') {
+        eprintln!("2. archive path ...");
+        (results.archive_mb_per_s, results.peak_rss_mib) =
+            archive::archive_rate(&plan, &origin, plan.archive_files, plan.archive_file_bytes)
+                .await;
+        results.copy_baseline_mb_per_s =
+            archive::copy_baseline(&plan, &origin, plan.archive_files, plan.archive_file_bytes)
+                .await;
+    }
+    if wanted('3') {
+        eprintln!("3. memory with files 4x larger ...");
+        // As many files as uploads run at once, so both runs have the same concurrency.
+        let files_4x = (plan.archive_files / 4).max(plan.archive_concurrency as usize);
+        (results.archive_4x_mb_per_s, results.peak_rss_mib_4x) =
+            archive::archive_rate(&plan, &origin, files_4x, plan.archive_file_bytes * 4).await;
+    }
+    if wanted('4') {
+        eprintln!("4. probe cost ...");
+        results.probe_bytes_per_track =
+            probe::probe_cost(&plan, &origin, plan.probe_file_bytes).await;
+    }
+    let missed = report::write(&plan, smoke, &results);
+    if smoke && !missed.is_empty() {
+        eprintln!("hard bounds missed: {missed:?}");
+        std::process::exit(1);
+    }
+}
+
+/// Scenario 1: the records path and its baseline.
+async fn run_records(plan: &Plan, origin: &Origin, results: &mut Results) {
+    eprintln!("1. records path ...");
+    let (rate, record_bytes, stages) = records::records_rate(plan, origin, 1).await;
+    results.records_per_s = rate;
+    results.records_mean_ms = stages;
+    results.broker_baseline_per_s = records::broker_baseline(plan, record_bytes).await;
+}
+
+/// Scenario 5. A p99 over a few seconds is at the mercy of a broker stall (a
+/// confirm taking 100+ ms): the two alternate three times, medians reported.
+async fn run_latency(plan: &Plan, origin: &Origin, results: &mut Results) {
+    eprintln!("5. latency ...");
+    let rate = results.records_per_s / 2.0;
+    let (mut worker_rounds, mut loop_rounds) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        worker_rounds.push(latency::latency(plan, origin, rate, Processor::Worker).await);
+        loop_rounds.push(latency::latency(plan, origin, rate, Processor::BareLoop).await);
+    }
+    eprintln!("   latency rounds (p50, p99 ms): worker {worker_rounds:?}, loop {loop_rounds:?}");
+    (results.latency_p50_ms, results.latency_p99_ms) = medians(&worker_rounds);
+    (
+        results.latency_baseline_p50_ms,
+        results.latency_baseline_p99_ms,
+    ) = medians(&loop_rounds);
+    results.latency_rounds = json!({"worker": worker_rounds, "loop": loop_rounds});
+}

@@ -1,0 +1,174 @@
+//! Scenarios 1 and 6: records per second through the worker (probing by
+//! range reads, no archive), one and two processes, against a bare
+//! consume → publish-with-confirm → ack loop on the same broker.
+
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lesson_replay::broker::amqp;
+use lesson_replay::config::settings::Config;
+use serde_json::Value;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::common::messages::{FASTSTART, MOOV_AT_END};
+use crate::common::origin::{Faults, Origin};
+use crate::common::{Broker, WorkerProcess};
+use crate::harness::{
+    Plan, lesson, mean_durations, preload, quiet, records_config, scrape, serve_metrics,
+    wait_for_depth,
+};
+
+/// Scenario 1 (and 6): records/s of `workers` worker processes over the plan's preloaded recordings.
+pub(crate) async fn records_rate(
+    plan: &Plan,
+    origin: &Origin,
+    workers: usize,
+) -> (f64, usize, Value) {
+    let mut config = records_config(plan);
+    // One worker exposes its metrics; two would compete for the port.
+    let port = if workers == 1 {
+        serve_metrics(&mut config)
+    } else {
+        0
+    };
+    let broker = Broker::new(config).await;
+    let files = [
+        origin.add("/cam-a.mp4", FASTSTART.to_vec(), Faults::default()),
+        origin.add("/cam-b.mp4", FASTSTART.to_vec(), Faults::default()),
+        origin.add("/board.mp4", MOOV_AT_END.to_vec(), Faults::default()),
+    ];
+    let videos = [
+        (files[0].clone(), FASTSTART.len(), 0),
+        (files[1].clone(), FASTSTART.len(), 0),
+        (files[2].clone(), MOOV_AT_END.len(), 2),
+    ];
+    preload(
+        &broker,
+        (0..plan.records).map(|i| lesson(&format!("rec-{workers}-{i}"), &videos)),
+    )
+    .await;
+    let started = Instant::now();
+    let mut running: Vec<WorkerProcess> = (0..workers)
+        .map(|_| WorkerProcess::start_with(&broker.config, "info", quiet()))
+        .collect();
+    wait_for_depth(
+        &broker,
+        &broker.config.records_queue,
+        plan.records as u32,
+        Duration::from_secs(600),
+    )
+    .await;
+    let rate = plan.records as f64 / started.elapsed().as_secs_f64();
+    let (sample, _) = broker
+        .next(&broker.config.records_queue, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let record_bytes = serde_json::to_vec(&sample).unwrap().len();
+    let stages = if workers == 1 {
+        let text = scrape(port).await;
+        mean_durations(&text)
+    } else {
+        Value::Null
+    };
+    for w in &running {
+        w.terminate();
+    }
+    for w in &mut running {
+        w.wait_exit(Duration::from_secs(30));
+    }
+    broker.cleanup().await;
+    (rate, record_bytes, stages)
+}
+
+/// The bare loop on the broker: consume (same prefetch), publish with
+/// confirm, ack — `record` as the published body, or each inbound body again.
+/// Runs until `count` messages are done or `stop` is cancelled.
+pub(crate) async fn bare_loop(
+    config: Config,
+    prefetch: u16,
+    record: Option<Arc<Vec<u8>>>,
+    count: Option<usize>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let connection = amqp::connect(&config.broker_settings(), "bench baseline")
+        .await
+        .unwrap();
+    let consumer_channel = connection.create_channel().await.unwrap();
+    consumer_channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let publisher = amqp::confirm_channel(&connection).await.unwrap();
+    let mut deliveries = consumer_channel
+        .basic_consume(
+            config.work_queue.as_str().into(),
+            "baseline".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let done = Arc::new(AtomicUsize::new(0));
+    let tasks = tokio_util::task::TaskTracker::new();
+    while count.is_none_or(|c| done.load(Ordering::SeqCst) + tasks.len() < c) {
+        let delivery = tokio::select! {
+            next = deliveries.next() => next.unwrap().unwrap(),
+            () = stop.cancelled() => break,
+        };
+        let (publisher, record, done, exchange) = (
+            publisher.clone(),
+            record.clone(),
+            done.clone(),
+            config.records_exchange.clone(),
+        );
+        tasks.spawn(async move {
+            let body = record.as_deref().unwrap_or(&delivery.data);
+            amqp::publish_confirmed(
+                &publisher,
+                &exchange,
+                "v1.bench",
+                body,
+                amqp::json_properties(),
+            )
+            .await
+            .unwrap();
+            delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .unwrap();
+            done.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+    let _ = connection.close(200, "done".into()).await;
+}
+
+/// Scenario 1 baseline: the bare loop over the same number of same-sized messages.
+pub(crate) async fn broker_baseline(plan: &Plan, record_bytes: usize) -> f64 {
+    let broker = Broker::new(records_config(plan)).await;
+    // Same size as the records path's inbound messages.
+    let video = (
+        "http://127.0.0.1:40000/cam-a.mp4".to_owned(),
+        FASTSTART.len(),
+        0,
+    );
+    let inbound = lesson("rec-1-00000", &[video.clone(), video.clone(), video]);
+    preload(&broker, (0..plan.records).map(|_| inbound.clone())).await;
+    let started = Instant::now();
+    let record = Some(Arc::new(vec![b'x'; record_bytes]));
+    bare_loop(
+        broker.config.clone(),
+        plan.concurrency,
+        record,
+        Some(plan.records),
+        Default::default(),
+    )
+    .await;
+    let rate = plan.records as f64 / started.elapsed().as_secs_f64();
+    broker.cleanup().await;
+    rate
+}

@@ -1,0 +1,152 @@
+//! The run's figures: `target/bench/summary.json` and the table printed at
+//! the end, each figure beside its baseline.
+
+use serde_json::{Value, json};
+
+use crate::harness::{MIB, Plan, machine, round};
+
+/// Every figure of one run (0 for a scenario not run).
+#[derive(Debug, Default)]
+pub(crate) struct Results {
+    pub(crate) records_per_s: f64,
+    pub(crate) broker_baseline_per_s: f64,
+    pub(crate) records_mean_ms: Value,
+    pub(crate) two_workers_per_s: f64,
+    pub(crate) latency_p50_ms: f64,
+    pub(crate) latency_p99_ms: f64,
+    pub(crate) latency_baseline_p50_ms: f64,
+    pub(crate) latency_baseline_p99_ms: f64,
+    pub(crate) latency_rounds: Value,
+    pub(crate) archive_mb_per_s: f64,
+    pub(crate) copy_baseline_mb_per_s: f64,
+    pub(crate) archive_4x_mb_per_s: f64,
+    pub(crate) peak_rss_mib: f64,
+    pub(crate) peak_rss_mib_4x: f64,
+    pub(crate) probe_bytes_per_track: u64,
+}
+
+impl Results {
+    /// The bounds that hold on any machine: memory stays flat as files grow,
+    /// a probe reads a bounded number of bytes. Ratios depend on the machine
+    /// and are reported, never asserted.
+    fn hard_bounds(&self) -> Vec<(&'static str, bool)> {
+        let flat = (self.peak_rss_mib_4x - self.peak_rss_mib).abs() <= 0.1 * self.peak_rss_mib;
+        vec![
+            ("peak_rss_le_96_mib", self.peak_rss_mib <= 96.0),
+            ("peak_rss_4x_within_10_percent", flat),
+            (
+                "probe_bytes_le_256_kib",
+                self.probe_bytes_per_track <= 256 * 1024,
+            ),
+        ]
+    }
+}
+
+/// Write the summary and print the table; returns the hard bounds missed.
+pub(crate) fn write(plan: &Plan, smoke: bool, r: &Results) -> Vec<&'static str> {
+    let records_ratio = r.records_per_s / r.broker_baseline_per_s;
+    let archive_ratio = r.archive_mb_per_s / r.copy_baseline_mb_per_s;
+    let two_worker_ratio = r.two_workers_per_s / r.records_per_s;
+    let bounds = r.hard_bounds();
+    let mut targets = serde_json::Map::new();
+    targets.insert("records_ratio_ge_0_85".into(), json!(records_ratio >= 0.85));
+    targets.insert("archive_ratio_ge_0_90".into(), json!(archive_ratio >= 0.90));
+    targets.insert(
+        "latency_p99_le_25_ms".into(),
+        json!(r.latency_p99_ms <= 25.0),
+    );
+    for (name, met) in &bounds {
+        targets.insert((*name).into(), json!(met));
+    }
+    let summary = json!({
+        "mode": if smoke { "smoke" } else { "full" },
+        "machine": machine(),
+        "plan": {"records": plan.records, "tracks_per_record": 3, "concurrency": plan.concurrency,
+                 "archive_files": plan.archive_files, "archive_file_mib": plan.archive_file_bytes / MIB,
+                 "archive_concurrency": plan.archive_concurrency, "part_size_mib": plan.part_size as u64 / MIB,
+                 "probe_file_mib": plan.probe_file_bytes / MIB},
+        "records_per_s": round(r.records_per_s, 1),
+        "broker_baseline_per_s": round(r.broker_baseline_per_s, 1),
+        "records_ratio": round(records_ratio, 3),
+        "records_mean_ms": r.records_mean_ms,
+        "archive_mb_per_s": round(r.archive_mb_per_s, 1),
+        "copy_baseline_mb_per_s": round(r.copy_baseline_mb_per_s, 1),
+        "archive_ratio": round(archive_ratio, 3),
+        "archive_4x_mb_per_s": round(r.archive_4x_mb_per_s, 1),
+        "peak_rss_mib": round(r.peak_rss_mib, 1),
+        "peak_rss_mib_4x": round(r.peak_rss_mib_4x, 1),
+        "probe_bytes_per_track": r.probe_bytes_per_track,
+        "latency_p50_ms": round(r.latency_p50_ms, 2),
+        "latency_p99_ms": round(r.latency_p99_ms, 2),
+        "latency_baseline_p50_ms": round(r.latency_baseline_p50_ms, 2),
+        "latency_baseline_p99_ms": round(r.latency_baseline_p99_ms, 2),
+        "latency_rounds_ms": r.latency_rounds,
+        "two_workers_per_s": round(r.two_workers_per_s, 1),
+        "two_worker_ratio": round(two_worker_ratio, 3),
+        "targets": targets,
+    });
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("summary.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&summary).unwrap()).unwrap();
+    print_table(plan, r, records_ratio, archive_ratio, two_worker_ratio);
+    println!("\nwritten: {}", path.display());
+    bounds
+        .into_iter()
+        .filter(|(_, met)| !met)
+        .map(|(name, _)| name)
+        .collect()
+}
+
+fn print_table(plan: &Plan, r: &Results, records_ratio: f64, archive_ratio: f64, two: f64) {
+    let rows = [
+        (
+            "records/s (1 worker)",
+            format!("{:.0}", r.records_per_s),
+            format!("broker loop {:.0}/s", r.broker_baseline_per_s),
+            format!("ratio {records_ratio:.2} (target >= 0.85)"),
+        ),
+        (
+            "records/s (2 workers)",
+            format!("{:.0}", r.two_workers_per_s),
+            format!("1 worker {:.0}/s", r.records_per_s),
+            format!("ratio {two:.2}"),
+        ),
+        (
+            "archive MB/s",
+            format!("{:.1}", r.archive_mb_per_s),
+            format!("plain copy {:.1}", r.copy_baseline_mb_per_s),
+            format!("ratio {archive_ratio:.2} (target >= 0.90)"),
+        ),
+        (
+            "peak RSS MiB",
+            format!("{:.1}", r.peak_rss_mib),
+            format!("4x files {:.1}", r.peak_rss_mib_4x),
+            "target <= 96, 4x within 10 %".to_owned(),
+        ),
+        (
+            "probe bytes/track",
+            format!("{}", r.probe_bytes_per_track),
+            format!("file {} MiB", plan.probe_file_bytes / MIB),
+            "target <= 262144".to_owned(),
+        ),
+        (
+            "latency p50 / p99 ms",
+            format!("{:.1} / {:.1}", r.latency_p50_ms, r.latency_p99_ms),
+            format!(
+                "loop {:.1} / {:.1} at {:.0}/s",
+                r.latency_baseline_p50_ms,
+                r.latency_baseline_p99_ms,
+                r.records_per_s / 2.0
+            ),
+            "target p99 <= 25".to_owned(),
+        ),
+    ];
+    println!(
+        "\n{:<24} {:>16}   {:<26} target",
+        "measure", "worker", "baseline"
+    );
+    for (name, value, baseline, note) in rows {
+        println!("{name:<24} {value:>16}   {baseline:<26} {note}");
+    }
+}

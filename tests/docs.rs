@@ -1,0 +1,90 @@
+//! The documents agree with the code they describe: the README's code map is
+//! the folder tree of `src/`. (The reference tables of `docs/` — settings,
+//! reason codes, warning codes, metrics — are checked by the unit tests of the
+//! modules that define them.)
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+const README: &str = include_str!("../README.md");
+
+/// The `src/` files the README's code map names, as paths below `src/`.
+fn mapped_files() -> BTreeSet<String> {
+    let map = README
+        .split("## Code map")
+        .nth(1)
+        .and_then(|rest| rest.split("```text\n").nth(1))
+        .and_then(|rest| rest.split("```").next())
+        .expect("the README has a code map in a text block");
+    let mut files = BTreeSet::new();
+    let mut folder = String::new();
+    for line in map.lines() {
+        let Some(entry) = line.split_whitespace().next() else {
+            continue;
+        };
+        match line.len() - line.trim_start().len() {
+            0 if entry != "src/" => break,
+            2 if entry.ends_with('/') => folder = entry.to_owned(),
+            2 => {
+                folder.clear();
+                files.insert(entry.to_owned());
+            }
+            4 => {
+                files.insert(format!("{folder}{entry}"));
+            }
+            _ => {}
+        }
+    }
+    files
+}
+
+fn source_files(dir: &Path, prefix: &str, out: &mut BTreeSet<String>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if path.is_dir() {
+            source_files(&path, &format!("{prefix}{name}/"), out);
+        } else if name != "mod.rs" {
+            out.insert(format!("{prefix}{name}"));
+        }
+    }
+}
+
+#[test]
+fn the_readme_code_map_is_the_folder_tree() {
+    let mut actual = BTreeSet::new();
+    source_files(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        "",
+        &mut actual,
+    );
+    assert_eq!(
+        mapped_files(),
+        actual,
+        "README.md's code map and src/ differ"
+    );
+}
+
+#[test]
+fn every_module_says_what_it_is_for() {
+    let mut files = BTreeSet::new();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    source_files(&src, "", &mut files);
+    for dir in [
+        "broker",
+        "config",
+        "decision",
+        "media",
+        "service",
+        "telemetry",
+    ] {
+        files.insert(format!("{dir}/mod.rs"));
+    }
+    for file in files {
+        let text = std::fs::read_to_string(src.join(&file)).unwrap();
+        assert!(
+            text.starts_with("//! "),
+            "src/{file} does not open with a //! comment saying what it is for"
+        );
+    }
+}
