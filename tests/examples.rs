@@ -120,10 +120,21 @@ fn the_schema_rejects_what_it_should() {
 }
 
 fn run_normalize(args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
+    run_normalize_with(&[], args, stdin)
+}
+
+/// `lesson-replay normalize` with only the settings `env` (and the defaults).
+fn run_normalize_with(
+    env: &[(&str, &str)],
+    args: &[&str],
+    stdin: Option<&[u8]>,
+) -> (i32, String, String) {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_lesson-replay"))
         .arg("normalize")
         .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -178,4 +189,45 @@ fn normalize_command_skips_unfinished_recordings_with_exit_0() {
         stderr.starts_with("skipped: recording_started: "),
         "{stderr}"
     );
+}
+
+/// The command judges a message with the worker's settings and the worker's
+/// decision: what one refuses, the other refuses, with the same reason.
+#[test]
+fn normalize_command_applies_the_configured_input_policy() {
+    let finished = std::fs::read(format!("{EXAMPLES}/realtime-query-finished.json")).unwrap();
+    // The contract's VOD host is allowed by default, refused when not listed.
+    let (code, _, stderr) = run_normalize_with(&[], &["--sdkappid", "1"], Some(&finished));
+    assert_eq!(code, 0, "{stderr}");
+    let other_host = [("LESSON_REPLAY_VOD_ALLOWED_HOSTS", "cdn.example.org")];
+    let (code, _, stderr) = run_normalize_with(&other_host, &["-"], Some(&finished));
+    assert_eq!(code, 65);
+    assert!(stderr.starts_with("error: url_not_allowed: track "), "{stderr}");
+
+    // A look-alike of the allowed host (Cyrillic "о").
+    let text = String::from_utf8(finished.clone()).unwrap();
+    let lookalike = text.replace("myqcloud.com", "myqcl\\u043eud.com");
+    assert_ne!(lookalike, text, "the example names a myqcloud.com host");
+    let (code, _, stderr) = run_normalize_with(&[], &["-"], Some(lookalike.as_bytes()));
+    assert_eq!(code, 65);
+    assert!(stderr.starts_with("error: url_not_allowed: "), "{stderr}");
+
+    // Limits and signatures come from the settings too.
+    let small = [("LESSON_REPLAY_MAX_BODY_BYTES", "100")];
+    let (code, _, stderr) = run_normalize_with(&small, &["-"], Some(&finished));
+    assert_eq!(code, 65);
+    assert!(stderr.starts_with("error: body_too_large: "), "{stderr}");
+    let signed = [
+        ("LESSON_REPLAY_SIGNATURE", "required"),
+        ("LESSON_REPLAY_TIC_KEYS", "1400000001=KEY"),
+    ];
+    let (code, _, stderr) = run_normalize_with(&signed, &["-"], Some(&finished));
+    assert_eq!(code, 65);
+    assert!(stderr.starts_with("error: signature_missing: "), "{stderr}");
+
+    // Invalid settings stop the command before it judges anything.
+    let broken = [("LESSON_REPLAY_MAX_TRACKS", "0")];
+    let (code, _, stderr) = run_normalize_with(&broken, &["-"], Some(&finished));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("max_tracks"), "{stderr}");
 }
