@@ -202,7 +202,10 @@ fn normalize_command_applies_the_configured_input_policy() {
     let other_host = [("LESSON_REPLAY_VOD_ALLOWED_HOSTS", "cdn.example.org")];
     let (code, _, stderr) = run_normalize_with(&other_host, &["-"], Some(&finished));
     assert_eq!(code, 65);
-    assert!(stderr.starts_with("error: url_not_allowed: track "), "{stderr}");
+    assert!(
+        stderr.starts_with("error: url_not_allowed: track "),
+        "{stderr}"
+    );
 
     // A look-alike of the allowed host (Cyrillic "о").
     let text = String::from_utf8(finished.clone()).unwrap();
