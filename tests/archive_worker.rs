@@ -226,10 +226,9 @@ async fn permanent_fetch_failures_are_parked_with_their_reason() {
         .collect();
     reasons.sort();
     assert_eq!(reasons, ["size_mismatch", "vod_not_found"]);
-    broker
-        .assert_no_more(&broker.config.records_queue, Duration::from_millis(300))
-        .await;
     worker.stop().await;
+    assert_eq!(broker.depth(&broker.config.records_queue).await, 0);
+    broker.assert_settled().await;
     broker.cleanup().await;
 }
 

@@ -12,7 +12,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::settings::{Config, LogFormat};
 use crate::service::endpoints::{self, Health};
-use crate::service::worker::{self, WorkerError};
+use crate::service::worker::{self, Hooks, WorkerError};
 use crate::telemetry::metrics::Metrics;
 
 /// Why a service stopped with an error.
@@ -34,6 +34,7 @@ pub struct Service {
     metrics: Metrics,
     health: Health,
     listener: Option<TcpListener>,
+    hooks: Hooks,
 }
 
 impl Service {
@@ -60,7 +61,14 @@ impl Service {
             metrics,
             health,
             listener,
+            hooks: Hooks::default(),
         })
+    }
+
+    /// Run with test seams (see [`Hooks`]).
+    pub fn with_hooks(mut self, hooks: Hooks) -> Service {
+        self.hooks = hooks;
+        self
     }
 
     /// Where the endpoints listen (port 0 in the settings: the one the system chose).
@@ -80,7 +88,8 @@ impl Service {
                 endpoints_stop.clone().cancelled_owned(),
             ))
         });
-        let result = worker::run(self.config, shutdown, self.health, self.metrics).await;
+        let result =
+            worker::run(self.config, shutdown, self.health, self.metrics, self.hooks).await;
         endpoints_stop.cancel();
         if let Some(server) = server
             && let Ok(Err(e)) = server.await

@@ -57,8 +57,17 @@ pub enum WorkerError {
     Media(#[from] MediaError),
 }
 
+/// Seams for tests: code run at fixed points of processing. Production
+/// passes none; a test may, for instance, panic on purpose.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Called with every record just before it is published.
+    pub before_publish: Option<Arc<dyn Fn(&Record) + Send + Sync>>,
+}
+
 /// What the delivery handlers of one broker session share.
 struct Context {
+    hooks: Hooks,
     config: Arc<Config>,
     policy: Arc<InputPolicy>,
     retry: Arc<RetryPolicy>,
@@ -71,6 +80,7 @@ struct Context {
 
 /// Everything that outlives a broker session.
 struct Shared {
+    hooks: Hooks,
     config: Arc<Config>,
     broker: BrokerSettings,
     policy: Arc<InputPolicy>,
@@ -92,10 +102,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     health: Health,
     metrics: Metrics,
+    hooks: Hooks,
 ) -> Result<(), WorkerError> {
     let media = Media::new(config.media_settings(), metrics.clone()).await?;
     metrics.set_concurrency(config.concurrency);
     let shared = Shared {
+        hooks,
         broker: config.broker_settings(),
         policy: Arc::new(config.input_policy()),
         retry: Arc::new(config.retry_policy()),
@@ -187,6 +199,7 @@ async fn session(shared: &Shared, connected: impl FnOnce()) -> Result<(), Worker
     info!(queue = %config.work_queue, concurrency = config.concurrency, "consuming");
 
     let context = Arc::new(Context {
+        hooks: shared.hooks.clone(),
         config: shared.config.clone(),
         policy: shared.policy.clone(),
         retry: shared.retry.clone(),
@@ -210,11 +223,12 @@ async fn session(shared: &Shared, connected: impl FnOnce()) -> Result<(), Worker
 
     info!("stopping: cancelling the consumer");
     shared.health.set_ready(false, &shared.metrics);
-    if let Err(e) = consumer_channel
+    match consumer_channel
         .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
         .await
     {
-        warn!(error = %e, "could not cancel the consumer");
+        Ok(()) => info!("consumer cancelled: no new deliveries"),
+        Err(e) => warn!(error = %e, "could not cancel the consumer"),
     }
     drain(shared).await;
     close(&connection, [&consumer_channel, &publisher]).await;
@@ -336,6 +350,9 @@ async fn process(context: &Context, delivery: &Delivery) -> Outcome {
         Err(reason) => return Outcome::Park(reason),
     }
     let record = &normalized.record;
+    if let Some(hook) = &context.hooks.before_publish {
+        hook(record);
+    }
     let stage = context.metrics.stage_timer(Stage::Publish);
     let published = publish_record(context, record, delivery).await;
     stage.observe_duration();

@@ -18,6 +18,7 @@ use lesson_replay::broker::{amqp, headers, topology};
 use lesson_replay::config::settings::Config;
 use lesson_replay::service::endpoints::Health;
 use lesson_replay::service::run::{Service, ServiceError};
+use lesson_replay::service::worker::Hooks;
 use lesson_replay::telemetry::metrics::Metrics;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
@@ -154,10 +155,38 @@ impl Broker {
         out
     }
 
-    /// Fail the test if `queue` receives anything within `wait`.
-    pub async fn assert_no_more(&self, queue: &str, wait: Duration) {
-        if let Some((body, _)) = self.next(queue, wait).await {
-            panic!("unexpected message on {queue}: {body}");
+    /// Every message ready in `queue` now, acknowledged (no waiting).
+    pub async fn drain(&self, queue: &str) -> Vec<(Value, BasicProperties)> {
+        let mut out = Vec::new();
+        while let Some(message) = self.next(queue, Duration::ZERO).await {
+            out.push(message);
+        }
+        out
+    }
+
+    /// Consumers of `queue` right now.
+    pub async fn consumers(&self, queue: &str) -> u32 {
+        let options = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        self.channel
+            .queue_declare(queue.into(), options, FieldTable::default())
+            .await
+            .unwrap()
+            .consumer_count()
+    }
+
+    /// Fail the test unless the work queue, every delay tier and the parking
+    /// queue are empty: every message has reached its end. Meant for after
+    /// the worker stopped, when nothing can still be on its way.
+    pub async fn assert_settled(&self) {
+        let plan = topology::plan(&self.config.broker_settings().topology);
+        for queue in plan.queue_names() {
+            if queue == self.config.records_queue {
+                continue;
+            }
+            assert_eq!(self.depth(queue).await, 0, "{queue} is not empty");
         }
     }
 
@@ -240,13 +269,24 @@ pub async fn spawn_worker(config: Config) -> RunningWorker {
 
 /// The worker with health and metrics the test can watch.
 pub async fn spawn_worker_with(config: Config, health: Health, metrics: Metrics) -> RunningWorker {
+    spawn_worker_hooked(config, health, metrics, Hooks::default()).await
+}
+
+/// The worker with test seams, e.g. a panic on purpose.
+pub async fn spawn_worker_hooked(
+    config: Config,
+    health: Health,
+    metrics: Metrics,
+    hooks: Hooks,
+) -> RunningWorker {
     let (stop, stopped) = oneshot::channel::<()>();
     let shutdown = async move {
         let _ = stopped.await;
     };
     let service = Service::bind(config, metrics, health.clone())
         .await
-        .expect("the endpoint listener binds");
+        .expect("the endpoint listener binds")
+        .with_hooks(hooks);
     let endpoint = service.endpoint_addr();
     let task = tokio::spawn(service.run_worker(shutdown));
     RunningWorker {
@@ -349,6 +389,29 @@ impl WorkerProcess {
             .spawn()
             .expect("the worker binary starts");
         WorkerProcess { child }
+    }
+
+    /// The lines of its log, as they come (started with piped stderr).
+    pub fn log_lines(&mut self) -> std::sync::mpsc::Receiver<String> {
+        use std::io::BufRead;
+        let stderr = self
+            .child
+            .stderr
+            .take()
+            .expect("started with Stdio::piped()");
+        let (send, receive) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                eprintln!("worker: {line}");
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        receive
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,464 @@
+//! The delivery guarantees of docs/operations.md, each broken from outside
+//! against the real worker and the real broker: a record the broker does not
+//! confirm, a panic in processing, signals, the retry bookkeeping. Every test
+//! ends with exact queue depths after the worker stopped, never with "nothing
+//! arrived for a while".
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::messages::{FASTSTART, one_camera};
+use common::origin::{Faults, Origin, noise};
+use common::s3::S3Server;
+use common::{
+    Broker, WorkerProcess, header, isolated_config, spawn_worker_hooked, spawn_worker_with,
+    wait_until,
+};
+use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lesson_replay::broker::headers::set_header;
+use lesson_replay::decision::record::Record;
+use lesson_replay::service::endpoints::Health;
+use lesson_replay::service::worker::Hooks;
+use lesson_replay::telemetry::metrics::Metrics;
+
+/// A lesson the worker turns into a record without any fetch (probe is off).
+fn lesson(task: &str) -> Vec<u8> {
+    one_camera(task, 11, "http://1.vod2.myqcloud.com/a.mp4", 1000)
+}
+
+/// The text of one `lesson_replay_messages_total` series.
+fn messages_series(outcome: &str, reason: &str) -> String {
+    format!(r#"lesson_replay_messages_total{{outcome="{outcome}",reason="{reason}"}}"#)
+}
+
+/// The value of `series` in `metrics` (0 when absent).
+fn value_of(metrics: &Metrics, series: &str) -> u64 {
+    metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Guarantee 1, broker returns the record: with `mandatory`, a record that
+/// reaches no queue comes back, is not a success, and the inbound message is
+/// not acknowledged as done: it is retried and published once a route exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_record_is_not_acknowledged_and_is_published_later() {
+    let broker = Broker::new(isolated_config("unroutable")).await;
+    let c = broker.config.clone();
+    let metrics = Metrics::default();
+    let worker = spawn_worker_with(c.clone(), Health::default(), metrics.clone()).await;
+    worker.wait_ready().await;
+    // The records queue loses its binding after the worker declared it.
+    broker
+        .channel
+        .queue_unbind(
+            c.records_queue.as_str().into(),
+            c.records_exchange.as_str().into(),
+            "#".into(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    broker
+        .publish(&lesson("unroutable"), FieldTable::default())
+        .await;
+    let refused = messages_series("retried", "publish_failed");
+    wait_until(
+        "the returned record is retried",
+        Duration::from_secs(20),
+        || value_of(&metrics, &refused) >= 1,
+    )
+    .await;
+    assert_eq!(value_of(&metrics, &messages_series("published", "")), 0);
+    bind_records(&broker).await;
+    let (record, _) = broker.take(&c.records_queue, 1).await.remove(0);
+    assert_eq!(record["task_id"], "unroutable");
+    worker.stop().await;
+    assert_eq!(broker.depth(&c.records_queue).await, 0, "one record only");
+    broker.assert_settled().await;
+    broker.cleanup().await;
+}
+
+async fn bind_records(broker: &Broker) {
+    let c = &broker.config;
+    broker
+        .channel
+        .queue_bind(
+            c.records_queue.as_str().into(),
+            c.records_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+}
+
+/// Guarantee 1, broker nacks the record: a queue that refuses every message
+/// (`x-max-length` 0, `reject-publish`) makes the broker nack the publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nacked_record_is_not_acknowledged_and_is_published_later() {
+    let broker = Broker::new(isolated_config("nacked")).await;
+    let c = broker.config.clone();
+    let full = format!("{}.full", c.records_queue);
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    set_header(&mut arguments, "x-overflow", "reject-publish");
+    broker
+        .channel
+        .queue_declare(
+            full.as_str().into(),
+            QueueDeclareOptions::default(),
+            arguments,
+        )
+        .await
+        .unwrap();
+    broker
+        .channel
+        .queue_bind(
+            full.as_str().into(),
+            c.records_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let metrics = Metrics::default();
+    let worker = spawn_worker_with(c.clone(), Health::default(), metrics.clone()).await;
+    broker
+        .publish(&lesson("nacked"), FieldTable::default())
+        .await;
+    let refused = messages_series("retried", "publish_failed");
+    wait_until(
+        "the nacked record is retried",
+        Duration::from_secs(20),
+        || value_of(&metrics, &refused) >= 1,
+    )
+    .await;
+    assert_eq!(value_of(&metrics, &messages_series("published", "")), 0);
+    broker
+        .channel
+        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let published = messages_series("published", "");
+    wait_until("the retry is published", Duration::from_secs(20), || {
+        value_of(&metrics, &published) == 1
+    })
+    .await;
+    worker.stop().await;
+    // A nack is per publish: the records queue may have kept the nacked copy,
+    // so a duplicate is allowed, as long as it is the same record.
+    let records = broker.drain(&c.records_queue).await;
+    assert!(!records.is_empty());
+    for (record, _) in &records {
+        assert_eq!(record["task_id"], "nacked");
+        assert_eq!(record["replay_id"], records[0].0["replay_id"]);
+    }
+    broker.assert_settled().await;
+    broker.cleanup().await;
+}
+
+/// Guarantee 7: a panic while processing one message is caught, retried as
+/// `internal_error` like a transient failure, parked once the tiers are used
+/// up; the worker goes on with the other messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_is_retried_as_internal_error_and_the_worker_goes_on() {
+    let broker = Broker::new(isolated_config("panic")).await;
+    let c = broker.config.clone();
+    let once = Arc::new(AtomicUsize::new(0));
+    let seen = once.clone();
+    let hooks = Hooks {
+        before_publish: Some(Arc::new(move |record: &Record| {
+            match record.task_id.as_deref() {
+                Some("panics-always") => panic!("on purpose, always"),
+                Some("panics-once") if seen.fetch_add(1, Ordering::SeqCst) == 0 => {
+                    panic!("on purpose, once")
+                }
+                _ => {}
+            }
+        })),
+    };
+    let metrics = Metrics::default();
+    let worker = spawn_worker_hooked(c.clone(), Health::default(), metrics.clone(), hooks).await;
+    for task in ["panics-always", "panics-once", "calm"] {
+        broker.publish(&lesson(task), FieldTable::default()).await;
+    }
+    let (_, parked) = broker.take(&c.parking_queue, 1).await.remove(0);
+    assert_eq!(
+        header(&parked, "x-lesson-replay-reason").as_deref(),
+        Some("internal_error")
+    );
+    let error = header(&parked, "x-lesson-replay-error").unwrap();
+    assert!(
+        error.contains("processing panicked: on purpose, always"),
+        "{error}"
+    );
+    // Two delay tiers, then parked: three attempts.
+    assert_eq!(
+        header(&parked, "x-lesson-replay-attempt").as_deref(),
+        Some("3")
+    );
+    let mut tasks: Vec<String> = broker
+        .take(&c.records_queue, 2)
+        .await
+        .into_iter()
+        .map(|(r, _)| r["task_id"].as_str().unwrap().to_owned())
+        .collect();
+    tasks.sort();
+    assert_eq!(tasks, ["calm", "panics-once"]);
+    worker.stop().await;
+    assert_eq!(
+        value_of(&metrics, &messages_series("retried", "internal_error")),
+        3
+    );
+    assert_eq!(
+        value_of(&metrics, &messages_series("parked", "internal_error")),
+        1
+    );
+    assert_eq!(broker.depth(&c.records_queue).await, 0);
+    broker.assert_settled().await;
+    broker.cleanup().await;
+}
+
+/// Guarantee 5: the first signal stops consumption at once (in-flight work may
+/// finish); a second quits at once with exit code 130, and what was in flight
+/// goes back to the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_signal_stops_consuming_and_a_second_quits_with_130() {
+    let s3 = S3Server::start("school");
+    let origin = Origin::start().await;
+    let mut config = isolated_config("signals");
+    s3.configure(&mut config, "school");
+    config.shutdown_grace_secs = 60;
+    let broker = Broker::new(config).await;
+    let c = broker.config.clone();
+    // An archive download of 64 chunks, a second apart: in flight for a minute.
+    let slow = Faults {
+        chunk_delay: Some(Duration::from_secs(1)),
+        ..Faults::default()
+    };
+    let body = noise(1024 * 1024);
+    let url = origin.add("/slow.mp4", body.clone(), slow);
+    broker
+        .publish(
+            &one_camera("in-flight", 11, &url, body.len()),
+            FieldTable::default(),
+        )
+        .await;
+    let mut worker = WorkerProcess::start_with(&c, "info", std::process::Stdio::piped());
+    let log = worker.log_lines();
+    let wait_for_line = |text: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match log.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return,
+                Ok(_) => {}
+                Err(e) => panic!("no log line {text:?}: {e}"),
+            }
+        }
+    };
+    wait_for_line("consuming");
+    wait_until("the download started", Duration::from_secs(30), || {
+        origin.served() > 0
+    })
+    .await;
+
+    worker.terminate();
+    wait_for_line("consumer cancelled: no new deliveries");
+    assert!(worker.is_running(), "the in-flight message holds the stop");
+    broker
+        .publish(&lesson("after-the-signal"), FieldTable::default())
+        .await;
+
+    worker.terminate();
+    let status = worker.wait_exit(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    // Neither message was processed; the one in flight went back to the queue
+    // (redelivered), the one sent after the first signal was never delivered.
+    let mut redelivered = std::collections::BTreeMap::new();
+    for _ in 0..2 {
+        let got = broker
+            .channel
+            .basic_get(c.work_queue.as_str().into(), Default::default())
+            .await
+            .unwrap()
+            .expect("both messages wait in the work queue");
+        let body: serde_json::Value = serde_json::from_slice(&got.delivery.data).unwrap();
+        redelivered.insert(
+            body["task_id"].as_str().unwrap().to_owned(),
+            got.delivery.redelivered,
+        );
+    }
+    let expected = [
+        ("after-the-signal".to_owned(), false),
+        ("in-flight".to_owned(), true),
+    ];
+    assert_eq!(redelivered, expected.into_iter().collect());
+    assert_eq!(broker.depth(&c.records_queue).await, 0);
+    assert_eq!(broker.depth(&c.parking_queue).await, 0);
+    broker.cleanup().await;
+}
+
+/// A message waiting in a delay tier holds no consumer slot: with one slot,
+/// a failing message waits in its tier while the next one is processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_waits_in_its_tier_without_holding_a_consumer_slot() {
+    let origin = Origin::start().await;
+    let mut config = isolated_config("slot");
+    config.probe = true;
+    config.concurrency = 1;
+    config.fetch_attempts = 1;
+    config.retry_delays_secs = vec![600];
+    let broker = Broker::new(config).await;
+    let c = broker.config.clone();
+    let down = Faults {
+        fail_first: u32::MAX,
+        ..Faults::default()
+    };
+    let failing = origin.add("/down.mp4", FASTSTART.to_vec(), down);
+    let fine = origin.add("/fine.mp4", FASTSTART.to_vec(), Faults::default());
+    let worker = spawn_worker_with(c.clone(), Health::default(), Metrics::default()).await;
+    broker
+        .publish(
+            &one_camera("waits", 11, &failing, FASTSTART.len()),
+            FieldTable::default(),
+        )
+        .await;
+    broker
+        .publish(
+            &one_camera("goes-on", 11, &fine, FASTSTART.len()),
+            FieldTable::default(),
+        )
+        .await;
+    let (record, _) = broker.take(&c.records_queue, 1).await.remove(0);
+    assert_eq!(record["task_id"], "goes-on");
+    worker.stop().await;
+    let tier = format!("{}.retry.600s", c.work_queue);
+    assert_eq!(
+        broker.depth(&tier).await,
+        1,
+        "the failing message waits in its tier"
+    );
+    assert_eq!(broker.depth(&c.work_queue).await, 0);
+    assert_eq!(broker.depth(&c.parking_queue).await, 0);
+    broker.cleanup().await;
+}
+
+/// A message failing for longer than `retry_max_age_secs` is parked with its
+/// real reason, whatever tiers remain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_older_than_the_maximum_age_is_parked_with_its_reason() {
+    let origin = Origin::start().await;
+    let mut config = isolated_config("max-age");
+    config.probe = true;
+    config.fetch_attempts = 1;
+    config.retry_max_age_secs = 3600;
+    let broker = Broker::new(config).await;
+    let c = broker.config.clone();
+    let down = Faults {
+        fail_first: u32::MAX,
+        ..Faults::default()
+    };
+    let url = origin.add("/down.mp4", FASTSTART.to_vec(), down);
+    let mut headers = FieldTable::default();
+    set_header(&mut headers, "x-lesson-replay-attempt", "1");
+    set_header(
+        &mut headers,
+        "x-lesson-replay-first-seen",
+        "2020-01-01T00:00:00Z",
+    );
+    let worker = spawn_worker_with(c.clone(), Health::default(), Metrics::default()).await;
+    broker
+        .publish(&one_camera("old", 11, &url, FASTSTART.len()), headers)
+        .await;
+    let (_, parked) = broker.take(&c.parking_queue, 1).await.remove(0);
+    worker.stop().await;
+    assert_eq!(
+        header(&parked, "x-lesson-replay-reason").as_deref(),
+        Some("fetch_failed")
+    );
+    let error = header(&parked, "x-lesson-replay-error").unwrap();
+    assert!(
+        error.contains("older than the maximum age of 3600s"),
+        "{error}"
+    );
+    assert_eq!(
+        header(&parked, "x-lesson-replay-attempt").as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        header(&parked, "x-lesson-replay-first-seen").as_deref(),
+        Some("2020-01-01T00:00:00Z"),
+        "the first failure's time is kept"
+    );
+    broker.assert_settled().await;
+    broker.cleanup().await;
+}
+
+/// `dlq replay` gives a parked message back to the work queue as it first
+/// came: same body, same headers, without the retry and parking bookkeeping,
+/// so its attempt count starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_resets_the_attempt_count_and_keeps_the_message() {
+    let broker = Broker::new(isolated_config("replay-reset")).await;
+    let c = broker.config.clone();
+    let body = lesson("replayed");
+    let mut headers = FieldTable::default();
+    set_header(&mut headers, "x-tic-sign", "abc");
+    for (name, value) in [
+        ("x-lesson-replay-attempt", "3"),
+        ("x-lesson-replay-first-seen", "2026-01-01T00:00:00Z"),
+        ("x-lesson-replay-last-reason", "fetch_failed"),
+        ("x-lesson-replay-reason", "fetch_failed"),
+        ("x-lesson-replay-error", "gave up"),
+        ("x-lesson-replay-parked-at", "2026-01-01T01:00:00Z"),
+    ] {
+        set_header(&mut headers, name, value);
+    }
+    let properties = lesson_replay::broker::amqp::json_properties().with_headers(headers);
+    lesson_replay::broker::amqp::publish_confirmed(
+        &broker.channel,
+        "",
+        &c.parking_queue,
+        &body,
+        properties,
+    )
+    .await
+    .unwrap();
+    let moved = lesson_replay::broker::dlq::replay(&c.broker_settings(), None, None)
+        .await
+        .unwrap();
+    assert_eq!(moved, 1);
+    let got = broker
+        .channel
+        .basic_get(c.work_queue.as_str().into(), Default::default())
+        .await
+        .unwrap()
+        .expect("the message is back in the work queue");
+    assert_eq!(got.delivery.data, body, "the body is byte-identical");
+    let table = got
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    let names: Vec<String> = table
+        .inner()
+        .keys()
+        .map(|k| k.to_string())
+        // Set by the quorum work queue on every delivery, not by anyone upstream.
+        .filter(|k| k != "x-delivery-count")
+        .collect();
+    assert_eq!(names, ["x-tic-sign"], "only the original headers remain");
+    assert_eq!(broker.depth(&c.parking_queue).await, 0);
+    broker.cleanup().await;
+}
