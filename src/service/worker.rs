@@ -57,12 +57,15 @@ pub enum WorkerError {
     Media(#[from] MediaError),
 }
 
+/// Code a test runs with each record before it is published.
+pub type RecordHook = Arc<dyn Fn(&Record) + Send + Sync>;
+
 /// Seams for tests: code run at fixed points of processing. Production
 /// passes none; a test may, for instance, panic on purpose.
 #[derive(Clone, Default)]
 pub struct Hooks {
     /// Called with every record just before it is published.
-    pub before_publish: Option<Arc<dyn Fn(&Record) + Send + Sync>>,
+    pub before_publish: Option<RecordHook>,
 }
 
 /// What the delivery handlers of one broker session share.
