@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the worker against the local RabbitMQ (started when it is down).
-# Settings come from LESSON_REPLAY_* variables; see the README.
+# Settings come from LESSON_REPLAY_* variables; see docs/configuration.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

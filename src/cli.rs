@@ -145,6 +145,11 @@ pub enum CliError {
 /// Run the command line; returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Config { reference: true } = cli.command {
+        // The reference describes the defaults: no settings needed.
+        print!("{}", reference::markdown_table());
+        return ExitCode::SUCCESS;
+    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
         Err(e) => {
@@ -166,11 +171,7 @@ pub fn main() -> ExitCode {
             };
             return run_normalize(&config, &file, &envelope);
         }
-        Command::Config { reference: true } => {
-            print!("{}", reference::markdown_table());
-            return ExitCode::SUCCESS;
-        }
-        Command::Config { reference: false } => {
+        Command::Config { .. } => {
             let shown = serde_json::to_string_pretty(&config).expect("settings serialize");
             println!("{shown}");
             return ExitCode::SUCCESS;

@@ -6,7 +6,7 @@
 //! - [`decision`] — pure, no I/O: [`decision::decide::decide`] turns a message
 //!   body and its envelope into a [`decision::decide::Decision`]: decode (four
 //!   JSON formats) → verify (signature) → normalize (durations, repairs, ids)
-//!   → layout. The record, reason codes and warning codes live here.
+//!   → layout → URL policy (every VOD URL allowed). The record, reason codes and warning codes live here.
 //! - [`telemetry`] — every metric, with its labels as closed enums.
 //! - [`media`] and [`broker`] — the edges. [`media`] checks every track against
 //!   its file over HTTP (fetch, guard, probe) and archives it to S3; [`broker`]

@@ -134,12 +134,9 @@ async fn lessons_survive(name: &str, fault: fn()) {
     broker.cleanup().await;
 }
 
+/// One test, two faults in turn: a restart would break the other's connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_restart_with_lessons_in_flight_loses_nothing() {
-    lessons_survive("restart", restart_broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_closing_the_workers_connection_mid_work_loses_nothing() {
+async fn lessons_in_flight_survive_a_closed_connection_and_a_broker_restart() {
     lessons_survive("closed", close_worker_connection).await;
+    lessons_survive("restart", restart_broker).await;
 }

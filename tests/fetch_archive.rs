@@ -415,6 +415,11 @@ async fn a_wrong_secret_is_denied_not_retried() {
     let err = upload.finish("00", None).await.unwrap_err();
     assert_eq!(err.fault, S3Fault::Denied, "{err}");
     assert_eq!(err.code.as_deref(), Some("SignatureDoesNotMatch"), "{err}");
+    let shown = err.to_string();
+    assert!(
+        !shown.contains(common::s3::ACCESS_KEY),
+        "the key id is shown: {shown}"
+    );
     assert_eq!(err.reason(), ReasonCode::ArchiveDenied);
     assert!(!err.is_transient());
 }

@@ -251,13 +251,7 @@ async fn publish_command_sends_files_with_callback_headers() {
             "1400000009",
         ])
         .args(["--sign", "abc", "--random", "526919"])
-        .env("LESSON_REPLAY_INBOUND_EXCHANGE", &c.inbound_exchange)
-        .env("LESSON_REPLAY_WORK_QUEUE", &c.work_queue)
-        .env("LESSON_REPLAY_PARKING_QUEUE", &c.parking_queue)
-        .env("LESSON_REPLAY_RECORDS_EXCHANGE", &c.records_exchange)
-        .env("LESSON_REPLAY_RECORDS_QUEUE", &c.records_queue)
-        .env("LESSON_REPLAY_AMQP_URL", common::amqp_url())
-        .env("LESSON_REPLAY_RETRY_DELAYS_SECS", "1,2")
+        .envs(common::worker_env(c))
         .status()
         .unwrap();
     assert!(status.success());

@@ -1,5 +1,5 @@
 //! The RabbitMQ edge: connection, topology, confirmed publishing, and the
-//! translation between AMQP properties and the pipeline's [`Envelope`].
+//! translation between AMQP properties and the decision's [`Envelope`].
 //!
 //! The topology itself is data: see [`crate::broker::topology`].
 
@@ -148,7 +148,7 @@ pub fn json_properties() -> BasicProperties {
         .with_delivery_mode(PERSISTENT)
 }
 
-/// The pipeline's view of a delivery's properties.
+/// The decision's view of a delivery's properties.
 pub fn envelope_of(properties: &BasicProperties) -> Envelope {
     let table = properties.headers().as_ref();
     Envelope {

@@ -216,16 +216,21 @@ pub fn markdown_table() -> String {
     out
 }
 
-/// The settings part of `--help`.
+/// The settings part of `--help`: every variable, its default and meaning.
 pub fn help_text() -> String {
     let defaults = defaults();
     let mut out = String::from(
         "Settings come from defaults, then the TOML file given by --config, then\n\
-         LESSON_REPLAY_* environment variables (docs/configuration.md explains each):\n",
+         LESSON_REPLAY_* environment variables (docs/configuration.md has the table):\n",
     );
     for s in SETTINGS {
         let default = show(defaults.get(s.name)).replace('`', "");
-        out.push_str(&format!("  {:<44} [{default}]\n", env_var(s.name)));
+        let meaning = s.meaning.replace('`', "");
+        let secret = if s.secret { " (secret)" } else { "" };
+        out.push_str(&format!(
+            "  {} [{default}]{secret}\n      {meaning}\n",
+            env_var(s.name)
+        ));
     }
     out
 }
@@ -233,6 +238,7 @@ pub fn help_text() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::settings::env_var;
 
     /// The field names of `Config`, as serde sees them.
     fn config_fields() -> Vec<String> {
@@ -279,5 +285,46 @@ mod tests {
             text.contains("[amqp://guest:***@127.0.0.1:5672/%2f]"),
             "{text}"
         );
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error.
+    fn every_secret_setting_is_hidden_when_shown_and_kept_when_handed_on() {
+        let sentinel = |name: &str| match name {
+            "amqp_url" => "amqp://user:SENTINEL-amqp_url@broker/%2f".to_owned(),
+            "tic_keys" => "1400000001=SENTINEL-tic_keys".to_owned(),
+            other => format!("SENTINEL-{other}"),
+        };
+        figment::Jail::expect_with(|jail| {
+            let secrets: Vec<&Setting> = SETTINGS.iter().filter(|s| s.secret).collect();
+            assert!(secrets.len() >= 4);
+            for s in &secrets {
+                jail.set_env(env_var(s.name), sentinel(s.name));
+            }
+            let config = Config::load(None).expect("loads");
+            let shown = [
+                format!("{config:?}"),
+                serde_json::to_string(&config).unwrap(),
+            ];
+            for s in &secrets {
+                let exposed = config
+                    .exposed_secret(s.name)
+                    .unwrap_or_else(|| panic!("{} is secret but not known as such", s.name))
+                    .expect("set");
+                assert!(
+                    exposed.contains(&format!("SENTINEL-{}", s.name)),
+                    "{exposed}"
+                );
+                for text in &shown {
+                    assert!(!text.contains("SENTINEL"), "{} shown: {text}", s.name);
+                }
+            }
+            let env = config.to_environment();
+            for s in &secrets {
+                let (_, value) = env.iter().find(|(k, _)| *k == env_var(s.name)).unwrap();
+                assert!(value.contains(&format!("SENTINEL-{}", s.name)), "{value}");
+            }
+            Ok(())
+        });
     }
 }

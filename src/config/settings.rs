@@ -281,8 +281,9 @@ impl Config {
     }
 
     /// Everything that can be checked without the network, so that
-    /// `lesson-replay config` catches it before a deploy does.
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// `lesson-replay config` catches it before a deploy does. [`Config::load`]
+    /// calls it; so does every service, for settings built in code.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_counts()?;
         self.validate_addresses()?;
         self.validate_archive()?;
@@ -332,9 +333,12 @@ impl Config {
             return invalid(format!("amqp_url is not a valid AMQP URL: {why}"));
         }
         let addr = self.metrics_addr.trim();
-        if !addr.is_empty() && addr.parse::<std::net::SocketAddr>().is_err() {
+        let has_port = addr
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !addr.is_empty() && !has_port {
             return invalid(format!(
-                "metrics_addr {addr:?} is not an address like 0.0.0.0:9090 (empty: no listener)"
+                "metrics_addr {addr:?} is not HOST:PORT, like 0.0.0.0:9090 (empty: no listener)"
             ));
         }
         Ok(())
@@ -367,26 +371,10 @@ impl Config {
         let Ok(serde_json::Value::Object(values)) = serde_json::to_value(self) else {
             unreachable!("Config serializes to an object");
         };
-        let secrets = [
-            ("amqp_url", Some(self.amqp_url.expose_secret().to_owned())),
-            ("tic_keys", Some(self.tic_keys.as_list())),
-            (
-                "s3_access_key_id",
-                self.s3_access_key_id
-                    .as_ref()
-                    .map(|s| s.expose_secret().to_owned()),
-            ),
-            (
-                "s3_secret_access_key",
-                self.s3_secret_access_key
-                    .as_ref()
-                    .map(|s| s.expose_secret().to_owned()),
-            ),
-        ];
         let mut out = Vec::new();
         for (name, value) in values {
-            let text = match secrets.iter().find(|(secret, _)| *secret == name) {
-                Some((_, exposed)) => exposed.clone(),
+            let text = match self.exposed_secret(&name) {
+                Some(exposed) => exposed.map(|text| quoted(&text)),
                 None => env_text(&value),
             };
             if let Some(text) = text {
@@ -395,6 +383,26 @@ impl Config {
         }
         out
     }
+
+    /// The value of a secret setting (`Some(None)`: unset); `None` for a
+    /// setting that is not secret. A test checks this knows every setting
+    /// the reference marks secret.
+    pub(crate) fn exposed_secret(&self, name: &str) -> Option<Option<String>> {
+        let exposed = |s: &Option<SecretString>| s.as_ref().map(|s| s.expose_secret().to_owned());
+        match name {
+            "amqp_url" => Some(Some(self.amqp_url.expose_secret().to_owned())),
+            "tic_keys" => Some(Some(self.tic_keys.as_list())),
+            "s3_access_key_id" => Some(exposed(&self.s3_access_key_id)),
+            "s3_secret_access_key" => Some(exposed(&self.s3_secret_access_key)),
+            _ => None,
+        }
+    }
+}
+
+/// A string as the environment form of a setting: quoted, so that a value
+/// that looks like a number or a boolean (`2024`, `true`) stays a string.
+fn quoted(text: &str) -> String {
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 /// A serialized setting as an environment variable's text; `None` when unset.
@@ -402,7 +410,7 @@ fn env_text(value: &serde_json::Value) -> Option<String> {
     use serde_json::Value;
     match value {
         Value::Null => None,
-        Value::String(s) => Some(s.clone()),
+        Value::String(s) => Some(quoted(s)),
         Value::Array(items) => Some(
             items
                 .iter()
@@ -482,7 +490,8 @@ mod tests {
             s3_access_key_id: Some(SecretString::from("id")),
             s3_secret_access_key: Some(SecretString::from("secret")),
             archive: true,
-            s3_bucket: Some("b".into()),
+            s3_bucket: Some("2024".into()),
+            s3_prefix: "true".into(),
             retry_delays_secs: vec![1, 2],
             vod_allowed_hosts: vec!["a.example".into(), "*.b.example".into()],
             signature: SignatureMode::Required,

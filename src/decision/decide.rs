@@ -1,7 +1,9 @@
 //! The decision for one inbound message, with no I/O: decode → verify →
 //! normalize (with its layout) → URL policy. The worker and `lesson-replay
 //! normalize` both call [`decide`] with the configured [`InputPolicy`] and only
-//! carry out what it says, so they can never disagree about a message.
+//! carry out what it says, so they never disagree about a message's content.
+//! (Only the worker resolves host names: one that resolves to a private
+//! address is refused when it connects, see `media::guard`.)
 
 use crate::decision::decode::{Limits, Payload, decode};
 use crate::decision::normalize::{Normalized, normalize};

@@ -16,7 +16,8 @@
 use std::fmt;
 
 use aws_sdk_s3::config::http::HttpResponse;
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::RequestId;
 
 use crate::decision::reason::ReasonCode;
 
@@ -97,8 +98,8 @@ impl S3Error {
             failure,
             status,
             fault: classify(failure, status, code.as_deref()),
+            detail: explain(&error),
             code,
-            detail: DisplayErrorContext(&error).to_string(),
         }
     }
 
@@ -126,6 +127,31 @@ impl S3Error {
     pub fn is_transient(&self) -> bool {
         self.fault == S3Fault::Transient
     }
+}
+
+/// What went wrong, without the raw answer: a store's error body can quote
+/// the request (on AWS, `SignatureDoesNotMatch` carries the access key id and
+/// the string to sign), so only its code, message and request id are kept,
+/// or, without an answer, the cause chain.
+fn explain<E>(error: &SdkError<E, HttpResponse>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    if let SdkError::ServiceError(_) = error {
+        let message = error.message().unwrap_or("no message");
+        return match error.meta().request_id() {
+            Some(id) => format!("{message} (request id {id})"),
+            None => message.to_owned(),
+        };
+    }
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }
 
 /// Store error codes that mean "these credentials may not do this".
@@ -162,10 +188,11 @@ const TRANSIENT_4XX_CODES: &[&str] = &[
 pub fn classify(failure: SdkFailure, status: Option<u16>, code: Option<&str>) -> S3Fault {
     match failure {
         SdkFailure::Construction | SdkFailure::DispatchUser => return S3Fault::Misconfigured,
-        SdkFailure::Timeout | SdkFailure::Dispatch | SdkFailure::Response => {
-            return S3Fault::Transient;
-        }
-        SdkFailure::Service => {}
+        SdkFailure::Timeout | SdkFailure::Dispatch => return S3Fault::Transient,
+        // An answer the SDK could not read: cut short (transient), unless
+        // its status already says what it is (a proxy's 403 page).
+        SdkFailure::Response if status.is_none_or(|s| s >= 500) => return S3Fault::Transient,
+        SdkFailure::Response | SdkFailure::Service => {}
     }
     if code.is_some_and(|c| DENIED_CODES.contains(&c)) || matches!(status, Some(401 | 403)) {
         return S3Fault::Denied;
@@ -175,7 +202,8 @@ pub fn classify(failure: SdkFailure, status: Option<u16>, code: Option<&str>) ->
     }
     match status {
         Some(408 | 409 | 425 | 429) => S3Fault::Transient,
-        Some(400..=499) => S3Fault::Misconfigured,
+        // A redirect (wrong region or endpoint) or another refusal.
+        Some(300..=499) => S3Fault::Misconfigured,
         // 5xx, or an error answer without a status: the store's trouble.
         _ => S3Fault::Transient,
     }

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::settings::{Config, LogFormat};
+use crate::config::settings::{Config, ConfigError, LogFormat};
 use crate::service::endpoints::{self, Health};
 use crate::service::worker::{self, Hooks, WorkerError};
 use crate::telemetry::metrics::Metrics;
@@ -18,6 +18,8 @@ use crate::telemetry::metrics::Metrics;
 /// Why a service stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("metrics_addr {addr:?}: {source}")]
     Bind {
         addr: String,
@@ -45,6 +47,7 @@ impl Service {
         metrics: Metrics,
         health: Health,
     ) -> Result<Service, ServiceError> {
+        config.validate()?;
         let listener = match config.metrics_addr.trim() {
             "" => None,
             addr => Some(
