@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use common::{Broker, header, isolated_config, spawn_worker};
 use lapin::types::FieldTable;
@@ -75,12 +74,102 @@ fn the_pure_decision_rejects_every_case_before_any_io() {
     let policy = InputPolicy::default();
     for (name, reason, body) in corpus() {
         match decide(&body, &Default::default(), &policy) {
-            Decision::Reject(r) => assert_eq!(r.code.as_str(), reason, "{name}: {r}"),
-            // Host checks need the configured allow-list: the worker applies them.
-            Decision::Publish(_) if reason == "url_not_allowed" => {}
+            Decision::Reject(r) => {
+                assert_eq!(r.code.as_str(), reason, "{name}: {r}");
+                if reason == "invalid_field" || reason == "field_too_long" {
+                    // The error names the field's path: `video_info[1].video_size: ...`.
+                    let (path, _) = r.message.split_once(": ").unwrap_or_default();
+                    assert!(
+                        !path.is_empty()
+                            && path
+                                .chars()
+                                .all(|c| c.is_ascii_alphanumeric() || "_[].- …".contains(c)),
+                        "{name}: no field path in {r}"
+                    );
+                }
+            }
             other => panic!("{name}: expected {reason}, got {other:?}"),
         }
     }
+}
+
+/// The VOD hosts of the corpus' `url_not_allowed` cases that are IP literals
+/// or name this machine, as an allow-list would spell them.
+fn private_hosts() -> Vec<(String, Vec<u8>, String)> {
+    corpus()
+        .into_iter()
+        .filter(|(_, reason, _)| reason == "url_not_allowed")
+        .filter_map(|(name, _, body)| {
+            let message: Value = serde_json::from_slice(&body).ok()?;
+            let url = message["video_info"][0]["video_url"].as_str()?;
+            let host = url::Url::parse(url).ok()?.host()?.to_owned();
+            let spelled = match host {
+                url::Host::Ipv4(ip) => ip.to_string(),
+                url::Host::Ipv6(ip) => ip.to_string(),
+                url::Host::Domain(d) if d == "localhost" => d,
+                url::Host::Domain(_) => return None,
+            };
+            Some((name, body, spelled))
+        })
+        .collect()
+}
+
+/// The SSRF cases again with their hosts on the allow-list: what refuses them
+/// is the private-address rule, not the allow-list. (The decision judges IP
+/// literals; a name such as `localhost` is judged by the worker when it
+/// resolves it, see the worker test below.)
+#[test]
+fn private_addresses_are_refused_even_when_their_host_is_allowed() {
+    let cases = private_hosts();
+    assert!(cases.len() >= 5, "{cases:?}");
+    for (name, body, host) in cases.iter().filter(|(_, _, h)| h != "localhost") {
+        let mut policy = InputPolicy::default();
+        policy.urls.allowed_hosts = vec![host.clone()];
+        match decide(body, &Default::default(), &policy) {
+            Decision::Reject(r) => {
+                assert_eq!(r.code.as_str(), "url_not_allowed", "{name}: {r}");
+                assert!(r.message.contains("address"), "{name}: {r}");
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+        // And with private networks allowed, the same message passes.
+        policy.urls.allow_private_networks = true;
+        assert!(
+            matches!(
+                decide(body, &Default::default(), &policy),
+                Decision::Publish(_)
+            ),
+            "{name}: the allow-list admits {host}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_refuses_private_addresses_whose_host_is_allowed() {
+    let cases = private_hosts();
+    let mut config = isolated_config("hostile-private");
+    config.probe = true;
+    config.vod_allowed_hosts = cases.iter().map(|(_, _, h)| h.clone()).collect();
+    config.vod_allow_private_networks = false;
+    let broker = Broker::new(config).await;
+    let worker = spawn_worker(broker.config.clone()).await;
+    for (name, body, _) in &cases {
+        let mut headers = FieldTable::default();
+        set_header(&mut headers, "x-test-case", name);
+        broker.publish(body, headers).await;
+    }
+    let parked = broker
+        .take_raw(&broker.config.parking_queue, cases.len())
+        .await;
+    worker.stop().await;
+    for (_, properties) in &parked {
+        let case = header(properties, "x-test-case").unwrap();
+        let reason = header(properties, "x-lesson-replay-reason").unwrap();
+        assert_eq!(reason, "url_not_allowed", "{case}");
+    }
+    assert_eq!(broker.depth(&broker.config.records_queue).await, 0);
+    broker.assert_settled().await;
+    broker.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,26 +190,31 @@ async fn every_hostile_message_is_parked_with_its_reason_and_the_worker_keeps_se
     let good = std::fs::read(format!("{}/realtime-query-finished.json", common::EXAMPLES)).unwrap();
     broker.publish(&good, FieldTable::default()).await;
 
-    let parked: HashMap<String, (String, String)> = broker
-        .take(&broker.config.parking_queue, cases.len())
+    let parked: HashMap<String, (String, String, Vec<u8>)> = broker
+        .take_raw(&broker.config.parking_queue, cases.len())
         .await
         .into_iter()
-        .map(|(_, p)| {
+        .map(|(body, p)| {
             let case = header(&p, "x-test-case").unwrap();
             (
                 case,
                 (
                     header(&p, "x-lesson-replay-reason").unwrap(),
                     header(&p, "x-lesson-replay-error").unwrap(),
+                    body,
                 ),
             )
         })
         .collect();
-    for (name, reason, _) in &cases {
-        let (got, error) = parked
+    for (name, reason, sent) in &cases {
+        let (got, error, body) = parked
             .get(name)
             .unwrap_or_else(|| panic!("{name} was not parked"));
         assert_eq!(got, reason, "{name}: {error}");
+        assert!(
+            body == sent,
+            "{name}: the parked body differs from what was sent"
+        );
         assert!(
             !error.is_empty() && error.len() < 2000,
             "{name}: a readable error, not an echo: {error}"
@@ -132,6 +226,8 @@ async fn every_hostile_message_is_parked_with_its_reason_and_the_worker_keeps_se
         "still serving after the corpus"
     );
     worker.stop().await;
+    assert_eq!(broker.depth(&broker.config.records_queue).await, 0);
+    broker.assert_settled().await;
     broker.cleanup().await;
 }
 
@@ -192,44 +288,4 @@ proptest! {
     fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..512)) {
         let _ = decide(&body, &Default::default(), &InputPolicy::default());
     }
-
-    #[test]
-    fn any_decoded_record_is_well_formed(
-        offsets in prop::collection::vec((0i64..10_000_000, 0i64..10_000_000, 0i64..4, 0i64..1_000_000_000), 0..20),
-        span in 0i64..100_000,
-    ) {
-        let tracks: Vec<Value> = offsets.iter().enumerate().map(|(i, (offset, duration, kind, size))| json!({
-            "video_play_time": offset, "video_duration": duration, "video_type": kind, "video_size": size,
-            "video_url": format!("http://1.vod2.myqcloud.com/{i}.mp4"), "video_id": (i % 5).to_string(),
-            "user_id": format!("u{}", i % 3)
-        })).collect();
-        let body = serde_json::to_vec(&json!({"room_id": 1, "start_time": 1_600_000_000,
-            "stop_time": 1_600_000_000 + span, "video_info": tracks})).unwrap();
-        match decide(&body, &Default::default(), &InputPolicy::default()) {
-            Decision::Publish(n) => {
-                let record = &n.record;
-                // Segments tile [0, duration_ms) without gaps or overlaps.
-                let mut at = 0;
-                for segment in &record.layout {
-                    prop_assert_eq!(segment.from_ms, at);
-                    prop_assert!(segment.to_ms > segment.from_ms);
-                    at = segment.to_ms;
-                }
-                prop_assert_eq!(at, record.duration_ms);
-                let ids: std::collections::HashSet<_> = record.tracks.iter().map(|t| &t.track_id).collect();
-                prop_assert_eq!(ids.len(), record.tracks.len());
-                common::assert_valid_record(&serde_json::to_value(record).unwrap());
-            }
-            other => prop_assert!(false, "{:?}", other),
-        }
-    }
-}
-
-#[test]
-fn corpus_files_exist_in_the_repository() {
-    assert!(
-        Path::new(CORPUS)
-            .join("invalid_json--missing-commas-doc-4.5.2.json")
-            .exists()
-    );
 }

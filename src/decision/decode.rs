@@ -351,8 +351,16 @@ fn from_value<T: de::DeserializeOwned>(value: Value) -> Result<T, Rejection> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        if path == "." {
-            Rejection::new(ReasonCode::InvalidField, inner.to_string())
+        let text = inner.to_string();
+        // A missing top-level field: named as the path, like every other field.
+        let missing = text
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(name, _)| name.to_owned());
+        if let (".", Some(name)) = (path.as_str(), missing) {
+            Rejection::field(&name, "missing field")
+        } else if path == "." {
+            Rejection::new(ReasonCode::InvalidField, text)
         } else {
             Rejection::field(&path, inner)
         }

@@ -125,7 +125,8 @@ pub fn normalize(recording: &Recording, sdkappid: Option<i64>) -> Result<Normali
         ("record_user_id", &recording.record_user_id),
     ];
     for (field, value) in texts {
-        check_text(value.as_deref()).map_err(|problem| Rejection::field(field, problem))?;
+        check_text(value.as_deref())
+            .map_err(|problem| Rejection::field(field_name(recording, field), problem))?;
     }
     let span_ms = recording_span(recording, &mut warnings);
     let tracks = normalize_tracks(recording, span_ms, &mut warnings)?;
@@ -172,8 +173,23 @@ fn field_name(recording: &Recording, snake: &'static str) -> &'static str {
     match (recording.post_class, snake) {
         (true, "room_id") => "RoomId",
         (true, "start_time") => "RecordStartTime",
+        (true, "group_id") => "GroupId",
+        (true, "total_time") => "TotalTime",
         _ => snake,
     }
+}
+
+/// A track field as the post-class format spells it: `user_id` → `UserId`.
+fn pascal_case(snake: &str) -> String {
+    snake
+        .split('_')
+        .map(|word| {
+            let mut chars = word.chars();
+            chars.next().map_or_else(String::new, |first| {
+                first.to_ascii_uppercase().to_string() + chars.as_str()
+            })
+        })
+        .collect()
 }
 
 /// The declared length of the recording in ms, when the upstream gave a usable one.
@@ -265,6 +281,11 @@ fn normalize_tracks(
     let mut tracks = Vec::with_capacity(recording.videos.len());
     for (i, video) in recording.videos.iter().enumerate() {
         let track = normalize_track(video, i, span_ms, warnings).map_err(|(field, problem)| {
+            let field = if recording.post_class {
+                pascal_case(field)
+            } else {
+                field.to_owned()
+            };
             Rejection::field(&format!("{list}[{i}].{field}"), problem)
         })?;
         tracks.push(track);

@@ -115,8 +115,21 @@ impl Broker {
         .unwrap();
     }
 
-    /// The next message of `queue`, waiting up to `wait`; acknowledged.
+    /// The next message of `queue`, waiting up to `wait`; acknowledged. The
+    /// body is parsed as JSON, or kept as a string when it is not JSON.
     pub async fn next(&self, queue: &str, wait: Duration) -> Option<(Value, BasicProperties)> {
+        let (data, properties) = self.next_raw(queue, wait).await?;
+        let body = serde_json::from_slice(&data)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&data).into()));
+        Some((body, properties))
+    }
+
+    /// The next message of `queue` with its body as sent, waiting up to `wait`; acknowledged.
+    pub async fn next_raw(
+        &self,
+        queue: &str,
+        wait: Duration,
+    ) -> Option<(Vec<u8>, BasicProperties)> {
         let deadline = Instant::now() + wait;
         loop {
             let got = self
@@ -131,16 +144,25 @@ impl Broker {
                     .ack(BasicAckOptions::default())
                     .await
                     .unwrap();
-                let body = serde_json::from_slice(&message.delivery.data).unwrap_or_else(|_| {
-                    Value::String(String::from_utf8_lossy(&message.delivery.data).into())
-                });
-                return Some((body, message.delivery.properties));
+                return Some((message.delivery.data, message.delivery.properties));
             }
             if Instant::now() > deadline {
                 return None;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Exactly `n` messages from `queue`, bodies as sent (fails the test if they do not come).
+    pub async fn take_raw(&self, queue: &str, n: usize) -> Vec<(Vec<u8>, BasicProperties)> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            match self.next_raw(queue, Duration::from_secs(20)).await {
+                Some(m) => out.push(m),
+                None => panic!("expected {n} messages on {queue}, got {}", out.len()),
+            }
+        }
+        out
     }
 
     /// Exactly `n` messages from `queue` (fails the test if they do not come).
