@@ -307,3 +307,71 @@ async fn a_worker_with_refused_credentials_does_not_start() {
         "the secret is echoed: {message}"
     );
 }
+
+/// A download that fails after parts were uploaded: the worker aborts its own
+/// multipart upload before the message goes to a delay tier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_aborts_the_upload_of_a_failed_download() {
+    let s3 = S3Server::start("school");
+    let origin = Origin::start().await;
+    let mut config = isolated_config("own-abort");
+    s3.configure(&mut config, "school");
+    config.s3_part_size_bytes = 5 * 1024 * 1024;
+    config.fetch_attempts = 1;
+    config.retry_delays_secs = vec![600];
+    let broker = Broker::new(config).await;
+    let metrics = lesson_replay::telemetry::metrics::Metrics::default();
+    let worker =
+        common::spawn_worker_with(broker.config.clone(), Default::default(), metrics.clone()).await;
+    // Cut after 7 MiB, without a validator to resume with: a transient failure.
+    let cut = Faults {
+        cut_after: Some(7 * 1024 * 1024),
+        cuts: 1,
+        no_validator: true,
+        ..Faults::default()
+    };
+    let body = common::origin::noise(12 * 1024 * 1024);
+    let url = origin.add("/cut.mp4", body.clone(), cut);
+    broker
+        .publish(
+            &finished(
+                "t-cut",
+                42,
+                vec![video(&url, "c", 0, "u", body.len(), 5000, 0)],
+            ),
+            Default::default(),
+        )
+        .await;
+    let tier = format!("{}.retry.600s", broker.config.work_queue);
+    common::wait_until(
+        "the message waits in its tier",
+        Duration::from_secs(30),
+        || {
+            metrics
+                .render()
+                .contains(r#"lesson_replay_retries_total{tier="600s"} 1"#)
+        },
+    )
+    .await;
+    worker.stop().await;
+    let uploaded = metrics
+        .render()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("lesson_replay_uploaded_bytes_total ")?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(0);
+    assert!(
+        uploaded >= 5 * 1024 * 1024,
+        "a part was uploaded first ({uploaded} bytes)"
+    );
+    let leftovers = s3.incomplete_uploads();
+    assert!(
+        leftovers.is_empty(),
+        "the worker left its upload behind: {leftovers:?}"
+    );
+    assert_eq!(broker.depth(&tier).await, 1);
+    broker.cleanup().await;
+}

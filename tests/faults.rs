@@ -30,25 +30,18 @@ async fn collect_records(
             .next(&broker.config.records_queue, Duration::from_millis(200))
             .await
         {
-            seen.insert(record["replay_id"].as_str().unwrap().to_owned(), record);
+            let id = record["replay_id"].as_str().unwrap().to_owned();
+            if let Some(first) = seen.get(&id) {
+                assert_eq!(first, &record, "a duplicate record is an identical copy");
+            }
+            seen.insert(id, record);
         }
     }
 }
 
 /// Work, delay-tier and parking queues are all empty.
 async fn assert_nothing_left(broker: &Broker) {
-    let c = &broker.config;
-    let tiers = c
-        .retry_policy()
-        .tiers
-        .into_iter()
-        .map(|d| lesson_replay::broker::retry::tier_queue(&c.work_queue, d));
-    for queue in [c.work_queue.clone(), c.parking_queue.clone()]
-        .into_iter()
-        .chain(tiers)
-    {
-        assert_eq!(broker.depth(&queue).await, 0, "{queue} is not empty");
-    }
+    broker.assert_settled().await;
 }
 
 /// Every track of every record is archived completely and correctly.
@@ -130,6 +123,16 @@ async fn killed_workers_lose_nothing() {
         .map(|r| r["task_id"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(tasks, expected);
+    // The kills hit messages in flight: some recordings were fetched twice.
+    assert!(
+        origin.requests() > total as u64,
+        "{} downloads for {total} recordings: no kill hit an unacknowledged message",
+        origin.requests()
+    );
+    for (record, _) in broker.drain(&broker.config.records_queue).await {
+        let id = record["replay_id"].as_str().unwrap();
+        assert_eq!(seen[id], record, "a duplicate record is an identical copy");
+    }
     assert_nothing_left(&broker).await;
     assert_archives_match(&s3, "school", &seen, FASTSTART).await;
     broker.cleanup().await;
@@ -277,14 +280,6 @@ async fn origin_failures_retry_through_the_delay_tiers_then_park() {
     broker.cleanup().await;
 }
 
-fn leftover_uploads(s3: &S3Server) -> Vec<String> {
-    std::fs::read_dir(&s3.root)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(".upload"))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_long_upload_requeues_it_and_a_new_worker_completes_it() {
     let s3 = S3Server::start("school");
@@ -316,7 +311,7 @@ async fn sigterm_during_a_long_upload_requeues_it_and_a_new_worker_completes_it(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
-        !leftover_uploads(&s3).is_empty(),
+        !s3.incomplete_uploads().is_empty(),
         "a multipart upload is under way"
     );
     let stopped_at = Instant::now();
@@ -328,7 +323,7 @@ async fn sigterm_during_a_long_upload_requeues_it_and_a_new_worker_completes_it(
         "stopped within the grace period"
     );
     assert!(
-        leftover_uploads(&s3).is_empty(),
+        s3.incomplete_uploads().is_empty(),
         "the cut-short upload was aborted"
     );
     assert_eq!(

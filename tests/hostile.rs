@@ -278,14 +278,25 @@ fn json_value() -> impl Strategy<Value = Value> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
+    /// Whatever the JSON, a decision (no panic), and a rejection says why.
     #[test]
-    fn arbitrary_json_never_panics(value in json_value()) {
+    fn arbitrary_json_gets_a_decision(value in json_value()) {
         let body = serde_json::to_vec(&value).unwrap();
-        let _ = decide(&body, &Default::default(), &InputPolicy::default());
+        match decide(&body, &Default::default(), &InputPolicy::default()) {
+            Decision::Reject(r) | Decision::Skip(r) => prop_assert!(!r.message.is_empty()),
+            Decision::Publish(n) => common::assert_valid_record(&serde_json::to_value(&n.record).unwrap()),
+        }
     }
 
+    /// Bytes that are not UTF-8 JSON are refused as `invalid_json`, never published.
     #[test]
-    fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..512)) {
-        let _ = decide(&body, &Default::default(), &InputPolicy::default());
+    fn arbitrary_bytes_get_a_decision(body in prop::collection::vec(any::<u8>(), 0..512)) {
+        let decision = decide(&body, &Default::default(), &InputPolicy::default());
+        if serde_json::from_slice::<Value>(&body).is_err() {
+            prop_assert!(
+                matches!(&decision, Decision::Reject(r) if r.code.as_str() == "invalid_json"),
+                "{:?}", decision
+            );
+        }
     }
 }

@@ -92,6 +92,18 @@ impl S3Server {
     }
 
     /// A plain S3 client for inspecting the bucket.
+    /// The multipart uploads under way in the store: s3s-fs 0.14 has no
+    /// `ListMultipartUploads`, and keeps each upload in a `.upload*` entry of
+    /// its root. Tests check this sees an upload under way before they trust
+    /// it to see none.
+    pub fn incomplete_uploads(&self) -> Vec<String> {
+        std::fs::read_dir(&self.root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".upload"))
+            .collect()
+    }
+
     pub fn client(&self) -> Client {
         let config = aws_sdk_s3::Config::builder()
             .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
