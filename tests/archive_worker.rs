@@ -193,6 +193,7 @@ async fn permanent_fetch_failures_are_parked_with_their_reason() {
     let origin = Origin::start().await;
     let mut config = isolated_config("fetch-park");
     s3.configure(&mut config, "school");
+    config.max_file_bytes = 100_000;
     let broker = Broker::new(config).await;
     let worker = spawn_worker(broker.config.clone()).await;
 
@@ -219,13 +220,33 @@ async fn permanent_fetch_failures_are_parked_with_their_reason() {
         )
         .await;
 
-    let parked = broker.take(&broker.config.parking_queue, 2).await;
+    // Above max_file_bytes, announced honestly or not: refused either way.
+    let big = common::origin::noise(200_000);
+    let large = origin.add("/large.mp4", big.clone(), Faults::default());
+    for (task, declared) in [("t-large", big.len()), ("t-large-understated", 1000)] {
+        let body = finished(
+            task,
+            42,
+            vec![video(&large, "l", 0, "u", declared, 5000, 0)],
+        );
+        broker.publish(&body, Default::default()).await;
+    }
+
+    let parked = broker.take(&broker.config.parking_queue, 4).await;
     let mut reasons: Vec<String> = parked
         .iter()
         .map(|(_, p)| header(p, "x-lesson-replay-reason").unwrap())
         .collect();
     reasons.sort();
-    assert_eq!(reasons, ["size_mismatch", "vod_not_found"]);
+    assert_eq!(
+        reasons,
+        [
+            "file_too_large",
+            "file_too_large",
+            "size_mismatch",
+            "vod_not_found"
+        ]
+    );
     worker.stop().await;
     assert_eq!(broker.depth(&broker.config.records_queue).await, 0);
     broker.assert_settled().await;

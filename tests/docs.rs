@@ -88,3 +88,27 @@ fn every_module_says_what_it_is_for() {
         );
     }
 }
+
+/// Every test the docs name as holding a promise exists.
+#[test]
+fn the_tests_named_in_the_docs_exist() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+    let mut named = 0;
+    for cell in doc.split('`') {
+        let Some((file, test)) = cell.split_once("::") else {
+            continue;
+        };
+        if !(file.starts_with("tests/") || file.starts_with("src/")) || !file.ends_with(".rs") {
+            continue;
+        }
+        let code = std::fs::read_to_string(root.join(file))
+            .unwrap_or_else(|e| panic!("docs/operations.md names {file}: {e}"));
+        assert!(
+            code.contains(&format!("fn {test}(")),
+            "docs/operations.md names {file}::{test}, which does not exist"
+        );
+        named += 1;
+    }
+    assert!(named >= 30, "only {named} tests named");
+}

@@ -476,6 +476,21 @@ async fn redirects_are_checked_hop_by_hop() {
     assert_eq!(err.reason(), ReasonCode::UrlNotAllowed, "{err}");
     assert!(!err.is_transient());
 
+    // At most 3 hops, exactly: a chain of 3 is followed, a chain of 4 is not.
+    let mut next = target.clone();
+    for i in 1..=4 {
+        next = origin.add(&format!("/chain{i}.mp4"), vec![], redirect(&next));
+        let result = fetcher().download(&next, None, &mut Discard).await;
+        match i {
+            1..=3 => assert_eq!(result.unwrap().md5, md5_hex(FASTSTART), "{i} hops"),
+            _ => {
+                let err = result.unwrap_err();
+                assert_eq!(err.reason(), ReasonCode::UrlNotAllowed, "{i} hops: {err}");
+                assert!(err.to_string().contains("more than 3 redirects"), "{err}");
+            }
+        }
+    }
+
     // A loop: refused after a few hops, never followed forever.
     let looping = origin.add("/loop.mp4", vec![], Faults::default());
     origin.add("/loop.mp4", vec![], redirect(&looping));

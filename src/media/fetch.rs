@@ -138,7 +138,9 @@ impl Fetcher {
         // Every redirect hop is checked like the first URL.
         let policy = settings.url_policy.clone();
         let redirects = reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() >= MAX_REDIRECTS {
+            // `previous()` holds the first URL and every hop before this
+            // one: following this redirect makes it hop number `len()`.
+            if attempt.previous().len() > MAX_REDIRECTS {
                 return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
             }
             match policy.check(attempt.url()) {
