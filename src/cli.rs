@@ -1,8 +1,8 @@
 //! The command line: argument parsing and the output of each command. The
-//! work itself is in the library: services start through
+//! work itself is in the library: services (worker, ingress) start through
 //! [`crate::service::run`], messages are judged by
 //! [`crate::decision::decide::decide`], the broker is reached through
-//! [`crate::broker`].
+//! [`crate::broker`], TIC's API through [`crate::tic`].
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -21,6 +21,7 @@ use crate::decision::decide::{Decision, Envelope, decide};
 use crate::service::endpoints::Health;
 use crate::service::run::{Service, ServiceError, init_logging, shutdown_signal};
 use crate::telemetry::metrics::Metrics;
+use crate::tic::client::{StartRequest, TicClient, TicError};
 
 /// Exit code of a rejected message (sysexits EX_DATAERR).
 pub const EXIT_DATA_ERROR: u8 = 65;
@@ -43,6 +44,17 @@ pub struct Cli {
 pub enum Command {
     /// Consume TIC messages and publish lesson-replay records (the service).
     Worker,
+    /// Receive TIC's callbacks over HTTP and publish them to the broker,
+    /// answering TIC only once the broker confirmed (the edge service).
+    Ingress,
+    /// Call TIC's real-time recording API.
+    Tic {
+        /// The app to act as, when tic_keys has several.
+        #[arg(long, global = true)]
+        sdkappid: Option<i64>,
+        #[command(subcommand)]
+        action: TicAction,
+    },
     /// Turn one message into a record on stdout, without any network, judged
     /// exactly as the worker judges it (same settings: limits, signatures,
     /// allowed VOD hosts).
@@ -102,6 +114,40 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum TicAction {
+    /// Start recording a room; prints the task id.
+    Start {
+        #[arg(long)]
+        room_id: i64,
+        /// The recording user: must start with tic_record_user_{ROOM_ID}.
+        #[arg(long)]
+        user_id: String,
+        /// The recording user's UserSig.
+        #[arg(long)]
+        user_sig: String,
+        #[arg(long)]
+        group_id: Option<String>,
+        /// Whiteboard size, WIDTHxHEIGHT (TIC's default 1280x960).
+        #[arg(long, value_parser = parse_size)]
+        whiteboard: Option<(u32, u32)>,
+    },
+    /// Stop a recording.
+    Stop { task_id: String },
+    /// Print a recording's state exactly as TIC sends it (pipe it to `normalize -`).
+    Query { task_id: String },
+    /// Register the callback URL with TIC (an empty URL deletes it).
+    SetCallback { url: String },
+}
+
+fn parse_size(text: &str) -> Result<(u32, u32), String> {
+    let (w, h) = text
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("{text:?} is not WIDTHxHEIGHT"))?;
+    let number = |n: &str| n.trim().parse::<u32>().map_err(|e| format!("{n:?}: {e}"));
+    Ok((number(w)?, number(h)?))
+}
+
+#[derive(Debug, Subcommand)]
 pub enum DlqAction {
     /// Print the parked messages, one JSON object per line (the queue is left unchanged).
     List {
@@ -135,11 +181,15 @@ pub enum CliError {
     Publish(#[from] PublishError),
     #[error(transparent)]
     Dlq(#[from] DlqError),
+    #[error(transparent)]
+    Tic(#[from] TicError),
     #[error("cannot read {path}: {source}")]
     Read {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot write the answer: {0}")]
+    Write(std::io::Error),
 }
 
 /// Run the command line; returns the process exit code.
@@ -208,6 +258,14 @@ async fn run_networked(config: Config, command: Command) -> Result<(), CliError>
             let service = Service::bind(config, Metrics::new(), Health::default()).await?;
             service.run_worker(shutdown_signal()).await?;
         }
+        Command::Ingress => {
+            let service = Service::bind(config, Metrics::new(), Health::default()).await?;
+            service.run_ingress(shutdown_signal()).await?;
+        }
+        Command::Tic { sdkappid, action } => {
+            let client = TicClient::new(config.tic_settings(sdkappid)?)?;
+            run_tic(&client, action).await?;
+        }
         Command::Topology { .. } => declare_only(&broker).await?,
         Command::Dlq { action } => run_dlq(&broker, action).await?,
         Command::Publish {
@@ -266,6 +324,48 @@ fn run_normalize(config: &Config, file: &Path, envelope: &Envelope) -> ExitCode 
             ExitCode::from(EXIT_DATA_ERROR)
         }
     }
+}
+
+async fn run_tic(client: &TicClient, action: TicAction) -> Result<(), CliError> {
+    match action {
+        TicAction::Start {
+            room_id,
+            user_id,
+            user_sig,
+            group_id,
+            whiteboard,
+        } => {
+            let request = StartRequest {
+                room_id,
+                user_id,
+                user_sig: user_sig.into(),
+                group_id,
+                whiteboard,
+            };
+            println!("{}", client.start(&request).await?);
+        }
+        TicAction::Stop { task_id } => {
+            client.stop(&task_id).await?;
+            eprintln!("stopped {task_id}");
+        }
+        TicAction::Query { task_id } => {
+            use std::io::Write;
+            let answer = client.query(&task_id).await?;
+            let mut out = std::io::stdout();
+            out.write_all(&answer)
+                .and_then(|()| out.flush())
+                .map_err(CliError::Write)?;
+        }
+        TicAction::SetCallback { url } if url.is_empty() => {
+            client.set_callback("").await?;
+            eprintln!("callback deleted");
+        }
+        TicAction::SetCallback { url } => {
+            client.set_callback(&url).await?;
+            eprintln!("callback set: TIC's test request to {url} was answered");
+        }
+    }
+    Ok(())
 }
 
 async fn run_dlq(broker: &BrokerSettings, action: DlqAction) -> Result<(), CliError> {

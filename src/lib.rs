@@ -27,3 +27,4 @@ pub mod decision;
 pub mod media;
 pub mod service;
 pub mod telemetry;
+pub mod tic;

@@ -10,13 +10,14 @@ use secrecy::SecretString;
 use crate::broker::amqp::BrokerSettings;
 use crate::broker::retry::RetryPolicy;
 use crate::broker::topology::TopologySettings;
-use crate::config::settings::Config;
+use crate::config::settings::{Config, ConfigError};
 use crate::decision::decide::InputPolicy;
 use crate::decision::decode::Limits;
 use crate::decision::url_policy::UrlPolicy;
 use crate::media::archive::ArchiveSettings;
 use crate::media::enrich::MediaSettings;
 use crate::media::fetch::FetchSettings;
+use crate::tic::client::TicSettings;
 
 impl Config {
     /// What the decision demands of every inbound message.
@@ -102,6 +103,41 @@ impl Config {
             sse: self.s3_sse.clone(),
             part_size: self.s3_part_size_bytes,
         }
+    }
+
+    /// TIC's API as app `sdkappid`, or as the only app of `tic_keys`.
+    pub fn tic_settings(&self, sdkappid: Option<i64>) -> Result<TicSettings, ConfigError> {
+        let keys = self.tic_keys.parse().map_err(ConfigError::Invalid)?;
+        let app = match (sdkappid, keys.ids().collect::<Vec<_>>().as_slice()) {
+            (Some(app), _) => app,
+            (None, [only]) => *only,
+            (None, []) => {
+                return Err(ConfigError::Invalid(
+                    "TIC's API needs a TicKey: set tic_keys".into(),
+                ));
+            }
+            (None, several) => {
+                return Err(ConfigError::Invalid(format!(
+                    "tic_keys has {} apps: choose one with --sdkappid",
+                    several.len()
+                )));
+            }
+        };
+        let key = keys.get(app).cloned().ok_or_else(|| {
+            ConfigError::Invalid(format!("no TicKey in tic_keys for sdkappid {app}"))
+        })?;
+        let mut api_base = self.tic_api_base.clone();
+        if !api_base.ends_with('/') {
+            api_base.push('/');
+        }
+        Ok(TicSettings {
+            api_base,
+            sdkappid: app,
+            key,
+            sign_ttl: Duration::from_secs(self.tic_sign_ttl_secs),
+            timeout: Duration::from_secs(self.tic_api_timeout_secs),
+            attempts: self.fetch_attempts,
+        })
     }
 
     pub fn shutdown_grace(&self) -> Duration {

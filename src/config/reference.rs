@@ -167,6 +167,39 @@ pub const SETTINGS: &[Setting] = &[
         "max_string_bytes",
         "longer strings in a message are parked (`field_too_long`)",
     ),
+    setting(
+        "ingress_addr",
+        "where `lesson-replay ingress` listens for TIC's callbacks (`max_body_bytes` bounds each: 413)",
+    ),
+    setting(
+        "ingress_path",
+        "the callback path registered with TIC (`tic set-callback`)",
+    ),
+    setting(
+        "ingress_signature",
+        "`off` (the worker judges signatures), `if-present` or `required`: refuse bad signatures at the edge (401)",
+    ),
+    setting(
+        "ingress_publish_timeout_ms",
+        "longest wait for the broker's confirm before TIC is answered 503 (and retries)",
+    ),
+    setting(
+        "ingress_request_timeout_ms",
+        "longest time one callback may take, body included (408 beyond)",
+    ),
+    setting(
+        "ingress_max_in_flight",
+        "callbacks handled at once; more are answered 503 at once, never queued in memory",
+    ),
+    setting("tic_api_base", "base URL of TIC's real-time recording API"),
+    setting(
+        "tic_sign_ttl_secs",
+        "`expire_time` of API requests = now + this",
+    ),
+    setting(
+        "tic_api_timeout_secs",
+        "longest wait for one answer of TIC's API",
+    ),
 ];
 
 /// The defaults, as `lesson-replay config` would print them.

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::decision::url_policy::TIC_VOD_HOSTS;
 use crate::decision::verify::{SignatureMode, TicKeys};
+use crate::tic::client::DEFAULT_API_BASE;
 
 pub const ENV_PREFIX: &str = "LESSON_REPLAY_";
 
@@ -76,6 +77,15 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub max_tracks: usize,
     pub max_string_bytes: usize,
+    pub ingress_addr: String,
+    pub ingress_path: String,
+    pub ingress_signature: SignatureMode,
+    pub ingress_publish_timeout_ms: u64,
+    pub ingress_request_timeout_ms: u64,
+    pub ingress_max_in_flight: usize,
+    pub tic_api_base: String,
+    pub tic_sign_ttl_secs: u64,
+    pub tic_api_timeout_secs: u64,
 }
 
 /// A list given as a TOML array or as a comma-separated string (environment).
@@ -149,6 +159,15 @@ impl Default for Config {
             max_body_bytes: 1024 * 1024,
             max_tracks: 500,
             max_string_bytes: 4096,
+            ingress_addr: "0.0.0.0:8080".into(),
+            ingress_path: "/tic/callback".into(),
+            ingress_signature: SignatureMode::Off,
+            ingress_publish_timeout_ms: 5000,
+            ingress_request_timeout_ms: 10_000,
+            ingress_max_in_flight: 256,
+            tic_api_base: DEFAULT_API_BASE.into(),
+            tic_sign_ttl_secs: 300,
+            tic_api_timeout_secs: 10,
         }
     }
 }
@@ -294,6 +313,22 @@ impl Config {
         if self.vod_allowed_hosts.is_empty() {
             return invalid("vod_allowed_hosts is empty: no recording could ever be fetched");
         }
+        if self.ingress_signature == SignatureMode::Required && keys.is_empty() {
+            return invalid("ingress_signature = required but no tic_keys are configured");
+        }
+        if !self.ingress_path.starts_with('/') {
+            return invalid(format!(
+                "ingress_path {:?} must start with /",
+                self.ingress_path
+            ));
+        }
+        if !matches!(url::Url::parse(&self.tic_api_base), Ok(u) if matches!(u.scheme(), "http" | "https"))
+        {
+            return invalid(format!(
+                "tic_api_base {:?} is not an http(s) URL",
+                self.tic_api_base
+            ));
+        }
         Ok(())
     }
 
@@ -313,6 +348,17 @@ impl Config {
             ("max_tracks", self.max_tracks as u64),
             ("max_string_bytes", self.max_string_bytes as u64),
             ("retry_max_age_secs", self.retry_max_age_secs),
+            (
+                "ingress_publish_timeout_ms",
+                self.ingress_publish_timeout_ms,
+            ),
+            (
+                "ingress_request_timeout_ms",
+                self.ingress_request_timeout_ms,
+            ),
+            ("ingress_max_in_flight", self.ingress_max_in_flight as u64),
+            ("tic_sign_ttl_secs", self.tic_sign_ttl_secs),
+            ("tic_api_timeout_secs", self.tic_api_timeout_secs),
         ] {
             if value == 0 {
                 return invalid(format!("{name} must be at least 1"));
@@ -332,13 +378,20 @@ impl Config {
             let why = why.replace(url, REDACTED);
             return invalid(format!("amqp_url is not a valid AMQP URL: {why}"));
         }
+        let has_port = |addr: &str| {
+            addr.rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+        };
         let addr = self.metrics_addr.trim();
-        let has_port = addr
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if !addr.is_empty() && !has_port {
+        if !addr.is_empty() && !has_port(addr) {
             return invalid(format!(
                 "metrics_addr {addr:?} is not HOST:PORT, like 0.0.0.0:9090 (empty: no listener)"
+            ));
+        }
+        if !has_port(self.ingress_addr.trim()) {
+            return invalid(format!(
+                "ingress_addr {:?} is not HOST:PORT, like 0.0.0.0:8080",
+                self.ingress_addr
             ));
         }
         Ok(())

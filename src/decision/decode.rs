@@ -169,6 +169,23 @@ impl Default for Limits {
     }
 }
 
+/// Which of the four formats a JSON object is, by the keys it has; `None`:
+/// none of them.
+pub fn detect_format(map: &serde_json::Map<String, Value>) -> Option<Format> {
+    let has = |key: &str| map.contains_key(key);
+    if has("callback_type") {
+        Some(Format::Callback)
+    } else if has("status") {
+        Some(Format::QueryAnswer)
+    } else if has("RoomId") || has("VideoInfos") {
+        Some(Format::PostClass)
+    } else if has("room_id") || has("video_info") {
+        Some(Format::ResultRecord)
+    } else {
+        None
+    }
+}
+
 /// Decode one message body.
 pub fn decode(body: &[u8], limits: &Limits) -> Result<Announcement, Rejection> {
     if body.len() > limits.max_body_bytes {
@@ -195,16 +212,7 @@ pub fn decode(body: &[u8], limits: &Limits) -> Result<Announcement, Rejection> {
             format!("expected a JSON object, found {}", json_kind(&value)),
         ));
     };
-    let has = |key: &str| map.contains_key(key);
-    let format = if has("callback_type") {
-        Format::Callback
-    } else if has("status") {
-        Format::QueryAnswer
-    } else if has("RoomId") || has("VideoInfos") {
-        Format::PostClass
-    } else if has("room_id") || has("video_info") {
-        Format::ResultRecord
-    } else {
+    let Some(format) = detect_format(map) else {
         return Err(Rejection::new(
             ReasonCode::UnknownFormat,
             "none of callback_type, status, room_id/video_info or RoomId/VideoInfos is present",

@@ -2,6 +2,7 @@
 //! I/O. [`decide::decide`] is the entry point; the other modules are its stages
 //! and the vocabulary (record, reason codes, warning codes) every other room uses.
 
+pub mod callback;
 pub mod decide;
 pub mod decode;
 pub mod layout;

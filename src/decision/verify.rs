@@ -63,6 +63,11 @@ impl TicKeys {
         self.0.len()
     }
 
+    /// The key of `sdkappid`.
+    pub fn get(&self, sdkappid: i64) -> Option<&SecretString> {
+        self.0.get(&sdkappid)
+    }
+
     /// The sdkappids that have a key.
     pub fn ids(&self) -> impl Iterator<Item = i64> + '_ {
         self.0.keys().copied()

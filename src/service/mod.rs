@@ -3,5 +3,6 @@
 //! endpoints and its shutdown; the command line and the tests both call it.
 
 pub mod endpoints;
+pub mod ingress;
 pub mod run;
 pub mod worker;

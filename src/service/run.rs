@@ -1,6 +1,7 @@
-//! Starting a service: the one place that wires a service to its endpoints,
-//! its logging and its shutdown. `lesson-replay worker` and the tests both go
-//! through [`Service`], so what the tests run is what production runs.
+//! Starting a service: the one place that wires a service — the worker or
+//! the ingress — to its endpoints, its logging and its shutdown. The commands
+//! and the tests both go through [`Service`], so what the tests run is what
+//! production runs.
 
 use std::future::Future;
 use std::io::IsTerminal;
@@ -12,6 +13,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::settings::{Config, ConfigError, LogFormat};
 use crate::service::endpoints::{self, Health};
+use crate::service::ingress;
 use crate::service::worker::{self, Hooks, WorkerError};
 use crate::telemetry::metrics::Metrics;
 
@@ -27,6 +29,8 @@ pub enum ServiceError {
     },
     #[error(transparent)]
     Worker(#[from] WorkerError),
+    #[error("serving callbacks: {0}")]
+    Ingress(std::io::Error),
 }
 
 /// A service about to run: its settings, its metrics and readiness, and its
@@ -36,6 +40,7 @@ pub struct Service {
     metrics: Metrics,
     health: Health,
     listener: Option<TcpListener>,
+    ingress_listener: Option<TcpListener>,
     hooks: Hooks,
 }
 
@@ -64,8 +69,22 @@ impl Service {
             metrics,
             health,
             listener,
+            ingress_listener: None,
             hooks: Hooks::default(),
         })
+    }
+
+    /// Bind `ingress_addr` now, and say where (port 0: the one the system chose).
+    pub async fn bind_ingress(&mut self) -> Result<SocketAddr, ServiceError> {
+        let addr = self.config.ingress_addr.trim().to_owned();
+        let bound = |source| ServiceError::Bind {
+            addr: addr.clone(),
+            source,
+        };
+        let listener = TcpListener::bind(&addr).await.map_err(bound)?;
+        let local = listener.local_addr().map_err(bound)?;
+        self.ingress_listener = Some(listener);
+        Ok(local)
     }
 
     /// Run with test seams (see [`Hooks`]).
@@ -100,6 +119,38 @@ impl Service {
             tracing::warn!(error = %e, "metrics endpoint failed");
         }
         Ok(result?)
+    }
+}
+
+impl Service {
+    /// Serve TIC's callbacks until `shutdown` completes, then stop accepting,
+    /// let the callbacks in hand finish and close; the endpoints stop last.
+    pub async fn run_ingress(
+        mut self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServiceError> {
+        if self.ingress_listener.is_none() {
+            self.bind_ingress().await?;
+        }
+        let listener = self.ingress_listener.take().expect("bound above");
+        let endpoints_stop = CancellationToken::new();
+        let server = self.listener.map(|listener| {
+            tokio::spawn(endpoints::serve(
+                listener,
+                self.metrics.clone(),
+                self.health.clone(),
+                endpoints_stop.clone().cancelled_owned(),
+            ))
+        });
+        let result =
+            ingress::run(&self.config, listener, shutdown, self.health, self.metrics).await;
+        endpoints_stop.cancel();
+        if let Some(server) = server
+            && let Ok(Err(e)) = server.await
+        {
+            tracing::warn!(error = %e, "metrics endpoint failed");
+        }
+        result.map_err(ServiceError::Ingress)
     }
 }
 

@@ -164,6 +164,56 @@ pub struct Metrics {
     broker_reconnects: IntCounter,
     publish_confirm_seconds: Histogram,
     http_responses: IntCounterVec,
+    ingress_requests: IntCounterVec,
+    ingress_confirm_seconds: Histogram,
+    ingress_in_flight: IntGauge,
+}
+
+/// How the ingress answered one callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngressOutcome {
+    /// Published and confirmed: answered `{"error_code":0}`.
+    Accepted,
+    /// TIC's test request: answered `{"error_code":0}`, nothing published.
+    TestRequest,
+    /// Not JSON: 400.
+    NotJson,
+    /// Larger than `max_body_bytes`: 413.
+    TooLarge,
+    /// Signature refused at the edge: 401.
+    Unauthorized,
+    /// The broker is down, slow, returned or refused the message: 503.
+    BrokerUnavailable,
+    /// `ingress_max_in_flight` callbacks already in hand: 503.
+    Busy,
+    /// The request took longer than `ingress_request_timeout_ms`: 408.
+    Timeout,
+}
+
+impl IngressOutcome {
+    pub const ALL: [IngressOutcome; 8] = [
+        IngressOutcome::Accepted,
+        IngressOutcome::TestRequest,
+        IngressOutcome::NotJson,
+        IngressOutcome::TooLarge,
+        IngressOutcome::Unauthorized,
+        IngressOutcome::BrokerUnavailable,
+        IngressOutcome::Busy,
+        IngressOutcome::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IngressOutcome::Accepted => "accepted",
+            IngressOutcome::TestRequest => "test_request",
+            IngressOutcome::NotJson => "not_json",
+            IngressOutcome::TooLarge => "too_large",
+            IngressOutcome::Unauthorized => "unauthorized",
+            IngressOutcome::BrokerUnavailable => "broker_unavailable",
+            IngressOutcome::Busy => "busy",
+            IngressOutcome::Timeout => "timeout",
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -234,7 +284,7 @@ impl Metrics {
             .set(1);
         r.register(Box::new(build_info)).expect("unique metric");
 
-        Metrics {
+        let metrics = Metrics {
             messages: counter_vec(
                 &r,
                 "lesson_replay_messages_total",
@@ -311,8 +361,31 @@ impl Metrics {
                 "HTTP responses from the VOD origin and the S3 store, by status class (2xx, 4xx, 5xx, error).",
                 &["target", "class"],
             ),
+            ingress_requests: counter_vec(
+                &r,
+                "lesson_replay_ingress_requests_total",
+                "TIC callbacks received by the ingress, by how they were answered (accepted and test_request with error_code 0, the rest with an error TIC retries).",
+                &["outcome"],
+            ),
+            ingress_confirm_seconds: histogram(
+                &r,
+                "lesson_replay_ingress_publish_confirm_duration_seconds",
+                "Time from publishing a callback to the broker's confirm (or the deadline).",
+                DURATION_BUCKETS,
+            ),
+            ingress_in_flight: gauge(
+                &r,
+                "lesson_replay_ingress_in_flight_requests",
+                "Callbacks being handled right now.",
+            ),
             registry: r,
+        };
+        for outcome in IngressOutcome::ALL {
+            metrics
+                .ingress_requests
+                .with_label_values(&[outcome.as_str()]);
         }
+        metrics
     }
 
     fn message(&self, outcome: Outcome, reason: Option<ReasonCode>) {
@@ -407,6 +480,25 @@ impl Metrics {
     /// A broker session was rebuilt after a loss.
     pub fn broker_reconnected(&self) {
         self.broker_reconnects.inc();
+    }
+
+    /// How the ingress answered one callback. Every outcome's series exists
+    /// from the start, at zero, so the first error is seen by `rate()`.
+    pub fn ingress_answered(&self, outcome: IngressOutcome) {
+        self.ingress_requests
+            .with_label_values(&[outcome.as_str()])
+            .inc();
+    }
+
+    /// Time one ingress publish until the broker's confirm.
+    pub fn ingress_confirm_timer(&self) -> HistogramTimer {
+        self.ingress_confirm_seconds.start_timer()
+    }
+
+    /// Counts a callback as in hand until dropped.
+    pub fn ingress_in_flight_guard(&self) -> InFlight {
+        self.ingress_in_flight.inc();
+        InFlight(self.ingress_in_flight.clone())
     }
 
     /// Counts a message as in flight until dropped.

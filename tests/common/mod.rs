@@ -319,6 +319,58 @@ pub async fn spawn_worker_hooked(
     }
 }
 
+/// The real ingress service, running in this process until [`RunningIngress::stop`].
+pub struct RunningIngress {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), ServiceError>>,
+    /// Where callbacks are POSTed: `http://127.0.0.1:PORT{ingress_path}`.
+    pub url: String,
+    pub health: Health,
+}
+
+/// Start the ingress on a free loopback port, as `lesson-replay ingress` starts it.
+pub async fn spawn_ingress(mut config: Config, metrics: Metrics) -> RunningIngress {
+    config.ingress_addr = "127.0.0.1:0".into();
+    let path = config.ingress_path.clone();
+    let health = Health::default();
+    let mut service = Service::bind(config, metrics, health.clone())
+        .await
+        .expect("valid settings");
+    let addr = service.bind_ingress().await.expect("a free port");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let shutdown = async move {
+        let _ = stopped.await;
+    };
+    let task = tokio::spawn(service.run_ingress(shutdown));
+    RunningIngress {
+        stop: Some(stop),
+        task,
+        url: format!("http://{addr}{path}"),
+        health,
+    }
+}
+
+impl RunningIngress {
+    /// Wait until it is connected to the broker.
+    pub async fn wait_ready(&self) {
+        let health = self.health.clone();
+        wait_until("the ingress is ready", Duration::from_secs(20), || {
+            health.is_ready()
+        })
+        .await;
+    }
+
+    /// Stop it the way SIGTERM does and check it exits cleanly.
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("the ingress stops")
+            .expect("the ingress task does not panic")
+            .expect("the ingress exits cleanly");
+    }
+}
+
 /// Wait until `check` holds, polling, at most `limit` (then fail the test).
 pub async fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;

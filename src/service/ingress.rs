@@ -1,0 +1,403 @@
+//! The ingress: TIC's HTTP callbacks in, AMQP messages out — the edge where
+//! lessons used to get lost. A callback enters at [`callback`], is classified
+//! by [`crate::decision::callback::classify`] (message, test request, not
+//! JSON), and leaves as a message on `inbound_exchange`, byte for byte, with
+//! the URL's `sign`, `random` and `sdkappid` as the headers the worker reads.
+//!
+//! TIC is answered `{"error_code":0}` **only after the broker confirmed** the
+//! message (publisher confirms, `mandatory`); when the broker is down, slow
+//! beyond `ingress_publish_timeout_ms`, returns or refuses the message, the
+//! answer is a 503 whose `error_code` is not 0, so TIC retries (once a minute,
+//! ten times). Requests in hand are bounded (`ingress_max_in_flight`); beyond
+//! it the answer is an immediate 503, never a queue in memory.
+//!
+//! One connection and one confirm channel serve every request (confirms are
+//! pipelined on it); a supervisor rebuilds them when lost, and readiness is
+//! false meanwhile.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, Connection};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, field::Empty, info, info_span, warn};
+
+use crate::broker::amqp::{self, BrokerSettings, PublishError};
+use crate::broker::headers::{self, set_header};
+use crate::config::settings::Config;
+use crate::decision::callback::{CallbackBody, CallbackFacts, check_signature, classify};
+use crate::decision::reason::ReasonCode;
+use crate::decision::verify::{SignatureMode, TicKeys};
+use crate::service::endpoints::Health;
+use crate::telemetry::metrics::{IngressOutcome, Metrics};
+
+/// The longest wait between two attempts to reach the broker.
+const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(5);
+
+/// What the ingress needs of the settings.
+#[derive(Debug, Clone)]
+pub struct IngressSettings {
+    pub path: String,
+    pub signature: SignatureMode,
+    pub keys: TicKeys,
+    pub max_body_bytes: usize,
+    pub publish_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_in_flight: usize,
+}
+
+impl IngressSettings {
+    pub fn from_config(config: &Config) -> IngressSettings {
+        IngressSettings {
+            path: config.ingress_path.clone(),
+            signature: config.ingress_signature,
+            keys: config.tic_keys.parse().unwrap_or_default(),
+            max_body_bytes: config.max_body_bytes,
+            publish_timeout: Duration::from_millis(config.ingress_publish_timeout_ms),
+            request_timeout: Duration::from_millis(config.ingress_request_timeout_ms),
+            max_in_flight: config.ingress_max_in_flight,
+        }
+    }
+}
+
+/// What every request shares.
+struct Ingress {
+    settings: IngressSettings,
+    exchange: String,
+    /// The confirm channel of the current broker session; `None` while there is none.
+    channel: watch::Receiver<Option<Channel>>,
+    in_flight: Semaphore,
+    metrics: Metrics,
+}
+
+/// Serve callbacks on `listener` until `shutdown`, then stop accepting, let
+/// the callbacks in hand finish their publishes, and close the broker session.
+pub async fn run(
+    config: &Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    health: Health,
+    metrics: Metrics,
+) -> std::io::Result<()> {
+    let settings = IngressSettings::from_config(config);
+    let (channel_tx, channel_rx) = watch::channel(None);
+    let stop_broker = CancellationToken::new();
+    let broker = tokio::spawn(keep_channel(
+        config.broker_settings(),
+        channel_tx,
+        health,
+        metrics.clone(),
+        stop_broker.clone(),
+    ));
+    let ingress = Arc::new(Ingress {
+        in_flight: Semaphore::new(settings.max_in_flight),
+        exchange: config.inbound_exchange.clone(),
+        channel: channel_rx,
+        metrics,
+        settings: settings.clone(),
+    });
+    let app = Router::new()
+        .route(&settings.path, post(callback).fallback(method_not_allowed))
+        .fallback(not_found)
+        .with_state(ingress);
+    info!(addr = %listener.local_addr()?, path = %settings.path, "receiving TIC callbacks");
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    info!("callbacks drained: closing the broker session");
+    stop_broker.cancel();
+    let _ = broker.await;
+    served
+}
+
+/// Keep one connection and one confirm channel open, rebuilding them with a
+/// capped backoff whenever they are lost; readiness follows.
+async fn keep_channel(
+    broker: BrokerSettings,
+    channel: watch::Sender<Option<Channel>>,
+    health: Health,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    let backoff = || {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(MAX_RECONNECT_WAIT)
+            .without_max_times()
+            .with_jitter()
+            .build()
+    };
+    let mut delays = backoff();
+    while !stop.is_cancelled() {
+        match open_session(&broker).await {
+            Ok((connection, confirm)) => {
+                delays = backoff();
+                channel.send_replace(Some(confirm.clone()));
+                health.set_ready(true, &metrics);
+                info!("ingress connected to the broker");
+                while !stop.is_cancelled() && confirm.status().connected() {
+                    tokio::select! {
+                        () = stop.cancelled() => {},
+                        () = tokio::time::sleep(Duration::from_millis(250)) => {},
+                    }
+                }
+                channel.send_replace(None);
+                health.set_ready(false, &metrics);
+                let _ = confirm.close(200, "ingress stopping".into()).await;
+                let _ = connection.close(200, "ingress stopping".into()).await;
+                if !stop.is_cancelled() {
+                    warn!("ingress lost its broker session: reconnecting");
+                    metrics.broker_reconnected();
+                }
+            }
+            Err(e) => {
+                let wait = delays.next().unwrap_or(MAX_RECONNECT_WAIT);
+                warn!(error = %e, ?wait, "ingress cannot reach the broker");
+                tokio::select! {
+                    () = stop.cancelled() => {},
+                    () = tokio::time::sleep(wait) => {},
+                }
+            }
+        }
+    }
+}
+
+async fn open_session(broker: &BrokerSettings) -> Result<(Connection, Channel), lapin::Error> {
+    let connection = amqp::connect(broker, "lesson-replay ingress").await?;
+    let channel = amqp::confirm_channel(&connection).await?;
+    // The topology makes the work queue exist before the first callback, so a
+    // `mandatory` publish is routed, not returned.
+    amqp::declare_topology(&channel, &broker.topology).await?;
+    Ok((connection, channel))
+}
+
+/// An answer TIC reads: `{"error_code":0}` only for success.
+fn answer(status: StatusCode, error_code: i64, message: &str) -> Response {
+    let body = if error_code == 0 {
+        json!({"error_code": 0})
+    } else {
+        json!({"error_code": error_code, "error_msg": message})
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    answer(StatusCode::NOT_FOUND, 404, "no such path")
+}
+
+async fn method_not_allowed() -> Response {
+    answer(StatusCode::METHOD_NOT_ALLOWED, 405, "callbacks are POSTed")
+}
+
+/// One callback, from its first byte to TIC's answer.
+async fn callback(
+    State(ingress): State<Arc<Ingress>>,
+    Query(params): Query<HashMap<String, String>>,
+    request: Request,
+) -> Response {
+    let span = info_span!(
+        "callback",
+        random = params.get("random").map(String::as_str),
+        task_id = Empty,
+        callback_type = Empty
+    );
+    let metrics = ingress.metrics.clone();
+    let Ok(_permit) = ingress.in_flight.try_acquire() else {
+        metrics.ingress_answered(IngressOutcome::Busy);
+        return answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            503,
+            "too many callbacks at once",
+        );
+    };
+    let _in_flight = metrics.ingress_in_flight_guard();
+    let limit = ingress.settings.request_timeout;
+    let handled = tokio::time::timeout(limit, handle(&ingress, &params, request.into_body()));
+    let (outcome, response) = match handled.instrument(span).await {
+        Ok(done) => done,
+        Err(_) => (
+            IngressOutcome::Timeout,
+            answer(
+                StatusCode::REQUEST_TIMEOUT,
+                408,
+                "the callback took too long",
+            ),
+        ),
+    };
+    metrics.ingress_answered(outcome);
+    response
+}
+
+async fn handle(
+    ingress: &Ingress,
+    params: &HashMap<String, String>,
+    body: Body,
+) -> (IngressOutcome, Response) {
+    let max = ingress.settings.max_body_bytes;
+    let Ok(body) = axum::body::to_bytes(body, max).await else {
+        warn!(
+            max_body_bytes = max,
+            "callback refused: body too large (or cut short)"
+        );
+        return (
+            IngressOutcome::TooLarge,
+            answer(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                413,
+                "body larger than max_body_bytes",
+            ),
+        );
+    };
+    let facts = match classify(&body) {
+        CallbackBody::Test => {
+            info!(bytes = body.len(), preview = %preview(&body), "TIC test request answered");
+            return (IngressOutcome::TestRequest, answer(StatusCode::OK, 0, ""));
+        }
+        CallbackBody::NotJson(why) => {
+            warn!(%why, preview = %preview(&body), "callback refused: not JSON (TIC will retry it)");
+            return (
+                IngressOutcome::NotJson,
+                answer(StatusCode::BAD_REQUEST, 400, &format!("not JSON: {why}")),
+            );
+        }
+        CallbackBody::Message(facts) => facts,
+    };
+    let span = tracing::Span::current();
+    if let Some(task) = &facts.task_id {
+        span.record("task_id", task.as_str());
+    }
+    if let Some(kind) = &facts.callback_type {
+        span.record("callback_type", kind.as_str());
+    }
+    if let Some(refused) = refuse_signature(ingress, params, &facts) {
+        return (IngressOutcome::Unauthorized, refused);
+    }
+    match publish(ingress, params, &facts, &body).await {
+        Ok(()) => {
+            info!(routing_key = %facts.routing_key(), "callback published");
+            (IngressOutcome::Accepted, answer(StatusCode::OK, 0, ""))
+        }
+        Err(why) => {
+            warn!(%why, "callback not confirmed by the broker: answered 503, TIC retries");
+            (
+                IngressOutcome::BrokerUnavailable,
+                answer(StatusCode::SERVICE_UNAVAILABLE, 503, &why),
+            )
+        }
+    }
+}
+
+/// With `ingress_signature` on, the 401 of a bad signature (TIC's codes:
+/// 20001 expired, 20002 missing or invalid).
+fn refuse_signature(
+    ingress: &Ingress,
+    params: &HashMap<String, String>,
+    facts: &CallbackFacts,
+) -> Option<Response> {
+    let sign = params.get("sign").map(String::as_str);
+    match (ingress.settings.signature, sign) {
+        (SignatureMode::Off, _) | (SignatureMode::IfPresent, None) => return None,
+        _ => {}
+    }
+    let sdkappid = params.get("sdkappid").and_then(|a| a.trim().parse().ok());
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let refused = check_signature(facts, sign, sdkappid, &ingress.settings.keys, now).err()?;
+    warn!(reason = %refused.code, "callback refused: {}", refused.message);
+    let code = match refused.code {
+        ReasonCode::SignatureExpired => 20001,
+        _ => 20002,
+    };
+    Some(answer(
+        StatusCode::UNAUTHORIZED,
+        code,
+        refused.code.as_str(),
+    ))
+}
+
+/// Publish the body as it came, confirmed, within the deadline.
+async fn publish(
+    ingress: &Ingress,
+    params: &HashMap<String, String>,
+    facts: &CallbackFacts,
+    body: &[u8],
+) -> Result<(), String> {
+    let Some(channel) = ingress.channel.borrow().clone() else {
+        return Err("not connected to the broker".into());
+    };
+    let received = time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
+    let properties = amqp::json_properties()
+        .with_headers(url_headers(params))
+        .with_timestamp(received);
+    let timer = ingress.metrics.ingress_confirm_timer();
+    let confirmed = tokio::time::timeout(
+        ingress.settings.publish_timeout,
+        amqp::publish_confirmed(
+            &channel,
+            &ingress.exchange,
+            &facts.routing_key(),
+            body,
+            properties,
+        ),
+    )
+    .await;
+    timer.observe_duration();
+    match confirmed {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(PublishError::Amqp(e))) => Err(format!("broker: {e}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "no confirm within {} ms",
+            ingress.settings.publish_timeout.as_millis()
+        )),
+    }
+}
+
+/// The callback's URL parameters as the headers the worker reads.
+fn url_headers(params: &HashMap<String, String>) -> FieldTable {
+    let mut table = FieldTable::default();
+    if let Some(sign) = params.get("sign") {
+        set_header(&mut table, headers::TIC_SIGN, sign);
+    }
+    if let Some(random) = params.get("random") {
+        set_header(&mut table, headers::TIC_RANDOM, random);
+    }
+    if let Some(app) = params.get("sdkappid") {
+        match app.trim().parse::<i64>() {
+            Ok(id) => {
+                table.insert(
+                    ShortString::from(headers::TIC_SDKAPPID),
+                    AMQPValue::LongLongInt(id),
+                );
+            }
+            // Kept as sent: the worker refuses it with a reason.
+            Err(_) => set_header(&mut table, headers::TIC_SDKAPPID, app),
+        }
+    }
+    table
+}
+
+/// The start of a body, printable, for the logs.
+fn preview(body: &[u8]) -> String {
+    String::from_utf8_lossy(&body[..body.len().min(200)])
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}

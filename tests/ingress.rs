@@ -1,0 +1,330 @@
+//! `lesson-replay ingress` over real HTTP against the real broker: TIC's
+//! callbacks become messages byte for byte, TIC is answered
+//! `{"error_code":0}` only after the broker confirmed, and every other case
+//! gets an answer whose `error_code` is not 0 (so TIC retries). The broker
+//! outage in the middle of a stream is in tests/broker_restart.rs, which
+//! owns the broker.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::{Broker, EXAMPLES, header, isolated_config, spawn_ingress, spawn_worker};
+use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lesson_replay::broker::headers::set_header;
+use lesson_replay::decision::verify::compute_sign;
+use lesson_replay::telemetry::metrics::Metrics;
+use serde_json::Value;
+
+fn example(name: &str) -> Vec<u8> {
+    std::fs::read(format!("{EXAMPLES}/{name}")).unwrap()
+}
+
+/// POST `body` to `url`; TIC's view of the answer: status and `error_code`.
+async fn post(url: &str, query: &str, body: Vec<u8>) -> (u16, i64) {
+    let response = reqwest::Client::new()
+        .post(format!("{url}{query}"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let answer: Value = response.json().await.expect("every answer is JSON");
+    (
+        status,
+        answer["error_code"].as_i64().expect("an error_code"),
+    )
+}
+
+/// `series` in the metrics text (0 when absent).
+fn value_of(metrics: &Metrics, series: &str) -> u64 {
+    metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn answered(outcome: &str) -> String {
+    format!(r#"lesson_replay_ingress_requests_total{{outcome="{outcome}"}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_callbacks_become_messages_byte_for_byte() {
+    let broker = Broker::new(isolated_config("ingress-contract")).await;
+    let c = broker.config.clone();
+    let metrics = Metrics::default();
+    let ingress = spawn_ingress(c.clone(), metrics.clone()).await;
+    ingress.wait_ready().await;
+    let query = "?sdkappid=1400042982&sign=5400bac77ba6467a8f8ac056f1769f45&random=526919";
+    let before = time::OffsetDateTime::now_utc().unix_timestamp();
+    for (name, key) in [
+        ("callback-record-finished.json", "tic.record_finished"),
+        ("callback-record-started.json", "tic.record_started"),
+    ] {
+        let body = example(name);
+        assert_eq!(
+            post(&ingress.url, query, body.clone()).await,
+            (200, 0),
+            "{name}"
+        );
+        // Answered only after the confirm: the message is there now.
+        let got = broker
+            .channel
+            .basic_get(
+                c.work_queue.as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+            .expect("published before the answer");
+        let delivery = got.delivery;
+        assert!(delivery.data == body, "{name}: the body is byte-identical");
+        assert_eq!(delivery.routing_key.as_str(), key);
+        let p = &delivery.properties;
+        assert_eq!(
+            header(p, "x-tic-sign").as_deref(),
+            Some("5400bac77ba6467a8f8ac056f1769f45")
+        );
+        assert_eq!(header(p, "x-tic-random").as_deref(), Some("526919"));
+        assert_eq!(header(p, "x-tic-sdkappid").as_deref(), Some("1400042982"));
+        assert_eq!(p.delivery_mode(), &Some(2), "persistent");
+        let at = p.timestamp().expect("the time of receipt") as i64;
+        assert!(at >= before && at <= before + 60, "{at}");
+    }
+    assert_eq!(value_of(&metrics, &answered("accepted")), 2);
+    ingress.stop().await;
+    assert_eq!(broker.depth(&c.work_queue).await, 0);
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_requests_are_answered_and_nothing_is_published() {
+    let broker = Broker::new(isolated_config("ingress-test-request")).await;
+    let c = broker.config.clone();
+    let metrics = Metrics::default();
+    let ingress = spawn_ingress(c.clone(), metrics.clone()).await;
+    ingress.wait_ready().await;
+    for body in ["", "{}", r#"{"test":"hello"}"#] {
+        assert_eq!(
+            post(&ingress.url, "", body.into()).await,
+            (200, 0),
+            "{body:?}"
+        );
+    }
+    // Answers come after any publish's confirm: an empty queue now is final.
+    assert_eq!(broker.depth(&c.work_queue).await, 0);
+    assert_eq!(value_of(&metrics, &answered("test_request")), 3);
+    assert_eq!(value_of(&metrics, &answered("accepted")), 0);
+    ingress.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_has_its_answer_and_error_code() {
+    let mut config = isolated_config("ingress-limits");
+    config.max_body_bytes = 4096;
+    let broker = Broker::new(config).await;
+    let c = broker.config.clone();
+    let metrics = Metrics::default();
+    let ingress = spawn_ingress(c.clone(), metrics.clone()).await;
+    ingress.wait_ready().await;
+    // Not JSON (the contract's own §4.5.2 example): 400, TIC retries.
+    let doc = example("callback-record-finished.doc.json");
+    assert_eq!(post(&ingress.url, "", doc).await, (400, 400));
+    // Too large: 413.
+    let big = format!(r#"{{"room_id":1,"pad":"{}"}}"#, "x".repeat(5000));
+    assert_eq!(post(&ingress.url, "", big.into()).await, (413, 413));
+    // Wrong method, wrong path.
+    let client = reqwest::Client::new();
+    let get = client.get(&ingress.url).send().await.unwrap();
+    assert_eq!(get.status().as_u16(), 405);
+    let elsewhere = ingress.url.replace("/tic/callback", "/other");
+    assert_eq!(post(&elsewhere, "", b"{}".to_vec()).await, (404, 404));
+    assert_eq!(broker.depth(&c.work_queue).await, 0);
+    assert_eq!(value_of(&metrics, &answered("not_json")), 1);
+    assert_eq!(value_of(&metrics, &answered("too_large")), 1);
+    ingress.stop().await;
+    broker.cleanup().await;
+}
+
+/// Requests in hand are bounded: beyond `ingress_max_in_flight`, an
+/// immediate 503; a request too slow to arrive ends with a 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_requests_are_bounded_and_slow_ones_time_out() {
+    let mut config = isolated_config("ingress-busy");
+    config.ingress_max_in_flight = 1;
+    config.ingress_request_timeout_ms = 1500;
+    let broker = Broker::new(config).await;
+    let c = broker.config.clone();
+    let metrics = Metrics::default();
+    let ingress = spawn_ingress(c.clone(), metrics.clone()).await;
+    ingress.wait_ready().await;
+    // A request whose body never finishes arriving holds the only slot.
+    let addr = ingress
+        .url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let slow = std::thread::spawn(move || {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        let head = "POST /tic/callback HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"room";
+        stream.write_all(head.as_bytes()).unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    });
+    let gauge = "lesson_replay_ingress_in_flight_requests";
+    common::wait_until(
+        "the slow request is in hand",
+        Duration::from_secs(10),
+        || value_of(&metrics, gauge) == 1,
+    )
+    .await;
+    assert_eq!(post(&ingress.url, "", b"{}".to_vec()).await, (503, 503));
+    let answer = tokio::task::spawn_blocking(move || slow.join().unwrap())
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_eq!(value_of(&metrics, &answered("busy")), 1);
+    assert_eq!(value_of(&metrics, &answered("timeout")), 1);
+    // The slot is free again.
+    assert_eq!(post(&ingress.url, "", b"{}".to_vec()).await, (200, 0));
+    ingress.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_signatures_are_judged_at_the_edge() {
+    let mut config = isolated_config("ingress-signed");
+    config.ingress_signature = lesson_replay::decision::verify::SignatureMode::Required;
+    config.tic_keys = lesson_replay::config::settings::TicKeysSetting::List(
+        "1400042982=9016607A382749C69D4F4B00C61DD083"
+            .to_owned()
+            .into(),
+    );
+    let broker = Broker::new(config).await;
+    let c = broker.config.clone();
+    let ingress = spawn_ingress(c.clone(), Metrics::default()).await;
+    ingress.wait_ready().await;
+    let body = example("callback-record-finished.json");
+    let message: Value = serde_json::from_slice(&body).unwrap();
+    let expire = message["expire_time"].as_i64().unwrap();
+    let good = compute_sign("9016607A382749C69D4F4B00C61DD083", expire);
+    let with = |sign: &str| format!("?sdkappid=1400042982&random=1&sign={sign}");
+    assert_eq!(
+        post(&ingress.url, "?sdkappid=1400042982", body.clone()).await,
+        (401, 20002)
+    );
+    assert_eq!(
+        post(&ingress.url, &with("0000"), body.clone()).await,
+        (401, 20002)
+    );
+    // Sent after it expired.
+    let late = String::from_utf8(body.clone()).unwrap().replace(
+        &format!("\"timestamp\": {expire}"),
+        &format!("\"timestamp\": {}", expire + 10),
+    );
+    assert_ne!(
+        late.as_bytes(),
+        &body[..],
+        "the example has the timestamp written so"
+    );
+    assert_eq!(
+        post(&ingress.url, &with(&good), late.into_bytes()).await,
+        (401, 20001)
+    );
+    assert_eq!(
+        broker.depth(&c.work_queue).await,
+        0,
+        "nothing refused was published"
+    );
+    assert_eq!(post(&ingress.url, &with(&good), body).await, (200, 0));
+    assert_eq!(broker.depth(&c.work_queue).await, 1);
+    ingress.stop().await;
+    broker.cleanup().await;
+}
+
+/// The broker refusing the message (a nack) or not being there at all: 503
+/// with an error code, never `{"error_code":0}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_confirm_the_answer_is_503() {
+    let broker = Broker::new(isolated_config("ingress-nack")).await;
+    let c = broker.config.clone();
+    let metrics = Metrics::default();
+    let ingress = spawn_ingress(c.clone(), metrics.clone()).await;
+    ingress.wait_ready().await;
+    let full = format!("{}.full", c.work_queue);
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    set_header(&mut arguments, "x-overflow", "reject-publish");
+    broker
+        .channel
+        .queue_declare(
+            full.as_str().into(),
+            QueueDeclareOptions::default(),
+            arguments,
+        )
+        .await
+        .unwrap();
+    broker
+        .channel
+        .queue_bind(
+            full.as_str().into(),
+            c.inbound_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let body = example("callback-record-finished.json");
+    assert_eq!(post(&ingress.url, "", body.clone()).await, (503, 503));
+    broker
+        .channel
+        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    // TIC's retry goes through.
+    assert_eq!(post(&ingress.url, "", body).await, (200, 0));
+    assert_eq!(value_of(&metrics, &answered("broker_unavailable")), 1);
+    ingress.stop().await;
+
+    // No broker at all: not ready, and 503.
+    let mut nowhere = c.clone();
+    nowhere.amqp_url = "amqp://guest:guest@127.0.0.1:1/%2f".to_owned().into();
+    let ingress = spawn_ingress(nowhere, Metrics::default()).await;
+    assert!(!ingress.health.is_ready());
+    let body = example("callback-record-started.json");
+    assert_eq!(post(&ingress.url, "", body).await, (503, 503));
+    ingress.stop().await;
+    broker.cleanup().await;
+}
+
+/// A callback over HTTP becomes a record: ingress → broker → worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_over_http_ends_as_a_record() {
+    let broker = Broker::new(isolated_config("ingress-e2e")).await;
+    let c = broker.config.clone();
+    let ingress = spawn_ingress(c.clone(), Metrics::default()).await;
+    let worker = spawn_worker(c.clone()).await;
+    ingress.wait_ready().await;
+    let body = example("callback-record-finished.json");
+    assert_eq!(
+        post(&ingress.url, "?sdkappid=1400042982&random=7", body).await,
+        (200, 0)
+    );
+    let (record, _) = broker.take(&c.records_queue, 1).await.remove(0);
+    common::assert_valid_record(&record);
+    assert_eq!(record["task_id"], "g68cee8e90jcq4ogg8jb");
+    assert_eq!(record["sdkappid"], 1400042982, "from the URL's sdkappid");
+    worker.stop().await;
+    ingress.stop().await;
+    broker.assert_settled().await;
+    broker.cleanup().await;
+}
