@@ -5,6 +5,8 @@
 //! them: some lessons are processed twice), and every lesson ends with its
 //! record — a duplicate only as an identical copy — nothing parked, nothing left.
 //!
+//! The ingress under the same fault: no callback answered "ok" is lost.
+//!
 //! These tests stop and start the local RabbitMQ with `rabbitmqctl`: they
 //! cannot run against another broker, and fail rather than pass when asked to.
 
@@ -15,7 +17,7 @@ use std::time::Duration;
 
 use common::messages::{FASTSTART, one_camera};
 use common::origin::{Faults, Origin};
-use common::{Broker, isolated_config, spawn_worker_with, wait_until};
+use common::{Broker, isolated_config, spawn_ingress, spawn_worker_with, wait_until};
 use lapin::types::FieldTable;
 use lesson_replay::service::endpoints::Health;
 use lesson_replay::telemetry::metrics::Metrics;
@@ -134,9 +136,86 @@ async fn lessons_survive(name: &str, fault: fn()) {
     broker.cleanup().await;
 }
 
-/// One test, two faults in turn: a restart would break the other's connection.
+/// One test, the faults in turn: a restart would break another test's connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lessons_in_flight_survive_a_closed_connection_and_a_broker_restart() {
     lessons_survive("closed", close_worker_connection).await;
     lessons_survive("restart", restart_broker).await;
+    callbacks_survive_a_broker_restart().await;
+}
+
+/// A stream of TIC callbacks to the ingress while the broker restarts: every
+/// callback answered `{"error_code":0}` is in the queue; the others were
+/// answered with an error and, sent again as TIC does, get through. None is
+/// answered "ok" and lost.
+async fn callbacks_survive_a_broker_restart() {
+    local_broker_only();
+    let config = isolated_config("ingress-outage");
+    let broker = Broker::new(config.clone()).await;
+    let ingress = spawn_ingress(config.clone(), Metrics::default()).await;
+    ingress.wait_ready().await;
+    let template = std::fs::read_to_string(format!(
+        "{}/callback-record-finished.json",
+        common::EXAMPLES
+    ))
+    .unwrap();
+    let body = |i: usize| template.replace("g68cee8e90jcq4ogg8jb", &format!("outage-{i}"));
+    let client = reqwest::Client::new();
+    let send = |i: usize| {
+        let request = client.post(&ingress.url).body(body(i)).send();
+        async move {
+            match request.await {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let answer: serde_json::Value = r.json().await.unwrap_or_default();
+                    status == 200 && answer["error_code"] == 0
+                }
+                Err(_) => false,
+            }
+        }
+    };
+    const CALLBACKS: usize = 80;
+    let restart = std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_millis(500));
+        restart_broker();
+    });
+    let mut ok = vec![false; CALLBACKS];
+    for (i, answered) in ok.iter_mut().enumerate() {
+        *answered = send(i).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    restart.join().unwrap();
+    let refused: Vec<usize> = (0..CALLBACKS).filter(|i| !ok[*i]).collect();
+    assert!(!refused.is_empty(), "the outage hit the stream");
+    assert!(
+        refused.len() < CALLBACKS,
+        "some got through before or after"
+    );
+    // TIC retries what was not answered ok.
+    ingress.wait_ready().await;
+    for i in refused {
+        let mut tries = 0;
+        while !send(i).await {
+            tries += 1;
+            assert!(tries < 40, "callback {i} never accepted");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    ingress.stop().await;
+    let broker = if broker.connection.status().connected() {
+        broker
+    } else {
+        Broker::new(config).await
+    };
+    let mut found = std::collections::HashSet::new();
+    for (message, _) in broker.drain(&broker.config.work_queue).await {
+        found.insert(message["task_id"].as_str().unwrap().to_owned());
+    }
+    for i in 0..CALLBACKS {
+        assert!(
+            found.contains(&format!("outage-{i}")),
+            "callback {i} answered ok and lost"
+        );
+    }
+    broker.cleanup().await;
 }

@@ -1,0 +1,257 @@
+//! The TIC API client against a mock TIC on loopback that checks every
+//! request the way TIC does: the signature with the contract's test key, the
+//! URL parameters, the body. It answers each error code of the contract, and
+//! fails on purpose where a test needs it.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::routing::post;
+use lesson_replay::decision::verify::compute_sign;
+use lesson_replay::tic::client::{StartRequest, TicClient, TicError, TicSettings};
+use serde_json::{Value, json};
+
+/// The contract's test key (§1).
+const KEY: &str = "9016607A382749C69D4F4B00C61DD083";
+const APP: i64 = 1400042982;
+
+#[derive(Default)]
+struct Seen {
+    /// (action, body) of every request that passed the checks.
+    calls: Vec<(String, Value)>,
+    /// Calls per task id, for failing the first few.
+    per_task: HashMap<String, usize>,
+    /// Every `random`, to check they differ.
+    randoms: Vec<u32>,
+}
+
+type Mock = Arc<Mutex<Seen>>;
+
+async fn tic(
+    State(seen): State<Mock>,
+    Path(action): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+    body: axum::body::Bytes,
+) -> (axum::http::StatusCode, String) {
+    use axum::http::StatusCode;
+    let answer = |v: Value| (StatusCode::OK, v.to_string());
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return answer(json!({"error_code": 20003, "error_msg": "body is not JSON"}));
+    };
+    let expire = body["expire_time"].as_i64().unwrap_or(0);
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if params.get("sdkappid").map(String::as_str) != Some(&APP.to_string()) {
+        return answer(json!({"error_code": 20003, "error_msg": "sdkappid"}));
+    }
+    if params.get("sign") != Some(&compute_sign(KEY, expire)) {
+        return answer(json!({"error_code": 20002, "error_msg": "sign invalid"}));
+    }
+    if expire < now {
+        return answer(json!({"error_code": 20001, "error_msg": "sign expired"}));
+    }
+    let Some(random) = params.get("random").and_then(|r| r.parse::<u32>().ok()) else {
+        return answer(json!({"error_code": 20003, "error_msg": "random"}));
+    };
+    let task = body["task_id"].as_str().unwrap_or_default().to_owned();
+    let calls = {
+        let mut seen = seen.lock().unwrap();
+        seen.randoms.push(random);
+        seen.calls.push((action.clone(), body.clone()));
+        let n = seen.per_task.entry(task.clone()).or_default();
+        *n += 1;
+        *n
+    };
+    match (action.as_str(), task.as_str()) {
+        ("start", _) => answer(json!({"error_code": 0, "error_msg": "", "task_id": "new-task-1"})),
+        ("query", "flaky") if calls <= 2 => (StatusCode::INTERNAL_SERVER_ERROR, "busy".into()),
+        ("query", "finished-task" | "flaky") => (StatusCode::OK, finished_answer()),
+        ("query" | "stop", code) if code.starts_with("e-") => {
+            let code: i64 = code[2..].parse().unwrap();
+            answer(json!({"error_code": code, "error_msg": "as the contract says"}))
+        }
+        ("stop" | "callback", _) => answer(json!({"error_code": 0, "error_msg": ""})),
+        _ => answer(json!({"error_code": 20003, "error_msg": "unknown"})),
+    }
+}
+
+/// TIC's query answer for a finished task, as TIC formats it (the contract's
+/// example, its own spacing kept).
+fn finished_answer() -> String {
+    std::fs::read_to_string(format!("{}/realtime-query-finished.json", common::EXAMPLES)).unwrap()
+}
+
+/// The mock, and the base URL to give the client.
+async fn start_mock() -> (Mock, String) {
+    let seen = Mock::default();
+    let app = Router::new()
+        .route("/record/v1/online/{action}", post(tic))
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!(
+        "http://{}/record/v1/online/",
+        listener.local_addr().unwrap()
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (seen, base)
+}
+
+fn client(base: &str) -> TicClient {
+    TicClient::new(TicSettings {
+        api_base: base.to_owned(),
+        sdkappid: APP,
+        key: KEY.to_owned().into(),
+        sign_ttl: Duration::from_secs(300),
+        timeout: Duration::from_secs(5),
+        attempts: 3,
+    })
+    .unwrap()
+}
+
+/// `lesson-replay tic …` with the mock's settings; (exit code, stdout, stderr).
+async fn tic_command(base: &str, args: &[&str], keys: &str) -> (i32, Vec<u8>, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_lesson-replay"))
+        .arg("tic")
+        .args(args)
+        .env_clear()
+        .env("LESSON_REPLAY_TIC_API_BASE", base)
+        .env("LESSON_REPLAY_TIC_KEYS", keys)
+        .env("LESSON_REPLAY_LOG_FORMAT", "text")
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_signature_is_the_contracts_test_vector() {
+    assert_eq!(
+        compute_sign(KEY, 1548247837),
+        "5400bac77ba6467a8f8ac056f1769f45"
+    );
+}
+
+#[tokio::test]
+async fn start_checks_the_user_then_returns_tics_task_id() {
+    let (seen, base) = start_mock().await;
+    let mut request = StartRequest {
+        room_id: 1234,
+        user_id: "teacher".into(),
+        user_sig: "sig".to_owned().into(),
+        group_id: None,
+        whiteboard: Some((1280, 720)),
+    };
+    let refused = client(&base).start(&request).await.unwrap_err();
+    assert!(matches!(refused, TicError::InvalidRequest(_)), "{refused}");
+    assert!(
+        seen.lock().unwrap().calls.is_empty(),
+        "refused before sending"
+    );
+    request.user_id = "tic_record_user_1234_01".into();
+    assert_eq!(client(&base).start(&request).await.unwrap(), "new-task-1");
+    let (action, body) = seen.lock().unwrap().calls[0].clone();
+    assert_eq!(action, "start");
+    assert_eq!(body["room_id"], 1234);
+    assert_eq!(body["user_id"], "tic_record_user_1234_01");
+    assert_eq!(body["whiteboard"], json!({"width": 1280, "height": 720}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_prints_the_answer_exactly_and_normalize_reads_it() {
+    let (seen, base) = start_mock().await;
+    let keys = format!("{APP}={KEY}");
+    let (code, stdout, stderr) = tic_command(&base, &["query", "finished-task"], &keys).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout == finished_answer().as_bytes(), "byte for byte");
+    // `lesson-replay tic query T | lesson-replay normalize -`
+    let mut normalize = std::process::Command::new(env!("CARGO_BIN_EXE_lesson-replay"))
+        .args(["normalize", "-", "--sdkappid", &APP.to_string()])
+        .env_clear()
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    normalize.stdin.take().unwrap().write_all(&stdout).unwrap();
+    let out = normalize.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let record: Value = serde_json::from_slice(&out.stdout).unwrap();
+    common::assert_valid_record(&record);
+    assert_eq!(record["task_id"], "g68cee8e90jcq4ogg8jb");
+    // Requests carry fresh randoms.
+    let (stop, _, _) = tic_command(&base, &["stop", "t1"], &keys).await;
+    assert_eq!(stop, 0);
+    let randoms = seen.lock().unwrap().randoms.clone();
+    assert_eq!(randoms.len(), 2);
+    assert_ne!(randoms[0], randoms[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_code_is_a_clear_failure() {
+    let (seen, base) = start_mock().await;
+    for code in [20000, 20001, 20002, 20003, 20004, 20005, 20011] {
+        let task = format!("e-{code}");
+        let err = client(&base).query(&task).await.unwrap_err();
+        assert_eq!(err.code(), Some(code), "{err}");
+        assert!(!err.is_transient(), "{code} is not retried");
+        assert_eq!(seen.lock().unwrap().per_task[&task], 1, "{code}: one call");
+    }
+    let keys = format!("{APP}={KEY}");
+    let (status, stdout, stderr) = tic_command(&base, &["query", "e-20005"], &keys).await;
+    assert_eq!(status, 1);
+    assert!(stdout.is_empty());
+    assert!(
+        stderr.contains("TIC error 20005 (data read failed: check the task id"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(KEY), "the key is never shown");
+}
+
+#[tokio::test]
+async fn timeouts_and_server_errors_are_retried_with_backoff() {
+    let (seen, base) = start_mock().await;
+    // 500 twice, then the answer.
+    let answer = client(&base).query("flaky").await.unwrap();
+    assert_eq!(answer, finished_answer().as_bytes());
+    assert_eq!(seen.lock().unwrap().per_task["flaky"], 3);
+    // TIC's internal error is retried too, then given up.
+    let err = client(&base).query("e-20099").await.unwrap_err();
+    assert_eq!(err.code(), Some(20099));
+    assert_eq!(
+        seen.lock().unwrap().per_task["e-20099"],
+        3,
+        "all three attempts"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_callback_registers_and_deletes_and_the_app_is_chosen() {
+    let (seen, base) = start_mock().await;
+    let keys = format!("{APP}={KEY}");
+    let url = "https://school.example/tic/callback";
+    assert_eq!(tic_command(&base, &["set-callback", url], &keys).await.0, 0);
+    assert_eq!(tic_command(&base, &["set-callback", ""], &keys).await.0, 0);
+    let bodies: Vec<Value> = seen
+        .lock()
+        .unwrap()
+        .calls
+        .iter()
+        .map(|(_, b)| b["callback"].clone())
+        .collect();
+    assert_eq!(bodies, [json!(url), json!("")]);
+    // Several apps: the command asks which.
+    let two = format!("{APP}={KEY},1400000001=OTHERKEY");
+    let (status, _, stderr) = tic_command(&base, &["stop", "t"], &two).await;
+    assert_eq!(status, 1);
+    assert!(stderr.contains("choose one with --sdkappid"), "{stderr}");
+    let chosen = ["--sdkappid", &APP.to_string(), "stop", "t"];
+    assert_eq!(tic_command(&base, &chosen, &two).await.0, 0);
+}
