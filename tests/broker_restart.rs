@@ -179,7 +179,7 @@ async fn callbacks_survive_a_broker_restart() {
         std::thread::sleep(Duration::from_millis(500));
         restart_broker();
     });
-    let mut ok = vec![false; CALLBACKS];
+    let mut ok = [false; CALLBACKS];
     for (i, answered) in ok.iter_mut().enumerate() {
         *answered = send(i).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
