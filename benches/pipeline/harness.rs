@@ -24,6 +24,8 @@ pub(crate) struct Plan {
     pub(crate) concurrency: u16,
     pub(crate) archive_concurrency: u16,
     pub(crate) part_size: usize,
+    /// Callbacks sent to the ingress (scenario 7).
+    pub(crate) callbacks: usize,
 }
 
 impl Plan {
@@ -37,6 +39,7 @@ impl Plan {
             concurrency: 16,
             archive_concurrency: 4,
             part_size: 8 * MIB as usize,
+            callbacks: 20_000,
         }
     }
 
@@ -50,6 +53,7 @@ impl Plan {
             concurrency: 16,
             archive_concurrency: 2,
             part_size: 5 * MIB as usize,
+            callbacks: 500,
         }
     }
 }
@@ -258,4 +262,14 @@ pub(crate) fn medians(rounds: &[(f64, f64)]) -> (f64, f64) {
 pub(crate) fn round(v: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);
     (v * f).round() / f
+}
+
+/// The `q` quantile (0..1) of `values`, sorted in place; 0 when empty.
+pub(crate) fn percentile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let index = ((values.len() - 1) as f64 * q).round() as usize;
+    values[index]
 }

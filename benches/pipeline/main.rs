@@ -8,7 +8,9 @@
 //! 3. peak RSS of the worker during 2, and with files 4× larger ([`archive`]);
 //! 4. bytes read to probe a moov-at-end file of ≥ 1 GiB ([`probe`]);
 //! 5. publish → record latency at half the measured maximum rate ([`latency`]);
-//! 6. two worker processes vs one ([`records`]).
+//! 6. two worker processes vs one ([`records`]);
+//! 7. TIC callbacks through the ingress at 64 concurrent clients vs the
+//!    broker's bare publish-confirm rate from one process ([`ingress`]).
 //!
 //! Writes `target/bench/summary.json` and prints a table ([`report`]).
 //! `--smoke` runs tiny sizes (CI), so the benchmark cannot rot; there, a missed
@@ -19,6 +21,7 @@ mod common;
 
 mod archive;
 mod harness;
+mod ingress;
 mod latency;
 mod probe;
 mod records;
@@ -83,6 +86,19 @@ async fn main() {
         eprintln!("4. probe cost ...");
         results.probe_bytes_per_track =
             probe::probe_cost(&plan, &origin, plan.probe_file_bytes).await;
+    }
+    if wanted('7') {
+        eprintln!("7. ingress ...");
+        (
+            results.ingress_per_s,
+            results.ingress_p50_ms,
+            results.ingress_p99_ms,
+        ) = ingress::ingress_rate(&plan).await;
+        (
+            results.publish_baseline_per_s,
+            results.publish_baseline_p50_ms,
+            results.publish_baseline_p99_ms,
+        ) = ingress::publish_baseline(&plan).await;
     }
     let missed = report::write(&plan, smoke, &results);
     if smoke && !missed.is_empty() {

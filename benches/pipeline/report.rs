@@ -23,6 +23,12 @@ pub(crate) struct Results {
     pub(crate) peak_rss_mib: f64,
     pub(crate) peak_rss_mib_4x: f64,
     pub(crate) probe_bytes_per_track: u64,
+    pub(crate) ingress_per_s: f64,
+    pub(crate) ingress_p50_ms: f64,
+    pub(crate) ingress_p99_ms: f64,
+    pub(crate) publish_baseline_per_s: f64,
+    pub(crate) publish_baseline_p50_ms: f64,
+    pub(crate) publish_baseline_p99_ms: f64,
 }
 
 impl Results {
@@ -55,6 +61,12 @@ pub(crate) fn write(plan: &Plan, smoke: bool, r: &Results) -> Vec<&'static str> 
         "latency_p99_le_25_ms".into(),
         json!(r.latency_p99_ms <= 25.0),
     );
+    let ingress_ratio = r.ingress_per_s / r.publish_baseline_per_s;
+    targets.insert("ingress_ratio_ge_0_8".into(), json!(ingress_ratio >= 0.8));
+    targets.insert(
+        "ingress_p99_within_2x".into(),
+        json!(r.ingress_p99_ms <= 2.0 * r.publish_baseline_p99_ms),
+    );
     for (name, met) in &bounds {
         targets.insert((*name).into(), json!(met));
     }
@@ -83,6 +95,14 @@ pub(crate) fn write(plan: &Plan, smoke: bool, r: &Results) -> Vec<&'static str> 
         "latency_rounds_ms": r.latency_rounds,
         "two_workers_per_s": round(r.two_workers_per_s, 1),
         "two_worker_ratio": round(two_worker_ratio, 3),
+        "ingress_clients": crate::ingress::CLIENTS,
+        "ingress_per_s": round(r.ingress_per_s, 1),
+        "ingress_p50_ms": round(r.ingress_p50_ms, 2),
+        "ingress_p99_ms": round(r.ingress_p99_ms, 2),
+        "publish_baseline_per_s": round(r.publish_baseline_per_s, 1),
+        "publish_baseline_p50_ms": round(r.publish_baseline_p50_ms, 2),
+        "publish_baseline_p99_ms": round(r.publish_baseline_p99_ms, 2),
+        "ingress_ratio": round(ingress_ratio, 3),
         "targets": targets,
     });
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
@@ -140,6 +160,24 @@ fn print_table(plan: &Plan, r: &Results, records_ratio: f64, archive_ratio: f64,
                 r.records_per_s / 2.0
             ),
             "target p99 <= 25".to_owned(),
+        ),
+        (
+            "ingress callbacks/s",
+            format!("{:.0}", r.ingress_per_s),
+            format!("publish-confirm {:.0}/s", r.publish_baseline_per_s),
+            format!(
+                "ratio {:.2} (target >= 0.8)",
+                r.ingress_per_s / r.publish_baseline_per_s
+            ),
+        ),
+        (
+            "ingress p50 / p99 ms",
+            format!("{:.1} / {:.1}", r.ingress_p50_ms, r.ingress_p99_ms),
+            format!(
+                "publish {:.1} / {:.1}",
+                r.publish_baseline_p50_ms, r.publish_baseline_p99_ms
+            ),
+            "target p99 <= 2x".to_owned(),
         ),
     ];
     println!(

@@ -26,9 +26,15 @@ impl Health {
         self.ready.load(Ordering::SeqCst)
     }
 
+    /// The worker's readiness, mirrored in `lesson_replay_broker_connected`.
     pub fn set_ready(&self, ready: bool, metrics: &Metrics) {
-        self.ready.store(ready, Ordering::SeqCst);
+        self.set(ready);
         metrics.set_broker_connected(ready);
+    }
+
+    /// Readiness alone (a service that reports its broker session elsewhere).
+    pub fn set(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
     }
 }
 

@@ -146,7 +146,8 @@ async fn keep_channel(
             Ok((connection, confirm)) => {
                 delays = backoff();
                 channel.send_replace(Some(confirm.clone()));
-                health.set_ready(true, &metrics);
+                health.set(true);
+                metrics.set_ingress_connected(true);
                 info!("ingress connected to the broker");
                 while !stop.is_cancelled() && confirm.status().connected() {
                     tokio::select! {
@@ -155,12 +156,12 @@ async fn keep_channel(
                     }
                 }
                 channel.send_replace(None);
-                health.set_ready(false, &metrics);
+                health.set(false);
+                metrics.set_ingress_connected(false);
                 let _ = confirm.close(200, "ingress stopping".into()).await;
                 let _ = connection.close(200, "ingress stopping".into()).await;
                 if !stop.is_cancelled() {
                     warn!("ingress lost its broker session: reconnecting");
-                    metrics.broker_reconnected();
                 }
             }
             Err(e) => {

@@ -167,6 +167,7 @@ pub struct Metrics {
     ingress_requests: IntCounterVec,
     ingress_confirm_seconds: Histogram,
     ingress_in_flight: IntGauge,
+    ingress_connected: IntGauge,
 }
 
 /// How the ingress answered one callback.
@@ -378,6 +379,11 @@ impl Metrics {
                 "lesson_replay_ingress_in_flight_requests",
                 "Callbacks being handled right now.",
             ),
+            ingress_connected: gauge(
+                &r,
+                "lesson_replay_ingress_broker_connected",
+                "1 while the ingress holds a confirm channel to the broker, else 0.",
+            ),
             registry: r,
         };
         for outcome in IngressOutcome::ALL {
@@ -493,6 +499,11 @@ impl Metrics {
     /// Time one ingress publish until the broker's confirm.
     pub fn ingress_confirm_timer(&self) -> HistogramTimer {
         self.ingress_confirm_seconds.start_timer()
+    }
+
+    /// The ingress holds a broker session, or not.
+    pub fn set_ingress_connected(&self, connected: bool) {
+        self.ingress_connected.set(i64::from(connected));
     }
 
     /// Counts a callback as in hand until dropped.

@@ -451,8 +451,18 @@ impl WorkerProcess {
         rust_log: &str,
         stderr: std::process::Stdio,
     ) -> WorkerProcess {
+        Self::start_command("worker", config, rust_log, stderr)
+    }
+
+    /// Another service of the binary (`ingress`), configured the same way.
+    pub fn start_command(
+        command: &str,
+        config: &Config,
+        rust_log: &str,
+        stderr: std::process::Stdio,
+    ) -> WorkerProcess {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_lesson-replay"))
-            .arg("worker")
+            .arg(command)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", rust_log)
