@@ -10,13 +10,14 @@ use lesson_replay::broker::amqp;
 
 use crate::common::messages::FASTSTART;
 use crate::common::{Broker, WorkerProcess, isolated_config};
-use crate::harness::{Plan, lesson, percentile, quiet};
+use crate::harness::{Plan, cpu_seconds, lesson, percentile, quiet};
 
 /// Clients (and publishes) in flight at once.
 pub(crate) const CLIENTS: usize = 64;
 
-/// Callbacks per second and answer latency (p50, p99 ms) through the ingress.
-pub(crate) async fn ingress_rate(plan: &Plan) -> (f64, f64, f64) {
+/// Callbacks per second, answer latency (p50, p99 ms) and the ingress
+/// process's CPU microseconds per callback.
+pub(crate) async fn ingress_rate(plan: &Plan) -> (f64, f64, f64, f64) {
     let mut config = isolated_config("bench-ingress");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -54,6 +55,7 @@ pub(crate) async fn ingress_rate(plan: &Plan) -> (f64, f64, f64) {
     }
     let total = plan.callbacks;
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let cpu_before = cpu_seconds(ingress.pid());
     let started = Instant::now();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
@@ -76,14 +78,15 @@ pub(crate) async fn ingress_rate(plan: &Plan) -> (f64, f64, f64) {
         latencies.extend(c.await.unwrap());
     }
     let rate = total as f64 / started.elapsed().as_secs_f64();
+    let cpu_us = (cpu_seconds(ingress.pid()) - cpu_before) * 1e6 / total as f64;
     ingress.terminate();
     ingress.wait_exit(Duration::from_secs(30));
     broker.cleanup().await;
-    (
-        rate,
+    let (p50, p99) = (
         percentile(&mut latencies, 0.50),
         percentile(&mut latencies, 0.99),
-    )
+    );
+    (rate, p50, p99, cpu_us)
 }
 
 /// The broker's own publish-confirm rate and latency (p50, p99 ms) from one

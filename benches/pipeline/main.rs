@@ -93,6 +93,7 @@ async fn main() {
             results.ingress_per_s,
             results.ingress_p50_ms,
             results.ingress_p99_ms,
+            results.ingress_cpu_us_per_callback,
         ) = ingress::ingress_rate(&plan).await;
         (
             results.publish_baseline_per_s,
