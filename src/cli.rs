@@ -18,6 +18,7 @@ use crate::broker::topology;
 use crate::config::reference;
 use crate::config::settings::{Config, ConfigError};
 use crate::decision::decide::{Decision, Envelope, decide};
+use crate::decision::watch::{WATCH_TYPE, Watch, due_queue};
 use crate::service::endpoints::Health;
 use crate::service::run::{Service, ServiceError, init_logging, shutdown_signal};
 use crate::telemetry::metrics::Metrics;
@@ -99,6 +100,17 @@ pub enum Command {
         /// Print the topology as RabbitMQ definitions JSON instead (no broker needed).
         #[arg(long)]
         print_definitions: bool,
+    },
+    /// Watch a task known from elsewhere: the worker asks TIC about it at once,
+    /// then on the watch schedule, until its record is published.
+    Watch {
+        task_id: String,
+        /// The app the task belongs to (its TicKey must be in tic_keys).
+        #[arg(long)]
+        sdkappid: i64,
+        /// The room, when known (for the logs).
+        #[arg(long, default_value_t = 0)]
+        room_id: i64,
     },
     /// Check the settings and print them as JSON (secrets redacted); exit 1 when invalid.
     Config {
@@ -267,6 +279,21 @@ async fn run_networked(config: Config, command: Command) -> Result<(), CliError>
             run_tic(&client, action).await?;
         }
         Command::Topology { .. } => declare_only(&broker).await?,
+        Command::Watch {
+            task_id,
+            sdkappid,
+            room_id,
+        } => {
+            let watch = Watch {
+                sdkappid,
+                task_id,
+                room_id,
+                since: time::OffsetDateTime::now_utc().unix_timestamp(),
+                checks: 0,
+                failures: 0,
+            };
+            start_watch(&broker, &watch).await?;
+        }
         Command::Dlq { action } => run_dlq(&broker, action).await?,
         Command::Publish {
             files,
@@ -317,6 +344,13 @@ fn run_normalize(config: &Config, file: &Path, envelope: &Envelope) -> ExitCode 
         }
         Decision::Skip(reason) => {
             eprintln!("skipped: {reason}");
+            ExitCode::SUCCESS
+        }
+        Decision::Watch { reason, watch } => {
+            eprintln!(
+                "skipped: {reason} (the worker watches task {} of sdkappid {})",
+                watch.task_id, watch.sdkappid
+            );
             ExitCode::SUCCESS
         }
         Decision::Reject(rejection) => {
@@ -389,6 +423,23 @@ async fn run_dlq(broker: &BrokerSettings, action: DlqAction) -> Result<(), CliEr
             eprintln!("{purged} parked message(s) deleted");
         }
     }
+    Ok(())
+}
+
+/// Publish `watch` to the due watches, confirmed.
+async fn start_watch(broker: &BrokerSettings, watch: &Watch) -> Result<(), CliError> {
+    let connection = amqp::connect(broker, "lesson-replay watch").await?;
+    let channel = amqp::confirm_channel(&connection).await?;
+    amqp::declare_topology(&channel, &broker.topology).await?;
+    let body = serde_json::to_vec(watch).expect("a watch always serializes");
+    let properties = amqp::json_properties().with_type(WATCH_TYPE.into());
+    let queue = due_queue(&broker.topology.work_queue);
+    amqp::publish_confirmed(&channel, "", &queue, &body, properties).await?;
+    eprintln!(
+        "watching task {} of sdkappid {}: the worker asks TIC now",
+        watch.task_id, watch.sdkappid
+    );
+    connection.close(200, "done".into()).await?;
     Ok(())
 }
 

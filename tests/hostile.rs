@@ -283,7 +283,9 @@ proptest! {
     fn arbitrary_json_gets_a_decision(value in json_value()) {
         let body = serde_json::to_vec(&value).unwrap();
         match decide(&body, &Default::default(), &InputPolicy::default()) {
-            Decision::Reject(r) | Decision::Skip(r) => prop_assert!(!r.message.is_empty()),
+            Decision::Reject(r) | Decision::Skip(r) | Decision::Watch { reason: r, .. } => {
+                prop_assert!(!r.message.is_empty())
+            }
             Decision::Publish(n) => common::assert_valid_record(&serde_json::to_value(&n.record).unwrap()),
         }
     }

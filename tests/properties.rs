@@ -210,7 +210,7 @@ proptest! {
         let body = serde_json::to_vec(&message).unwrap();
         match decide(&body, &Default::default(), &InputPolicy::default()) {
             Decision::Publish(n) => check_record(&n.record)?,
-            Decision::Skip(r) => prop_assert!(
+            Decision::Skip(r) | Decision::Watch { reason: r, .. } => prop_assert!(
                 matches!(r.code, ReasonCode::RecordingStarted | ReasonCode::NotFinished),
                 "{r}"
             ),

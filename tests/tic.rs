@@ -1,103 +1,41 @@
-//! The TIC API client against a mock TIC on loopback that checks every
-//! request the way TIC does: the signature with the contract's test key, the
-//! URL parameters, the body. It answers each error code of the contract, and
-//! fails on purpose where a test needs it.
+//! The TIC API client against the mock TIC (tests/common/tic_mock.rs) that
+//! checks every request the way TIC does: the signature with the contract's
+//! test key, the URL parameters, the body. It answers each error code of the
+//! contract, and fails on purpose where a test needs it.
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::{Path, Query, State};
-use axum::routing::post;
+use common::tic_mock::{APP, KEY, Seen, TaskScript, TicMock};
 use lesson_replay::decision::verify::compute_sign;
 use lesson_replay::tic::client::{StartRequest, TicClient, TicError, TicSettings};
 use serde_json::{Value, json};
 
-/// The contract's test key (§1).
-const KEY: &str = "9016607A382749C69D4F4B00C61DD083";
-const APP: i64 = 1400042982;
-
-#[derive(Default)]
-struct Seen {
-    /// (action, body) of every request that passed the checks.
-    calls: Vec<(String, Value)>,
-    /// Calls per task id, for failing the first few.
-    per_task: HashMap<String, usize>,
-    /// Every `random`, to check they differ.
-    randoms: Vec<u32>,
-}
-
-type Mock = Arc<Mutex<Seen>>;
-
-async fn tic(
-    State(seen): State<Mock>,
-    Path(action): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
-    body: axum::body::Bytes,
-) -> (axum::http::StatusCode, String) {
-    use axum::http::StatusCode;
-    let answer = |v: Value| (StatusCode::OK, v.to_string());
-    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
-        return answer(json!({"error_code": 20003, "error_msg": "body is not JSON"}));
+/// The mock with the tasks these tests query: `finished-task`, and `flaky`
+/// (HTTP 500 twice, then finished); `e-<code>` answers that error code.
+async fn start_mock() -> (Arc<Mutex<Seen>>, String) {
+    let mock = TicMock::start().await;
+    let finished = TaskScript {
+        finished: Some(finished_answer()),
+        ..TaskScript::default()
     };
-    let expire = body["expire_time"].as_i64().unwrap_or(0);
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    if params.get("sdkappid").map(String::as_str) != Some(&APP.to_string()) {
-        return answer(json!({"error_code": 20003, "error_msg": "sdkappid"}));
-    }
-    if params.get("sign") != Some(&compute_sign(KEY, expire)) {
-        return answer(json!({"error_code": 20002, "error_msg": "sign invalid"}));
-    }
-    if expire < now {
-        return answer(json!({"error_code": 20001, "error_msg": "sign expired"}));
-    }
-    let Some(random) = params.get("random").and_then(|r| r.parse::<u32>().ok()) else {
-        return answer(json!({"error_code": 20003, "error_msg": "random"}));
-    };
-    let task = body["task_id"].as_str().unwrap_or_default().to_owned();
-    let calls = {
-        let mut seen = seen.lock().unwrap();
-        seen.randoms.push(random);
-        seen.calls.push((action.clone(), body.clone()));
-        let n = seen.per_task.entry(task.clone()).or_default();
-        *n += 1;
-        *n
-    };
-    match (action.as_str(), task.as_str()) {
-        ("start", _) => answer(json!({"error_code": 0, "error_msg": "", "task_id": "new-task-1"})),
-        ("query", "flaky") if calls <= 2 => (StatusCode::INTERNAL_SERVER_ERROR, "busy".into()),
-        ("query", "finished-task" | "flaky") => (StatusCode::OK, finished_answer()),
-        ("query" | "stop", code) if code.starts_with("e-") => {
-            let code: i64 = code[2..].parse().unwrap();
-            answer(json!({"error_code": code, "error_msg": "as the contract says"}))
-        }
-        ("stop" | "callback", _) => answer(json!({"error_code": 0, "error_msg": ""})),
-        _ => answer(json!({"error_code": 20003, "error_msg": "unknown"})),
-    }
+    mock.script("finished-task", finished.clone());
+    mock.script(
+        "flaky",
+        TaskScript {
+            fail_first: 2,
+            ..finished
+        },
+    );
+    (mock.seen, mock.api_base)
 }
 
 /// TIC's query answer for a finished task, as TIC formats it (the contract's
 /// example, its own spacing kept).
 fn finished_answer() -> String {
     std::fs::read_to_string(format!("{}/realtime-query-finished.json", common::EXAMPLES)).unwrap()
-}
-
-/// The mock, and the base URL to give the client.
-async fn start_mock() -> (Mock, String) {
-    let seen = Mock::default();
-    let app = Router::new()
-        .route("/record/v1/online/{action}", post(tic))
-        .with_state(seen.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!(
-        "http://{}/record/v1/online/",
-        listener.local_addr().unwrap()
-    );
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (seen, base)
 }
 
 fn client(base: &str) -> TicClient {

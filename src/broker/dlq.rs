@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::broker::amqp::{self, BrokerSettings, PublishError};
 use crate::broker::headers::{self, header_text};
+use crate::decision::watch::{WATCH_TYPE, due_queue};
 
 /// Why a `dlq` command failed.
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +122,8 @@ pub async fn list(
 }
 
 /// Move parked messages (those with `reason`, at most `limit`) back to the
-/// work queue with their attempt count reset. Returns how many moved.
+/// work queue — parked watches to the due watches — with their attempt count
+/// reset. Returns how many moved.
 pub async fn replay(
     broker: &BrokerSettings,
     reason: Option<&str>,
@@ -150,8 +152,12 @@ pub async fn replay(
             .properties
             .clone()
             .with_headers(headers::without_bookkeeping(&original));
-        amqp::publish_confirmed(&channel, "", &queues.work_queue, &delivery.data, properties)
-            .await?;
+        // A parked watch goes back to the due watches, a message to the work queue.
+        let target = match delivery.properties.kind() {
+            Some(kind) if kind.as_str() == WATCH_TYPE => due_queue(&queues.work_queue),
+            _ => queues.work_queue.clone(),
+        };
+        amqp::publish_confirmed(&channel, "", &target, &delivery.data, properties).await?;
         delivery.acker.ack(BasicAckOptions::default()).await?;
         moved += 1;
     }

@@ -11,6 +11,8 @@
 //!  lesson-replay.recordings.retry.<N>s    lesson-replay.parking (classic)
 //!  (quorum, one per delay tier)
 //! lesson-replay.records (topic) --#--> lesson-replay.records (quorum)
+//! lesson-replay.recordings.watch.<N>s --TTL--> lesson-replay.recordings.watch
+//!  (quorum, one per watch delay)                (quorum: due watches, consumed)
 //! ```
 //!
 //! The parking queue is a classic queue: operators list and replay it by
@@ -23,6 +25,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::broker::retry::tier_queue;
+use crate::decision::watch::{delay_queue, due_queue};
 
 /// The names and limits the topology is built from.
 #[derive(Debug, Clone)]
@@ -36,6 +39,8 @@ pub struct TopologySettings {
     pub delivery_limit: u32,
     /// The delay of each retry tier; one queue per tier.
     pub retry_tiers: Vec<Duration>,
+    /// Every delay a watch can wait; one queue per delay.
+    pub watch_delays: Vec<Duration>,
 }
 
 /// A queue argument's value.
@@ -108,6 +113,26 @@ pub fn plan(config: &TopologySettings) -> Topology {
         queues.push(QueueSpec {
             name: tier_queue(&config.work_queue, delay),
             arguments: tier,
+        });
+    }
+    // Watches: delay queues dead-letter into the due queue the workers consume.
+    let due = due_queue(&config.work_queue);
+    queues.push(QueueSpec {
+        name: due.clone(),
+        arguments: vec![("x-queue-type", text("quorum"))],
+    });
+    for &delay in &config.watch_delays {
+        let mut waiting = vec![
+            ("x-queue-type", text("quorum")),
+            (
+                "x-message-ttl",
+                Arg::Int(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+            ),
+        ];
+        waiting.extend(dead_letter_to(&due));
+        queues.push(QueueSpec {
+            name: delay_queue(&config.work_queue, delay),
+            arguments: waiting,
         });
     }
     queues.push(QueueSpec {
@@ -190,6 +215,7 @@ mod tests {
             records_queue: "lesson-replay.records".into(),
             delivery_limit: 20,
             retry_tiers: [10, 60, 300, 1800, 7200].map(Duration::from_secs).to_vec(),
+            watch_delays: [60, 3600].map(Duration::from_secs).to_vec(),
         };
         let topology = plan(&settings);
         let tier = topology
@@ -205,6 +231,15 @@ mod tests {
             "x-dead-letter-routing-key",
             text("lesson-replay.recordings")
         )));
-        assert_eq!(topology.queues.len(), 1 + 1 + 5 + 1);
+        assert_eq!(topology.queues.len(), 1 + 1 + 5 + 1 + 2 + 1);
+        let waiting = topology
+            .queues
+            .iter()
+            .find(|q| q.name == "lesson-replay.recordings.watch.60s")
+            .unwrap();
+        assert!(waiting.arguments.contains(&(
+            "x-dead-letter-routing-key",
+            text("lesson-replay.recordings.watch")
+        )));
     }
 }

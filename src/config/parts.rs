@@ -14,6 +14,7 @@ use crate::config::settings::{Config, ConfigError};
 use crate::decision::decide::InputPolicy;
 use crate::decision::decode::Limits;
 use crate::decision::url_policy::UrlPolicy;
+use crate::decision::watch::WatchSchedule;
 use crate::media::archive::ArchiveSettings;
 use crate::media::enrich::MediaSettings;
 use crate::media::fetch::FetchSettings;
@@ -32,6 +33,21 @@ impl Config {
                 max_string_bytes: self.max_string_bytes,
             },
             urls: self.url_policy(),
+            watch: self.watch_lessons,
+        }
+    }
+
+    /// When watched tasks are queried.
+    pub fn watch_schedule(&self) -> WatchSchedule {
+        WatchSchedule {
+            first: Duration::from_secs(self.watch_first_check_secs),
+            then: self
+                .watch_delays_secs
+                .iter()
+                .map(|s| Duration::from_secs(*s))
+                .collect(),
+            retry: Duration::from_secs(self.watch_retry_secs),
+            max_age: Duration::from_secs(self.watch_max_age_secs),
         }
     }
 
@@ -54,6 +70,7 @@ impl Config {
                 records_queue: self.records_queue.clone(),
                 delivery_limit: self.delivery_limit,
                 retry_tiers: self.retry_policy().tiers,
+                watch_delays: self.watch_schedule().delays(),
             },
         }
     }

@@ -197,6 +197,26 @@ pub const SETTINGS: &[Setting] = &[
         "`expire_time` of API requests = now + this",
     ),
     setting(
+        "watch_lessons",
+        "watch every recording under way (a `record_started` callback) until its record exists, asking TIC (`query`); needs the app's key in `tic_keys`",
+    ),
+    setting(
+        "watch_first_check_secs",
+        "first query of a watched task, after its start",
+    ),
+    setting(
+        "watch_delays_secs",
+        "the following queries while the task is still recording, comma-separated; the last repeats",
+    ),
+    setting(
+        "watch_retry_secs",
+        "the next query after a transient failure (timeout, 5xx, TIC's 20099)",
+    ),
+    setting(
+        "watch_max_age_secs",
+        "a task still unfinished this long after its start is parked (`watch_expired`)",
+    ),
+    setting(
         "tic_api_timeout_secs",
         "longest wait for one answer of TIC's API",
     ),

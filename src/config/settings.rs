@@ -86,6 +86,12 @@ pub struct Config {
     pub tic_api_base: String,
     pub tic_sign_ttl_secs: u64,
     pub tic_api_timeout_secs: u64,
+    pub watch_lessons: bool,
+    pub watch_first_check_secs: u64,
+    #[serde(deserialize_with = "list")]
+    pub watch_delays_secs: Vec<u64>,
+    pub watch_retry_secs: u64,
+    pub watch_max_age_secs: u64,
 }
 
 /// A list given as a TOML array or as a comma-separated string (environment).
@@ -168,6 +174,11 @@ impl Default for Config {
             tic_api_base: DEFAULT_API_BASE.into(),
             tic_sign_ttl_secs: 300,
             tic_api_timeout_secs: 10,
+            watch_lessons: true,
+            watch_first_check_secs: 3600,
+            watch_delays_secs: vec![1800, 3600, 7200, 14400],
+            watch_retry_secs: 60,
+            watch_max_age_secs: 2 * 24 * 3600,
         }
     }
 }
@@ -359,6 +370,9 @@ impl Config {
             ("ingress_max_in_flight", self.ingress_max_in_flight as u64),
             ("tic_sign_ttl_secs", self.tic_sign_ttl_secs),
             ("tic_api_timeout_secs", self.tic_api_timeout_secs),
+            ("watch_first_check_secs", self.watch_first_check_secs),
+            ("watch_retry_secs", self.watch_retry_secs),
+            ("watch_max_age_secs", self.watch_max_age_secs),
         ] {
             if value == 0 {
                 return invalid(format!("{name} must be at least 1"));
@@ -366,6 +380,9 @@ impl Config {
         }
         if self.retry_delays_secs.contains(&0) {
             return invalid("retry_delays_secs must all be at least 1");
+        }
+        if self.watch_delays_secs.is_empty() || self.watch_delays_secs.contains(&0) {
+            return invalid("watch_delays_secs needs at least one delay, each at least 1");
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ use crate::decision::normalize::{Normalized, normalize};
 use crate::decision::reason::{ReasonCode, Rejection};
 use crate::decision::url_policy::UrlPolicy;
 use crate::decision::verify::{SignatureMode, SignedFields, TicKeys, verify};
+use crate::decision::watch::Watch;
 
 /// What travelled next to the body and matters to the decision: the
 /// callback's URL parameters `x-tic-sign` and `x-tic-sdkappid` (AMQP headers;
@@ -30,6 +31,8 @@ pub struct InputPolicy {
     pub keys: TicKeys,
     pub limits: Limits,
     pub urls: UrlPolicy,
+    /// Make a watch of every recording under way (`watch_lessons`).
+    pub watch: bool,
 }
 
 /// What to do with a message.
@@ -39,6 +42,8 @@ pub enum Decision {
     Publish(Box<Normalized>),
     /// No finished recording: acknowledge and count as skipped.
     Skip(Rejection),
+    /// A recording under way: schedule a watch of it, then acknowledge.
+    Watch { reason: Rejection, watch: Watch },
     /// Bad input: park the message with this reason.
     Reject(Rejection),
 }
@@ -72,7 +77,31 @@ fn try_decide(
         },
     )?;
     match announcement.payload {
-        Payload::NotFinished(reason) => Ok(Decision::Skip(reason)),
+        Payload::NotFinished(unfinished) => {
+            let since = unfinished
+                .start_time
+                .or(announcement.sent_at)
+                .or(envelope.timestamp);
+            match (
+                policy.watch && unfinished.in_progress,
+                sdkappid,
+                unfinished.task_id,
+                since,
+            ) {
+                (true, Some(sdkappid), Some(task_id), Some(since)) => Ok(Decision::Watch {
+                    reason: unfinished.reason,
+                    watch: Watch {
+                        sdkappid,
+                        task_id,
+                        room_id: unfinished.room_id,
+                        since,
+                        checks: 0,
+                        failures: 0,
+                    },
+                }),
+                _ => Ok(Decision::Skip(unfinished.reason)),
+            }
+        }
         Payload::Finished(recording) => {
             let normalized = normalize(&recording, sdkappid)?;
             check_urls(&normalized, &policy.urls)?;
@@ -123,6 +152,7 @@ mod tests {
             keys: TicKeys::parse_list("1400000001=SECRETKEY").unwrap(),
             limits: Limits::default(),
             urls: UrlPolicy::default(),
+            watch: false,
         }
     }
 
@@ -230,5 +260,55 @@ mod tests {
                 other => panic!("{url}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_recording_under_way_becomes_a_watch_when_it_can_be_queried() {
+        let started = r#"{"callback_type":"record_started","task_id":"t9","room_id":7,"timestamp":1700000000}"#;
+        let mut policy = policy(SignatureMode::Off);
+        policy.watch = true;
+        let with_app = Envelope {
+            sdkappid: Some("1400000001".into()),
+            ..Envelope::default()
+        };
+        match decide(started.as_bytes(), &with_app, &policy) {
+            Decision::Watch { reason, watch } => {
+                assert_eq!(reason.code, ReasonCode::RecordingStarted);
+                assert_eq!(
+                    (
+                        watch.sdkappid,
+                        watch.task_id.as_str(),
+                        watch.room_id,
+                        watch.since
+                    ),
+                    (1400000001, "t9", 7, 1700000000)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Without an sdkappid there is nobody to ask: skipped, as before.
+        assert!(matches!(
+            decide(started.as_bytes(), &Envelope::default(), &policy),
+            Decision::Skip(_)
+        ));
+        // Watches off: skipped.
+        policy.watch = false;
+        assert!(matches!(
+            decide(started.as_bytes(), &with_app, &policy),
+            Decision::Skip(_)
+        ));
+        // A query answer still recording is watched; one with an odd status is not.
+        policy.watch = true;
+        let recording =
+            r#"{"status":"recording","task_id":"t9","room_id":7,"start_time":1700000000}"#;
+        assert!(matches!(
+            decide(recording.as_bytes(), &with_app, &policy),
+            Decision::Watch { .. }
+        ));
+        let odd = r#"{"status":"paused","task_id":"t9","room_id":7,"start_time":1700000000}"#;
+        assert!(matches!(
+            decide(odd.as_bytes(), &with_app, &policy),
+            Decision::Skip(_)
+        ));
     }
 }

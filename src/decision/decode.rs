@@ -57,8 +57,23 @@ pub struct Announcement {
 #[derive(Debug, Clone)]
 pub enum Payload {
     Finished(Recording),
-    /// No finished recording: acknowledged and counted as skipped.
-    NotFinished(Rejection),
+    /// No finished recording (yet).
+    NotFinished(Unfinished),
+}
+
+/// A message that announces no finished recording, and what it says of the
+/// recording it is about.
+#[derive(Debug, Clone)]
+pub struct Unfinished {
+    /// Why there is no record: `recording_started` or `not_finished`.
+    pub reason: Rejection,
+    pub task_id: Option<String>,
+    pub room_id: i64,
+    /// Recording start (Unix seconds), when the message says.
+    pub start_time: Option<i64>,
+    /// The recording is under way and will finish: a `record_started`
+    /// callback, or a query answer with status `recording` or `prepared`.
+    pub in_progress: bool,
 }
 
 /// A finished recording as the upstream declared it, before normalization.
@@ -323,8 +338,23 @@ fn decode_realtime(format: Format, value: Value) -> Result<Announcement, Rejecti
         sent_at,
         payload,
     };
-    if let Some(skip) = not_finished {
-        return Ok(announcement(Payload::NotFinished(skip)));
+    if let Some(reason) = not_finished {
+        let in_progress = matches!(
+            (
+                format,
+                body.callback_type.as_deref(),
+                body.status.as_deref()
+            ),
+            (Format::Callback, Some("record_started"), _)
+                | (Format::QueryAnswer, _, Some("recording" | "prepared"))
+        );
+        return Ok(announcement(Payload::NotFinished(Unfinished {
+            reason,
+            task_id: body.task_id.filter(|t| !t.is_empty()),
+            room_id: body.room_id,
+            start_time: body.start_time.or(body.timestamp),
+            in_progress,
+        })));
     }
     if let Some(code) = body.error_code.filter(|c| *c != 0) {
         return Err(Rejection::new(
@@ -438,7 +468,7 @@ mod tests {
     fn finished(body: &str) -> Recording {
         match dec(body.as_bytes()).expect("decodes").payload {
             Payload::Finished(r) => r,
-            Payload::NotFinished(r) => panic!("not finished: {r}"),
+            Payload::NotFinished(u) => panic!("not finished: {}", u.reason),
         }
     }
 
@@ -517,11 +547,11 @@ mod tests {
     fn unfinished_messages_carry_a_skip_reason() {
         let a = dec(br#"{"callback_type":"record_started","room_id":1,"task_id":"t"}"#).unwrap();
         assert!(
-            matches!(a.payload, Payload::NotFinished(ref r) if r.code == ReasonCode::RecordingStarted)
+            matches!(a.payload, Payload::NotFinished(ref u) if u.reason.code == ReasonCode::RecordingStarted && u.in_progress)
         );
         let a = dec(br#"{"status":"prepared","room_id":1}"#).unwrap();
         assert!(
-            matches!(a.payload, Payload::NotFinished(ref r) if r.code == ReasonCode::NotFinished)
+            matches!(a.payload, Payload::NotFinished(ref u) if u.reason.code == ReasonCode::NotFinished)
         );
     }
 

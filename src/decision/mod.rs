@@ -12,3 +12,4 @@ pub mod record;
 pub mod url_policy;
 pub mod verify;
 pub mod warning;
+pub mod watch;

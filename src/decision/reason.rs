@@ -53,11 +53,19 @@ pub enum ReasonCode {
     RecordingStarted,
     /// A query answer whose `status` is not `finished` (skipped, not an error).
     NotFinished,
+    /// A due watch for an sdkappid without a TicKey in `tic_keys`: TIC cannot be asked.
+    WatchNoKey,
+    /// TIC does not know the watched task (20005), or no longer keeps its data.
+    WatchTaskNotFound,
+    /// TIC refused the query: service not enabled, or the signature (20000–20002).
+    WatchDenied,
+    /// The watched task was still not finished after `watch_max_age_secs`.
+    WatchExpired,
 }
 
 impl ReasonCode {
     /// Every code, in documentation order.
-    pub const ALL: [ReasonCode; 23] = [
+    pub const ALL: [ReasonCode; 27] = [
         ReasonCode::InvalidJson,
         ReasonCode::UnknownFormat,
         ReasonCode::InvalidField,
@@ -81,6 +89,10 @@ impl ReasonCode {
         ReasonCode::InternalError,
         ReasonCode::RecordingStarted,
         ReasonCode::NotFinished,
+        ReasonCode::WatchNoKey,
+        ReasonCode::WatchTaskNotFound,
+        ReasonCode::WatchDenied,
+        ReasonCode::WatchExpired,
     ];
 
     /// The stable wire name (snake_case).
@@ -109,6 +121,10 @@ impl ReasonCode {
             ReasonCode::InternalError => "internal_error",
             ReasonCode::RecordingStarted => "recording_started",
             ReasonCode::NotFinished => "not_finished",
+            ReasonCode::WatchNoKey => "watch_no_key",
+            ReasonCode::WatchTaskNotFound => "watch_task_not_found",
+            ReasonCode::WatchDenied => "watch_denied",
+            ReasonCode::WatchExpired => "watch_expired",
         }
     }
 }

@@ -238,6 +238,26 @@ impl Archiver {
         Ok(Some((archive, probe)))
     }
 
+    /// Whether `key` exists in the bucket.
+    pub async fn exists(&self, key: &str) -> Result<bool, S3Error> {
+        let head = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await;
+        match head {
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {
+                self.metrics.http_response(Target::S3, Some(404));
+                Ok(false)
+            }
+            other => other
+                .observed(&self.metrics, || format!("HEAD {key}"))
+                .map(|_| true),
+        }
+    }
+
     /// A streaming upload to `key`: feed it with [`ChunkSink::write`], then
     /// [`Upload::finish`] or [`Upload::abort`].
     pub fn upload(&self, key: String) -> Upload<'_> {

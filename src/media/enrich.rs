@@ -104,6 +104,21 @@ impl Media {
         }
     }
 
+    /// Whether the lesson of `record` already has its record, as far as this
+    /// worker can know: its `manifest.json` is in the archive. `None` without
+    /// archiving, or when the store cannot say.
+    pub async fn recorded(&self, record: &Record) -> Option<bool> {
+        let archiver = self.archiver.as_ref()?;
+        let key = archiver.manifest_key(record);
+        match archiver.exists(&key).await {
+            Ok(found) => Some(found),
+            Err(e) => {
+                warn!(%key, error = %e, "cannot tell whether the lesson has its record");
+                None
+            }
+        }
+    }
+
     /// Probe and (when on) archive every track, then write the manifest.
     pub async fn enrich(&self, normalized: &mut Normalized) -> Result<(), Rejection> {
         // The decision has refused URLs the policy forbids; the fetcher

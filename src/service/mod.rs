@@ -5,4 +5,5 @@
 pub mod endpoints;
 pub mod ingress;
 pub mod run;
+pub mod watches;
 pub mod worker;

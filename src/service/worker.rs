@@ -37,11 +37,15 @@ use crate::broker::headers::{self, header_text, set_header};
 use crate::broker::retry::{self, RetryPolicy, RetryStep};
 use crate::config::settings::Config;
 use crate::decision::decide::{Decision, InputPolicy, decide};
+use crate::decision::normalize::Normalized;
 use crate::decision::reason::{ReasonCode, Rejection};
 use crate::decision::record::Record;
+use crate::decision::watch::{WATCH_TYPE, Watch, WatchStep, delay_queue, due_queue};
 use crate::media::enrich::{Media, MediaError};
 use crate::service::endpoints::Health;
-use crate::telemetry::metrics::{Metrics, Stage};
+use crate::service::watches::{WatchCheck, Watcher};
+use crate::telemetry::metrics::{Metrics, Stage, WatchEvent};
+use crate::tic::client::TicError;
 
 /// After the grace period, how long aborted handlers get to clean up
 /// (abort multipart uploads) before the channels close.
@@ -55,6 +59,8 @@ pub enum WorkerError {
     ConsumerCancelled(String),
     #[error(transparent)]
     Media(#[from] MediaError),
+    #[error("TIC client: {0}")]
+    Tic(#[from] TicError),
 }
 
 /// Code a test runs with each record before it is published.
@@ -71,6 +77,7 @@ pub struct Hooks {
 /// What the delivery handlers of one broker session share.
 struct Context {
     hooks: Hooks,
+    watcher: Arc<Watcher>,
     config: Arc<Config>,
     policy: Arc<InputPolicy>,
     retry: Arc<RetryPolicy>,
@@ -84,6 +91,7 @@ struct Context {
 /// Everything that outlives a broker session.
 struct Shared {
     hooks: Hooks,
+    watcher: Arc<Watcher>,
     config: Arc<Config>,
     broker: BrokerSettings,
     policy: Arc<InputPolicy>,
@@ -108,9 +116,11 @@ pub async fn run(
     hooks: Hooks,
 ) -> Result<(), WorkerError> {
     let media = Media::new(config.media_settings(), metrics.clone()).await?;
+    let watcher = Watcher::from_config(&config, metrics.clone())?;
     metrics.set_concurrency(config.concurrency);
     let shared = Shared {
         hooks,
+        watcher: Arc::new(watcher),
         broker: config.broker_settings(),
         policy: Arc::new(config.input_policy()),
         retry: Arc::new(config.retry_policy()),
@@ -197,12 +207,24 @@ async fn session(shared: &Shared, connected: impl FnOnce()) -> Result<(), Worker
             FieldTable::default(),
         )
         .await?;
+    // Due watches share the consumer channel, and so the prefetch.
+    let watch_queue = due_queue(&config.work_queue);
+    let watch_tag = format!("{consumer_tag}-watches");
+    let mut watches = consumer_channel
+        .basic_consume(
+            watch_queue.as_str().into(),
+            watch_tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
     shared.health.set_ready(true, &shared.metrics);
     connected();
     info!(queue = %config.work_queue, concurrency = config.concurrency, "consuming");
 
     let context = Arc::new(Context {
         hooks: shared.hooks.clone(),
+        watcher: shared.watcher.clone(),
         config: shared.config.clone(),
         policy: shared.policy.clone(),
         retry: shared.retry.clone(),
@@ -216,20 +238,31 @@ async fn session(shared: &Shared, connected: impl FnOnce()) -> Result<(), Worker
             () = shared.stop.cancelled() => break,
             next = deliveries.next() => match next {
                 Some(Ok(delivery)) => {
-                    shared.handlers.spawn(handle_delivery(context.clone(), delivery));
+                    shared.handlers.spawn(handle_delivery(context.clone(), delivery, Kind::Message));
                 }
                 Some(Err(e)) => return Err(WorkerError::Broker(e)),
                 None => return Err(WorkerError::ConsumerCancelled(config.work_queue.clone())),
+            },
+            next = watches.next() => match next {
+                Some(Ok(delivery)) => {
+                    shared.handlers.spawn(handle_delivery(context.clone(), delivery, Kind::Watch));
+                }
+                Some(Err(e)) => return Err(WorkerError::Broker(e)),
+                None => return Err(WorkerError::ConsumerCancelled(watch_queue.clone())),
             },
         }
     }
 
     info!("stopping: cancelling the consumer");
     shared.health.set_ready(false, &shared.metrics);
-    match consumer_channel
-        .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
-        .await
-    {
+    let mut cancelled = Ok(());
+    for tag in [&consumer_tag, &watch_tag] {
+        let done = consumer_channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await;
+        cancelled = cancelled.and(done);
+    }
+    match cancelled {
         Ok(()) => info!("consumer cancelled: no new deliveries"),
         Err(e) => warn!(error = %e, "could not cancel the consumer"),
     }
@@ -272,11 +305,23 @@ enum Outcome {
     Park(Rejection),
     /// Transient failure: retry it later through a delay tier.
     Retry(Rejection),
+    /// Watch this task: publish the watch to the delay queue of this delay,
+    /// then acknowledge.
+    Watch(Watch, Duration),
+}
+
+/// Which queue a delivery came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A TIC message from the work queue.
+    Message,
+    /// A due watch.
+    Watch,
 }
 
 /// Decide what one delivery becomes, carry it out, and settle it with the
 /// broker only once the outcome is safe there.
-async fn handle_delivery(context: Arc<Context>, delivery: Delivery) {
+async fn handle_delivery(context: Arc<Context>, delivery: Delivery, kind: Kind) {
     let attempt = header_text(delivery.properties.headers().as_ref(), headers::ATTEMPT)
         .and_then(|a| a.parse::<u32>().ok())
         .unwrap_or(0);
@@ -300,7 +345,10 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery) {
         let timer = metrics.processing_timer();
         // A panic is a bug in one message's processing: caught, retried like a
         // transient failure, and the worker goes on.
-        let processing = AssertUnwindSafe(process(&context, &delivery)).catch_unwind();
+        let processing = match kind {
+            Kind::Message => AssertUnwindSafe(process(&context, &delivery).boxed()).catch_unwind(),
+            Kind::Watch => AssertUnwindSafe(check_watch(&context, &delivery).boxed()).catch_unwind(),
+        };
         let outcome = tokio::select! {
             result = processing => result.unwrap_or_else(|panic| {
                 let why = panic
@@ -315,6 +363,12 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery) {
                 warn!("shutdown: processing aborted, the broker requeues the message");
                 return;
             }
+        };
+        let outcome = match (kind, outcome) {
+            // A watch is retried on the watch schedule, never through the
+            // message tiers (they lead back to the work queue).
+            (Kind::Watch, Outcome::Retry(reason)) => retry_watch(&context, &delivery, reason),
+            (_, outcome) => outcome,
         };
         settle(&context, &delivery, outcome, attempt).await;
         timer.observe_duration();
@@ -335,8 +389,27 @@ async fn process(context: &Context, delivery: &Delivery) -> Outcome {
             context.metrics.skipped(reason.code);
             return Outcome::Done;
         }
+        Decision::Watch { reason, watch } => {
+            info!(reason = %reason.code, task = %watch.task_id, "recording under way: watched");
+            context.metrics.skipped(reason.code);
+            return match context.watcher.first(watch, now().unix_timestamp()) {
+                WatchCheck::Again(watch, delay) => Outcome::Watch(watch, delay),
+                WatchCheck::Park(reason) => Outcome::Park(reason),
+                WatchCheck::Finished(_) => unreachable!("a first check asks nobody"),
+            };
+        }
         Decision::Reject(reason) => return Outcome::Park(reason),
     };
+    publish_normalized(context, &mut normalized, delivery).await
+}
+
+/// Check the tracks of a decided recording, publish its record, and say
+/// what becomes of the delivery.
+async fn publish_normalized(
+    context: &Context,
+    normalized: &mut Normalized,
+    delivery: &Delivery,
+) -> Outcome {
     let record = &normalized.record;
     let span = tracing::Span::current();
     span.record("replay_id", record.replay_id.as_str());
@@ -347,7 +420,7 @@ async fn process(context: &Context, delivery: &Delivery) -> Outcome {
     if let Some(app) = record.sdkappid {
         span.record("sdkappid", app);
     }
-    match context.media.enrich(&mut normalized).await {
+    match context.media.enrich(normalized).await {
         Ok(()) => {}
         Err(reason) if reason.code.is_transient() => return Outcome::Retry(reason),
         Err(reason) => return Outcome::Park(reason),
@@ -373,6 +446,86 @@ async fn process(context: &Context, delivery: &Delivery) -> Outcome {
     }
 }
 
+/// A due watch: ask TIC, then publish the finished recording, watch again,
+/// or park.
+async fn check_watch(context: &Context, delivery: &Delivery) -> Outcome {
+    let watch: Watch = match serde_json::from_slice(&delivery.data) {
+        Ok(watch) => watch,
+        Err(e) => {
+            return Outcome::Park(Rejection::new(
+                ReasonCode::InvalidJson,
+                format!("not a watch: {e}"),
+            ));
+        }
+    };
+    let span = tracing::Span::current();
+    span.record("task_id", watch.task_id.as_str());
+    span.record("sdkappid", watch.sdkappid);
+    let retry = watch.clone();
+    match context.watcher.check(watch, now().unix_timestamp()).await {
+        WatchCheck::Again(watch, delay) => Outcome::Watch(watch, delay),
+        WatchCheck::Park(reason) => Outcome::Park(reason),
+        WatchCheck::Finished(mut normalized) => {
+            let event = match context.media.recorded(&normalized.record).await {
+                Some(true) => WatchEvent::AlreadyRecorded,
+                Some(false) => WatchEvent::Reconciled,
+                None => WatchEvent::Finished,
+            };
+            context.metrics.watch(event);
+            match publish_normalized(context, &mut normalized, delivery).await {
+                Outcome::Retry(reason) => {
+                    warn!(reason = %reason.code, "watched recording not published yet: {}", reason.message);
+                    watch_later(context, retry)
+                }
+                outcome => outcome,
+            }
+        }
+    }
+}
+
+/// The watch of `delivery` again after the retry delay (a transient failure).
+fn retry_watch(context: &Context, delivery: &Delivery, reason: Rejection) -> Outcome {
+    match serde_json::from_slice::<Watch>(&delivery.data) {
+        Ok(watch) => {
+            warn!(reason = %reason.code, "watch failed: {}", reason.message);
+            watch_later(context, watch)
+        }
+        Err(_) => Outcome::Park(reason),
+    }
+}
+
+fn watch_later(context: &Context, watch: Watch) -> Outcome {
+    let failed = Watch {
+        failures: watch.failures + 1,
+        ..watch
+    };
+    match context
+        .watcher
+        .schedule
+        .next(&failed, now().unix_timestamp(), true)
+    {
+        WatchStep::After(delay) => Outcome::Watch(failed, delay),
+        WatchStep::Expired(why) => Outcome::Park(Rejection::new(ReasonCode::WatchExpired, why)),
+    }
+}
+
+/// Publish `watch` to the delay queue of `delay`, confirmed.
+async fn schedule_watch(
+    context: &Context,
+    watch: &Watch,
+    delay: Duration,
+) -> Result<(), PublishError> {
+    let body = serde_json::to_vec(watch).expect("a watch always serializes");
+    let properties = amqp::json_properties()
+        .with_type(WATCH_TYPE.into())
+        .with_timestamp(now().unix_timestamp().max(0) as u64);
+    let queue = delay_queue(&context.config.work_queue, delay);
+    amqp::publish_confirmed(&context.publisher, "", &queue, &body, properties).await?;
+    info!(task = %watch.task_id, delay_secs = delay.as_secs(), checks = watch.checks, "watch scheduled");
+    context.metrics.watch(WatchEvent::Scheduled);
+    Ok(())
+}
+
 /// Carry out the outcome, then ack — or, when that failed, nack with requeue
 /// so the broker gives the message to another attempt.
 async fn settle(context: &Context, delivery: &Delivery, outcome: Outcome, attempt: u32) {
@@ -380,6 +533,7 @@ async fn settle(context: &Context, delivery: &Delivery, outcome: Outcome, attemp
         Outcome::Done => Ok(()),
         Outcome::Park(reason) => park_message(context, delivery, &reason, attempt + 1).await,
         Outcome::Retry(reason) => retry_later(context, delivery, &reason, attempt).await,
+        Outcome::Watch(watch, delay) => schedule_watch(context, &watch, delay).await,
     };
     let settled = match carried_out {
         Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,

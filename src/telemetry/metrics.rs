@@ -168,6 +168,57 @@ pub struct Metrics {
     ingress_confirm_seconds: Histogram,
     ingress_in_flight: IntGauge,
     ingress_connected: IntGauge,
+    watches: IntCounterVec,
+}
+
+/// What happened to a watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// A watch was made (or remade for the next check).
+    Scheduled,
+    /// A watch came due and TIC was asked.
+    Due,
+    /// TIC said finished and the lesson already had its record (its manifest
+    /// was in the archive): the callback path worked.
+    AlreadyRecorded,
+    /// TIC said finished and the lesson had no record yet: the callback path
+    /// missed it, the watch made it.
+    Reconciled,
+    /// TIC said finished; without archiving the worker cannot tell whether a
+    /// record existed.
+    Finished,
+    /// TIC said the task is still recording.
+    StillRecording,
+    /// The query failed transiently: asked again later.
+    Retried,
+    /// Given up: parked with its reason.
+    Parked,
+}
+
+impl WatchEvent {
+    pub const ALL: [WatchEvent; 8] = [
+        WatchEvent::Scheduled,
+        WatchEvent::Due,
+        WatchEvent::AlreadyRecorded,
+        WatchEvent::Reconciled,
+        WatchEvent::Finished,
+        WatchEvent::StillRecording,
+        WatchEvent::Retried,
+        WatchEvent::Parked,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WatchEvent::Scheduled => "scheduled",
+            WatchEvent::Due => "due",
+            WatchEvent::AlreadyRecorded => "already_recorded",
+            WatchEvent::Reconciled => "reconciled",
+            WatchEvent::Finished => "finished",
+            WatchEvent::StillRecording => "still_recording",
+            WatchEvent::Retried => "retried",
+            WatchEvent::Parked => "parked",
+        }
+    }
 }
 
 /// How the ingress answered one callback.
@@ -384,12 +435,21 @@ impl Metrics {
                 "lesson_replay_ingress_broker_connected",
                 "1 while the ingress holds a confirm channel to the broker, else 0.",
             ),
+            watches: counter_vec(
+                &r,
+                "lesson_replay_watches_total",
+                "Watches of recordings under way, by event (scheduled, due, already_recorded, reconciled, finished, still_recording, retried, parked).",
+                &["event"],
+            ),
             registry: r,
         };
         for outcome in IngressOutcome::ALL {
             metrics
                 .ingress_requests
                 .with_label_values(&[outcome.as_str()]);
+        }
+        for event in WatchEvent::ALL {
+            metrics.watches.with_label_values(&[event.as_str()]);
         }
         metrics
     }
@@ -499,6 +559,11 @@ impl Metrics {
     /// Time one ingress publish until the broker's confirm.
     pub fn ingress_confirm_timer(&self) -> HistogramTimer {
         self.ingress_confirm_seconds.start_timer()
+    }
+
+    /// Something happened to a watch.
+    pub fn watch(&self, event: WatchEvent) {
+        self.watches.with_label_values(&[event.as_str()]).inc();
     }
 
     /// The ingress holds a broker session, or not.

@@ -7,6 +7,7 @@
 pub mod messages;
 pub mod origin;
 pub mod s3;
+pub mod tic_mock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};

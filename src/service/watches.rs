@@ -1,0 +1,136 @@
+//! Checking a due watch: ask TIC how the watched task stands and say what
+//! follows — its finished recording (which then takes the path of a
+//! `record_finished` callback in the worker), another check later, or a
+//! reason to park the watch. The schedule and the watch format are in
+//! [`crate::decision::watch`]; the worker carries out what this says.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::config::settings::Config;
+use crate::decision::decide::{Decision, Envelope, InputPolicy, decide};
+use crate::decision::normalize::Normalized;
+use crate::decision::reason::{ReasonCode, Rejection};
+use crate::decision::verify::SignatureMode;
+use crate::decision::watch::{Watch, WatchSchedule, WatchStep};
+use crate::telemetry::metrics::{Metrics, WatchEvent};
+use crate::tic::client::{TicClient, TicError};
+
+/// What a due watch leads to.
+#[derive(Debug)]
+pub enum WatchCheck {
+    /// TIC says finished: this is the recording, to enrich and publish.
+    Finished(Box<Normalized>),
+    /// Ask again after the delay (the watch's counts updated).
+    Again(Watch, Duration),
+    /// Give up, for this reason.
+    Park(Rejection),
+}
+
+/// TIC's API per sdkappid, and what answers must satisfy.
+pub struct Watcher {
+    clients: HashMap<i64, TicClient>,
+    /// The configured input policy, signatures off: the answer comes from
+    /// TIC's API over a signed request, not from a callback.
+    policy: InputPolicy,
+    pub schedule: WatchSchedule,
+    metrics: Metrics,
+}
+
+impl Watcher {
+    /// One client per app of `tic_keys`.
+    pub fn from_config(config: &Config, metrics: Metrics) -> Result<Watcher, TicError> {
+        let mut clients = HashMap::new();
+        let keys = config.tic_keys.parse().unwrap_or_default();
+        for app in keys.ids() {
+            // validate() has checked the settings; an app listed has its key.
+            if let Ok(settings) = config.tic_settings(Some(app)) {
+                clients.insert(app, TicClient::new(settings)?);
+            }
+        }
+        let mut policy = config.input_policy();
+        policy.mode = SignatureMode::Off;
+        policy.watch = true;
+        Ok(Watcher {
+            clients,
+            policy,
+            schedule: config.watch_schedule(),
+            metrics,
+        })
+    }
+
+    /// The first check of a new watch.
+    pub fn first(&self, watch: Watch, now: i64) -> WatchCheck {
+        self.again(watch, now, false)
+    }
+
+    /// Ask TIC about `watch` and say what follows.
+    pub async fn check(&self, watch: Watch, now: i64) -> WatchCheck {
+        self.metrics.watch(WatchEvent::Due);
+        let Some(client) = self.clients.get(&watch.sdkappid) else {
+            return self.park(Rejection::new(
+                ReasonCode::WatchNoKey,
+                format!(
+                    "no TicKey in tic_keys for sdkappid {}: TIC cannot be asked about task {}",
+                    watch.sdkappid, watch.task_id
+                ),
+            ));
+        };
+        let answer = match client.query(&watch.task_id).await {
+            Ok(answer) => answer,
+            Err(e) if e.is_transient() => {
+                warn!(task = %watch.task_id, error = %e, "watch query failed: asking again later");
+                self.metrics.watch(WatchEvent::Retried);
+                let failed = Watch {
+                    failures: watch.failures + 1,
+                    ..watch
+                };
+                return self.again(failed, now, true);
+            }
+            Err(e) => return self.park(refusal(&watch, &e)),
+        };
+        let envelope = Envelope {
+            sdkappid: Some(watch.sdkappid.to_string()),
+            ..Envelope::default()
+        };
+        match decide(&answer, &envelope, &self.policy) {
+            Decision::Publish(normalized) => {
+                info!(task = %watch.task_id, checks = watch.checks, "watched task finished");
+                WatchCheck::Finished(normalized)
+            }
+            Decision::Watch { .. } => {
+                self.metrics.watch(WatchEvent::StillRecording);
+                let checked = Watch {
+                    checks: watch.checks + 1,
+                    ..watch
+                };
+                self.again(checked, now, false)
+            }
+            Decision::Skip(reason) | Decision::Reject(reason) => self.park(reason),
+        }
+    }
+
+    fn again(&self, watch: Watch, now: i64, after_failure: bool) -> WatchCheck {
+        match self.schedule.next(&watch, now, after_failure) {
+            WatchStep::After(delay) => WatchCheck::Again(watch, delay),
+            WatchStep::Expired(why) => self.park(Rejection::new(ReasonCode::WatchExpired, why)),
+        }
+    }
+
+    fn park(&self, reason: Rejection) -> WatchCheck {
+        self.metrics.watch(WatchEvent::Parked);
+        WatchCheck::Park(reason)
+    }
+}
+
+/// The reason code of a query TIC refused for good.
+fn refusal(watch: &Watch, error: &TicError) -> Rejection {
+    let code = match error.code() {
+        Some(20005) => ReasonCode::WatchTaskNotFound,
+        Some(20000..=20002) => ReasonCode::WatchDenied,
+        _ => ReasonCode::UpstreamError,
+    };
+    Rejection::new(code, format!("query of task {}: {error}", watch.task_id))
+}
