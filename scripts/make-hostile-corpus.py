@@ -141,6 +141,25 @@ for name, url in {
     else:
         add("url_not_allowed", name, callback(video_info=[video(video_url=url)]))
 
+# --- URLs a downstream consumer could read differently from the guard: refused, not repaired
+for name, url in {
+    "url-crlf-header-injection": URL + "\r\nX-Injected: 1",
+    "url-tab-in-host": "http://1253488539.vod2\t.myqcloud.com/a.mp4",
+    "url-backslash-userinfo": "http://1.vod2.myqcloud.com\\@127.0.0.1:5672/",
+    "url-space": "http://1.vod2.myqcloud.com/a b.mp4",
+    "url-line-separator": "http://1.vod2.myqcloud.com/a\u2028.mp4",
+}.items():
+    add("invalid_field", name, callback(video_info=[video(video_url=url)]))
+for name, url in {
+    "ipv4-compatible-loopback": "http://[::127.0.0.1]/a.mp4",
+    "nat64-metadata": "http://[64:ff9b::a9fe:a9fe]/a.mp4",
+    "6to4-loopback": "http://[2002:7f00:1::]/a.mp4",
+    "benchmarking-range": "http://198.18.0.1/a.mp4",
+    "credentials-on-allowed-host": "http://user:pass@1.vod2.myqcloud.com/a.mp4",
+    "punycode-lookalike": "http://1253488539.vod2.myqcl\u043eud.com/a.mp4",
+}.items():
+    add("url_not_allowed", name, callback(video_info=[video(video_url=url)]))
+
 # --- limits
 add("too_many_tracks", "600-tracks", callback(video_info=[video(video_id=str(i)) for i in range(600)]))
 add("field_too_long", "user-id-5000-chars", callback(video_info=[video(user_id="x" * 5000)]))

@@ -476,6 +476,19 @@ async fn redirects_are_checked_hop_by_hop() {
     assert_eq!(err.reason(), ReasonCode::UrlNotAllowed, "{err}");
     assert!(!err.is_transient());
 
+    // A redirect to another scheme is refused as a URL, not taken for an HTTP answer.
+    for (i, to) in ["file:///etc/passwd", "gopher://127.0.0.1:70/"]
+        .iter()
+        .enumerate()
+    {
+        let elsewhere = origin.add(&format!("/scheme{i}.mp4"), vec![], redirect(to));
+        let err = fetcher()
+            .download(&elsewhere, None, &mut Discard)
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), ReasonCode::UrlNotAllowed, "{to}: {err}");
+    }
+
     // At most 3 hops, exactly: a chain of 3 is followed, a chain of 4 is not.
     let mut next = target.clone();
     for i in 1..=4 {

@@ -34,7 +34,7 @@ const MAX_PART_BYTES: usize = 5 * 1024 * 1024 * 1024;
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    #[serde(serialize_with = "redacted_url")]
+    #[serde(serialize_with = "redacted_url", deserialize_with = "secret")]
     pub amqp_url: SecretString,
     pub inbound_exchange: String,
     pub work_queue: String,
@@ -58,9 +58,9 @@ pub struct Config {
     pub s3_endpoint: Option<String>,
     pub s3_region: String,
     pub s3_force_path_style: bool,
-    #[serde(serialize_with = "redacted")]
+    #[serde(serialize_with = "redacted", deserialize_with = "optional_secret")]
     pub s3_access_key_id: Option<SecretString>,
-    #[serde(serialize_with = "redacted")]
+    #[serde(serialize_with = "redacted", deserialize_with = "optional_secret")]
     pub s3_secret_access_key: Option<SecretString>,
     pub s3_bucket: Option<String>,
     pub s3_prefix: String,
@@ -92,6 +92,36 @@ pub struct Config {
     pub watch_delays_secs: Vec<u64>,
     pub watch_retry_secs: u64,
     pub watch_max_age_secs: u64,
+}
+
+/// A secret as text, whatever the loader made of it: the environment form of
+/// an all-digit secret reads as a number, and a type error would print it.
+fn secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Text(String),
+        Int(i64),
+        Uint(u64),
+        Float(f64),
+        Bool(bool),
+    }
+    let text = match Form::deserialize(d)
+        .map_err(|_| serde::de::Error::custom("a secret must be text (its value is not shown)"))?
+    {
+        Form::Text(t) => t,
+        Form::Int(n) => n.to_string(),
+        Form::Uint(n) => n.to_string(),
+        Form::Float(f) => f.to_string(),
+        Form::Bool(b) => b.to_string(),
+    };
+    Ok(SecretString::from(text))
+}
+
+fn optional_secret<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SecretString>, D::Error> {
+    secret(d).map(Some)
 }
 
 /// A list given as a TOML array or as a comma-separated string (environment).
@@ -257,9 +287,10 @@ impl TicKeysSetting {
             TicKeysSetting::Table(table) => {
                 let mut keys = TicKeys::default();
                 for (id, key) in table {
-                    let id = id
-                        .parse()
-                        .map_err(|_| format!("tic_keys: sdkappid {id:?} is not an integer"))?;
+                    let id = id.parse().ok().filter(|id: &i64| *id > 0).ok_or_else(|| {
+                        "tic_keys: a key of the table is not an sdkappid (a positive integer)"
+                            .to_owned()
+                    })?;
                     keys.insert(id, key.clone());
                 }
                 Ok(keys)

@@ -8,7 +8,7 @@
 use crate::decision::decode::{Limits, Payload, decode};
 use crate::decision::normalize::{Normalized, normalize};
 use crate::decision::reason::{ReasonCode, Rejection};
-use crate::decision::url_policy::UrlPolicy;
+use crate::decision::url_policy::{UrlPolicy, UrlProblem};
 use crate::decision::verify::{SignatureMode, SignedFields, TicKeys, verify};
 use crate::decision::watch::Watch;
 
@@ -103,22 +103,32 @@ fn try_decide(
             }
         }
         Payload::Finished(recording) => {
-            let normalized = normalize(&recording, sdkappid)?;
-            check_urls(&normalized, &policy.urls)?;
+            let mut normalized = normalize(&recording, sdkappid)?;
+            check_urls(&mut normalized, &policy.urls)?;
             Ok(Decision::Publish(Box::new(normalized)))
         }
     }
 }
 
-/// A record only ever points at URLs the policy allows, fetched or not.
-fn check_urls(normalized: &Normalized, urls: &UrlPolicy) -> Result<(), Rejection> {
-    for track in &normalized.record.tracks {
-        urls.check_str(&track.source_url).map_err(|why| {
-            Rejection::new(
-                ReasonCode::UrlNotAllowed,
-                format!("track {}: {why}", track.track_id),
-            )
-        })?;
+/// A record only ever points at URLs the policy allows, fetched or not, and
+/// carries each in the canonical form that was judged.
+fn check_urls(normalized: &mut Normalized, urls: &UrlPolicy) -> Result<(), Rejection> {
+    for track in &mut normalized.record.tracks {
+        match urls.canonical(&track.source_url) {
+            Ok(url) => track.source_url = url.to_string(),
+            Err(UrlProblem::Malformed(why)) => {
+                return Err(Rejection::field(
+                    "video_url",
+                    format!("track {}: {why}", track.track_id),
+                ));
+            }
+            Err(UrlProblem::NotAllowed(why)) => {
+                return Err(Rejection::new(
+                    ReasonCode::UrlNotAllowed,
+                    format!("track {}: {why}", track.track_id),
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -310,5 +320,49 @@ mod tests {
             decide(odd.as_bytes(), &with_app, &policy),
             Decision::Skip(_)
         ));
+    }
+
+    #[test]
+    fn records_carry_the_canonical_url_that_was_judged() {
+        let with_url = |url: &str| {
+            format!(
+                r#"{{"callback_type":"record_finished","task_id":"t1","room_id":1,"start_time":1700000000,
+                "stop_time":1700000060,"video_info":[{{"video_play_time":0,"video_size":10,"video_format":"mp4",
+                "video_duration":1000,"video_url":"{url}","video_id":"v1","video_type":0,"user_id":"u"}}]}}"#
+            )
+        };
+        let policy = policy(SignatureMode::Off);
+        for (raw, canonical) in [
+            (
+                "HTTP://1.VOD2.MyQcloud.COM/a.mp4",
+                "http://1.vod2.myqcloud.com/a.mp4",
+            ),
+            (
+                "http:1.vod2.myqcloud.com/a.mp4",
+                "http://1.vod2.myqcloud.com/a.mp4",
+            ),
+            (
+                "http://1.vod2.myqcloud.com:80/a%20b.mp4",
+                "http://1.vod2.myqcloud.com/a%20b.mp4",
+            ),
+        ] {
+            match decide(with_url(raw).as_bytes(), &Envelope::default(), &policy) {
+                Decision::Publish(n) => assert_eq!(n.record.tracks[0].source_url, canonical),
+                other => panic!("{raw}: {other:?}"),
+            }
+        }
+        for raw in [
+            "http://1.vod2.myqcloud.com/a.mp4\\r\\nX-Injected: 1",
+            "http://1.vod2\\t.myqcloud.com/a.mp4",
+            "http://1.vod2.myqcloud.com\\\\@127.0.0.1:5672/",
+        ] {
+            match decide(with_url(raw).as_bytes(), &Envelope::default(), &policy) {
+                Decision::Reject(r) => {
+                    assert_eq!(r.code, ReasonCode::InvalidField, "{raw}: {r}");
+                    assert!(r.message.starts_with("video_url: track v1: "), "{r}");
+                }
+                other => panic!("{raw}: {other:?}"),
+            }
+        }
     }
 }

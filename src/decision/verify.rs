@@ -78,16 +78,29 @@ impl TicKeys {
     }
 
     /// Parse `1400042982=KEY,1400000001=KEY2` (the environment-variable form).
+    /// An error names the entry by its position, never by its text: an entry
+    /// written the wrong way round would otherwise print the key.
     pub fn parse_list(list: &str) -> Result<Self, String> {
         let mut keys = TicKeys::default();
-        for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let entries = list.split(',').map(str::trim).filter(|e| !e.is_empty());
+        for (n, entry) in entries.enumerate() {
+            let n = n + 1;
             let (id, key) = entry.split_once('=').ok_or_else(|| {
-                "expected SDKAPPID=TICKEY entries separated by commas".to_string()
+                format!(
+                    "tic_keys entry {n}: expected SDKAPPID=TICKEY (entries separated by commas)"
+                )
             })?;
             let id: i64 = id
                 .trim()
                 .parse()
-                .map_err(|_| format!("sdkappid {:?} is not an integer", id.trim()))?;
+                .ok()
+                .filter(|id| *id > 0)
+                .ok_or_else(|| {
+                    format!("tic_keys entry {n}: the part before '=' is not an sdkappid (a positive integer)")
+                })?;
+            if key.trim().is_empty() {
+                return Err(format!("tic_keys entry {n}: the TicKey after '=' is empty"));
+            }
             keys.insert(id, SecretString::from(key.trim().to_owned()));
         }
         Ok(keys)

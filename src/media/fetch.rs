@@ -149,6 +149,9 @@ impl Fetcher {
             }
         });
         let client = reqwest::Client::builder()
+            // No proxy from HTTP_PROXY & co: a proxy resolves host names
+            // itself, past the resolver that refuses private addresses.
+            .no_proxy()
             .connect_timeout(settings.connect_timeout)
             .redirect(redirects)
             .dns_resolver(Arc::new(GuardedResolver(settings.url_policy.clone())))
@@ -193,6 +196,18 @@ impl Fetcher {
                 }
             })?;
         let status = response.status();
+        if status.is_redirection() {
+            // The client follows every redirect it may; one it hands back
+            // leads somewhere it must not go (another scheme, no Location).
+            let to = response
+                .headers()
+                .get(header::LOCATION)
+                .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned());
+            return Err(FetchError::NotAllowed(format!(
+                "HTTP {} redirect to {to:?} not followed: only http(s) URLs on allowed hosts",
+                status.as_u16()
+            )));
+        }
         if status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
             return Err(FetchError::NotFound(status.as_u16()));
         }

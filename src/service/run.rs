@@ -154,26 +154,40 @@ impl Service {
     }
 }
 
-/// Log to stderr, JSON or text as `format` says, at the level `RUST_LOG` sets (default `info`).
+/// Log to stderr, JSON or text as `format` says, at the level `RUST_LOG` sets
+/// (default `info`). The AMQP client's modules that log whole frames at
+/// `trace` — the login frame carries the broker password — never log at
+/// `trace`, whatever `RUST_LOG` asks: a password never reaches the logs.
 pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use tracing_subscriber::prelude::*;
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|spec| EnvFilter::try_new(spec).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let no_frames = tracing_subscriber::filter::filter_fn(|meta| {
+        !(*meta.level() == tracing::Level::TRACE && is_frame_logger(meta.target()))
+    });
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never in a log file.
+        .with_ansi(std::io::stderr().is_terminal());
+    let registry = tracing_subscriber::registry().with(filter);
     if json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init();
+        let layer = layer.json().flatten_event(true).with_current_span(true);
+        registry.with(layer.with_filter(no_frames)).init();
     } else {
-        builder.init();
+        registry.with(layer.with_filter(no_frames)).init();
     }
+}
+
+/// A module of the AMQP client that logs whole frames at `trace`.
+fn is_frame_logger(target: &str) -> bool {
+    target.starts_with("lapin::") || target.starts_with("amq_protocol")
 }
 
 /// Completes on the first SIGINT or SIGTERM; a second one quits the process

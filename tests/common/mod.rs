@@ -462,12 +462,24 @@ impl WorkerProcess {
         rust_log: &str,
         stderr: std::process::Stdio,
     ) -> WorkerProcess {
+        Self::start_with_env(command, config, rust_log, stderr, &[])
+    }
+
+    /// With more environment than the settings, e.g. `HTTP_PROXY`.
+    pub fn start_with_env(
+        command: &str,
+        config: &Config,
+        rust_log: &str,
+        stderr: std::process::Stdio,
+        extra: &[(&str, &str)],
+    ) -> WorkerProcess {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_lesson-replay"))
             .arg(command)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", rust_log)
             .envs(worker_env(config))
+            .envs(extra.iter().copied())
             // Allocator tuning, e.g. MALLOC_ARENA_MAX, reaches the worker.
             .envs(std::env::vars().filter(|(k, _)| k.starts_with("MALLOC_")))
             .stderr(stderr)
