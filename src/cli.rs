@@ -134,8 +134,8 @@ pub enum TicAction {
         /// The recording user: must start with tic_record_user_{ROOM_ID}.
         #[arg(long)]
         user_id: String,
-        /// The recording user's UserSig.
-        #[arg(long)]
+        /// The recording user's UserSig (or TIC_USER_SIG, out of shell history and `ps`).
+        #[arg(long, env = "TIC_USER_SIG", hide_env_values = true)]
         user_sig: String,
         #[arg(long)]
         group_id: Option<String>,

@@ -212,9 +212,28 @@ async fn required_signatures_are_judged_at_the_edge() {
     let c = broker.config.clone();
     let ingress = spawn_ingress(c.clone(), Metrics::default()).await;
     ingress.wait_ready().await;
-    let body = example("callback-record-finished.json");
-    let message: Value = serde_json::from_slice(&body).unwrap();
-    let expire = message["expire_time"].as_i64().unwrap();
+    // The contract's callback, sent now: expiring in ten minutes.
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let expire = now + 600;
+    let contract = String::from_utf8(example("callback-record-finished.json")).unwrap();
+    let at = |timestamp: i64| {
+        contract
+            .replace(
+                "\"expire_time\":1529908745",
+                &format!("\"expire_time\":{expire}"),
+            )
+            .replace(
+                "\"timestamp\": 1529908745",
+                &format!("\"timestamp\": {timestamp}"),
+            )
+            .into_bytes()
+    };
+    let body = at(now);
+    assert_ne!(
+        body,
+        contract.as_bytes(),
+        "the example's times are written so"
+    );
     let good = compute_sign("9016607A382749C69D4F4B00C61DD083", expire);
     let with = |sign: &str| format!("?sdkappid=1400042982&random=1&sign={sign}");
     assert_eq!(
@@ -226,17 +245,13 @@ async fn required_signatures_are_judged_at_the_edge() {
         (401, 20002)
     );
     // Sent after it expired.
-    let late = String::from_utf8(body.clone()).unwrap().replace(
-        &format!("\"timestamp\": {expire}"),
-        &format!("\"timestamp\": {}", expire + 10),
-    );
-    assert_ne!(
-        late.as_bytes(),
-        &body[..],
-        "the example has the timestamp written so"
-    );
     assert_eq!(
-        post(&ingress.url, &with(&good), late.into_bytes()).await,
+        post(&ingress.url, &with(&good), at(expire + 10)).await,
+        (401, 20001)
+    );
+    // A `timestamp` far from the time of receipt: the sender's clock is not trusted.
+    assert_eq!(
+        post(&ingress.url, &with(&good), at(now - 3600)).await,
         (401, 20001)
     );
     assert_eq!(

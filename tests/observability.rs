@@ -72,7 +72,10 @@ async fn dashboard_and_alerts_use_only_metrics_the_worker_exports() {
     let metrics = Metrics::default();
     let mut config = broker.config.clone();
     config.metrics_addr = "127.0.0.1:0".into();
-    let worker = spawn_worker_with(config, health.clone(), metrics.clone()).await;
+    let worker = spawn_worker_with(config.clone(), health.clone(), metrics.clone()).await;
+    // An ingress reporting to the same registry: some panels and alerts are its.
+    let ingress = common::spawn_ingress(config, metrics.clone()).await;
+    ingress.wait_ready().await;
     let base = format!("http://{}", worker.endpoint.expect("endpoints listen"));
 
     // Traffic touching every labelled metric: published, retried, parked, skipped.
@@ -162,6 +165,7 @@ async fn dashboard_and_alerts_use_only_metrics_the_worker_exports() {
     }
     assert!(text.contains("lesson_replay_broker_connected 1"));
 
+    ingress.stop().await;
     worker.stop().await;
     assert!(!health.is_ready(), "not ready once stopped");
     assert!(

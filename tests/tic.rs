@@ -193,3 +193,28 @@ async fn set_callback_registers_and_deletes_and_the_app_is_chosen() {
     let chosen = ["--sdkappid", &APP.to_string(), "stop", "t"];
     assert_eq!(tic_command(&base, &chosen, &two).await.0, 0);
 }
+
+/// A failure to reach TIC never shows the signed URL: with it, anyone
+/// reading the logs could call TIC as this app until the signature expires.
+#[tokio::test]
+async fn transport_errors_do_not_show_the_signature() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}/record/v1/online/", closed.local_addr().unwrap());
+    drop(closed);
+    let err = client(&base).query("t").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TicError::Transport {
+                connected: false,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let shown = err.to_string();
+    assert!(
+        !shown.contains("sign=") && !shown.contains("random="),
+        "{shown}"
+    );
+}

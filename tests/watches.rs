@@ -33,6 +33,8 @@ fn watching(test: &str, mock: &TicMock, first_check_secs: u64) -> Config {
     config.watch_delays_secs = vec![1];
     config.watch_retry_secs = 1;
     config.watch_max_age_secs = 600;
+    // The mock's lessons stop as the test starts: no wait for late callbacks.
+    config.watch_callback_grace_secs = 0;
     config
 }
 
@@ -135,7 +137,9 @@ async fn fifty_lessons_get_their_records_though_twenty_callbacks_are_lost() {
     // watches of the others found their records already there.
     assert!(watch_events(&metrics, "reconciled") >= 20);
     assert!(watch_events(&metrics, "already_recorded") >= 1);
-    assert_eq!(watch_events(&metrics, "scheduled"), 50);
+    // The lessons "stop" ten seconds after the test starts: a watch that finds
+    // one finished before then, without its record, checks again.
+    assert!(watch_events(&metrics, "scheduled") >= 50);
     // One upload per lesson: a watch that finds the copy uploads nothing.
     let uploaded = metrics
         .render()

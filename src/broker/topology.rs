@@ -116,10 +116,16 @@ pub fn plan(config: &TopologySettings) -> Topology {
         });
     }
     // Watches: delay queues dead-letter into the due queue the workers consume.
+    // Like the work queue: a watch that crashes every worker ends parked.
     let due = due_queue(&config.work_queue);
+    let mut due_arguments = vec![
+        ("x-queue-type", text("quorum")),
+        ("x-delivery-limit", Arg::Int(config.delivery_limit.into())),
+    ];
+    due_arguments.extend(dead_letter_to(&config.parking_queue));
     queues.push(QueueSpec {
         name: due.clone(),
-        arguments: vec![("x-queue-type", text("quorum"))],
+        arguments: due_arguments,
     });
     for &delay in &config.watch_delays {
         let mut waiting = vec![

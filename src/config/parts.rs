@@ -48,6 +48,7 @@ impl Config {
                 .collect(),
             retry: Duration::from_secs(self.watch_retry_secs),
             max_age: Duration::from_secs(self.watch_max_age_secs),
+            callback_grace: Duration::from_secs(self.watch_callback_grace_secs),
         }
     }
 

@@ -217,6 +217,10 @@ pub const SETTINGS: &[Setting] = &[
         "a task still unfinished this long after its start is parked (`watch_expired`)",
     ),
     setting(
+        "watch_callback_grace_secs",
+        "a finished task without a record is checked again if it stopped less than this ago: its callback may be on its way (TIC retries for 10 min)",
+    ),
+    setting(
         "tic_api_timeout_secs",
         "longest wait for one answer of TIC's API",
     ),

@@ -92,6 +92,7 @@ pub struct Config {
     pub watch_delays_secs: Vec<u64>,
     pub watch_retry_secs: u64,
     pub watch_max_age_secs: u64,
+    pub watch_callback_grace_secs: u64,
 }
 
 /// A secret as text, whatever the loader made of it: the environment form of
@@ -209,6 +210,7 @@ impl Default for Config {
             watch_delays_secs: vec![1800, 3600, 7200, 14400],
             watch_retry_secs: 60,
             watch_max_age_secs: 2 * 24 * 3600,
+            watch_callback_grace_secs: 20 * 60,
         }
     }
 }
@@ -355,12 +357,18 @@ impl Config {
         if self.vod_allowed_hosts.is_empty() {
             return invalid("vod_allowed_hosts is empty: no recording could ever be fetched");
         }
-        if self.ingress_signature == SignatureMode::Required && keys.is_empty() {
-            return invalid("ingress_signature = required but no tic_keys are configured");
+        if self.ingress_signature != SignatureMode::Off && keys.is_empty() {
+            // TIC signs every callback: without keys, every one would be refused.
+            return invalid("ingress_signature judges signatures but no tic_keys are configured");
         }
-        if !self.ingress_path.starts_with('/') {
+        let path_ok = self.ingress_path.starts_with('/')
+            && self
+                .ingress_path
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "/-_.".contains(c));
+        if !path_ok {
             return invalid(format!(
-                "ingress_path {:?} must start with /",
+                "ingress_path {:?} must start with / and hold only letters, digits, /, -, _ and .",
                 self.ingress_path
             ));
         }

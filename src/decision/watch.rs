@@ -42,6 +42,10 @@ pub struct WatchSchedule {
     pub retry: Duration,
     /// Older watches are given up (parked as `watch_expired`).
     pub max_age: Duration,
+    /// How long after a recording stopped its `record_finished` callback may
+    /// still come (TIC retries for ten minutes): a finished task without a
+    /// record is checked again within this time rather than taken as missed.
+    pub callback_grace: Duration,
 }
 
 /// What to do with a watch next.
@@ -109,6 +113,7 @@ mod tests {
             then: [900, 1800].map(Duration::from_secs).to_vec(),
             retry: Duration::from_secs(60),
             max_age: Duration::from_secs(86400),
+            callback_grace: Duration::from_secs(1200),
         }
     }
 

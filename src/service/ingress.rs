@@ -28,7 +28,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, Connection};
+use lapin::{Channel, Connection, ConnectionStatus};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -46,6 +46,14 @@ use crate::telemetry::metrics::{IngressOutcome, Metrics};
 
 /// The longest wait between two attempts to reach the broker.
 const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(5);
+/// The longest wait for the broker to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A session that lived this long resets the reconnect backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(5);
+/// With `ingress_signature` on, a callback whose own `timestamp` is further
+/// than this from its time of receipt is refused as expired: the signature
+/// covers only `expire_time`, so the sender's clock is not trusted further.
+const MAX_CLOCK_SKEW_SECS: i64 = 600;
 
 /// What the ingress needs of the settings.
 #[derive(Debug, Clone)]
@@ -77,8 +85,8 @@ impl IngressSettings {
 struct Ingress {
     settings: IngressSettings,
     exchange: String,
-    /// The confirm channel of the current broker session; `None` while there is none.
-    channel: watch::Receiver<Option<Channel>>,
+    /// The current broker session and its confirm channel; `None` while there is none.
+    channel: watch::Receiver<Option<(ConnectionStatus, Channel)>>,
     in_flight: Semaphore,
     metrics: Metrics,
 }
@@ -127,7 +135,7 @@ pub async fn run(
 /// capped backoff whenever they are lost; readiness follows.
 async fn keep_channel(
     broker: BrokerSettings,
-    channel: watch::Sender<Option<Channel>>,
+    channel: watch::Sender<Option<(ConnectionStatus, Channel)>>,
     health: Health,
     metrics: Metrics,
     stop: CancellationToken,
@@ -142,10 +150,19 @@ async fn keep_channel(
     };
     let mut delays = backoff();
     while !stop.is_cancelled() {
-        match open_session(&broker).await {
+        let opened = tokio::select! {
+            () = stop.cancelled() => break,
+            opened = tokio::time::timeout(CONNECT_TIMEOUT, open_session(&broker)) => opened,
+        };
+        let opened = opened.unwrap_or_else(|_| {
+            Err(lapin::Error::from(lapin::ErrorKind::IOError(Arc::new(
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer from the broker"),
+            ))))
+        });
+        match opened {
             Ok((connection, confirm)) => {
-                delays = backoff();
-                channel.send_replace(Some(confirm.clone()));
+                let since = std::time::Instant::now();
+                channel.send_replace(Some((connection.status().clone(), confirm.clone())));
                 health.set(true);
                 metrics.set_ingress_connected(true);
                 info!("ingress connected to the broker");
@@ -162,6 +179,16 @@ async fn keep_channel(
                 let _ = connection.close(200, "ingress stopping".into()).await;
                 if !stop.is_cancelled() {
                     warn!("ingress lost its broker session: reconnecting");
+                }
+                if since.elapsed() >= STABLE_SESSION {
+                    delays = backoff();
+                } else {
+                    // A session that dies at once: wait before the next.
+                    let wait = delays.next().unwrap_or(MAX_RECONNECT_WAIT);
+                    tokio::select! {
+                        () = stop.cancelled() => {},
+                        () = tokio::time::sleep(wait) => {},
+                    }
                 }
             }
             Err(e) => {
@@ -220,6 +247,7 @@ async fn callback(
         task_id = Empty,
         callback_type = Empty
     );
+    let received = time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
     let metrics = ingress.metrics.clone();
     let Ok(_permit) = ingress.in_flight.try_acquire() else {
         metrics.ingress_answered(IngressOutcome::Busy);
@@ -231,7 +259,10 @@ async fn callback(
     };
     let _in_flight = metrics.ingress_in_flight_guard();
     let limit = ingress.settings.request_timeout;
-    let handled = tokio::time::timeout(limit, handle(&ingress, &params, request.into_body()));
+    let handled = tokio::time::timeout(
+        limit,
+        handle(&ingress, &params, request.into_body(), received),
+    );
     let (outcome, response) = match handled.instrument(span).await {
         Ok(done) => done,
         Err(_) => (
@@ -251,6 +282,7 @@ async fn handle(
     ingress: &Ingress,
     params: &HashMap<String, String>,
     body: Body,
+    received: u64,
 ) -> (IngressOutcome, Response) {
     let max = ingress.settings.max_body_bytes;
     let Ok(body) = axum::body::to_bytes(body, max).await else {
@@ -276,7 +308,7 @@ async fn handle(
             warn!(%why, preview = %preview(&body), "callback refused: not JSON (TIC will retry it)");
             return (
                 IngressOutcome::NotJson,
-                answer(StatusCode::BAD_REQUEST, 400, &format!("not JSON: {why}")),
+                answer(StatusCode::BAD_REQUEST, 400, "the body is not JSON"),
             );
         }
         CallbackBody::Message(facts) => facts,
@@ -291,7 +323,7 @@ async fn handle(
     if let Some(refused) = refuse_signature(ingress, params, &facts) {
         return (IngressOutcome::Unauthorized, refused);
     }
-    match publish(ingress, params, &facts, &body).await {
+    match publish(ingress, params, &facts, &body, received).await {
         Ok(()) => {
             info!(routing_key = %facts.routing_key(), "callback published");
             (IngressOutcome::Accepted, answer(StatusCode::OK, 0, ""))
@@ -300,7 +332,11 @@ async fn handle(
             warn!(%why, "callback not confirmed by the broker: answered 503, TIC retries");
             (
                 IngressOutcome::BrokerUnavailable,
-                answer(StatusCode::SERVICE_UNAVAILABLE, 503, &why),
+                answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    503,
+                    "not stored yet: please retry",
+                ),
             )
         }
     }
@@ -320,6 +356,15 @@ fn refuse_signature(
     }
     let sdkappid = params.get("sdkappid").and_then(|a| a.trim().parse().ok());
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if let Some(sent) = facts.sent_at
+        && (sent - now).abs() > MAX_CLOCK_SKEW_SECS
+    {
+        warn!(
+            sent,
+            now, "callback refused: its timestamp is too far from now"
+        );
+        return Some(answer(StatusCode::UNAUTHORIZED, 20001, "signature_expired"));
+    }
     let refused = check_signature(facts, sign, sdkappid, &ingress.settings.keys, now).err()?;
     warn!(reason = %refused.code, "callback refused: {}", refused.message);
     let code = match refused.code {
@@ -339,11 +384,16 @@ async fn publish(
     params: &HashMap<String, String>,
     facts: &CallbackFacts,
     body: &[u8],
+    received: u64,
 ) -> Result<(), String> {
-    let Some(channel) = ingress.channel.borrow().clone() else {
+    let Some((connection, channel)) = ingress.channel.borrow().clone() else {
         return Err("not connected to the broker".into());
     };
-    let received = time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
+    if connection.blocked() {
+        // A blocked broker (memory or disk alarm) holds publishes: refuse at
+        // once rather than pile bodies up in memory.
+        return Err("the broker is blocked (resource alarm)".into());
+    }
     let properties = amqp::json_properties()
         .with_headers(url_headers(params))
         .with_timestamp(received);

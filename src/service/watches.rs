@@ -7,12 +7,14 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use time::format_description::well_known::Rfc3339;
 use tracing::{info, warn};
 
 use crate::config::settings::Config;
 use crate::decision::decide::{Decision, Envelope, InputPolicy, decide};
 use crate::decision::normalize::Normalized;
 use crate::decision::reason::{ReasonCode, Rejection};
+use crate::decision::record::Record;
 use crate::decision::verify::SignatureMode;
 use crate::decision::watch::{Watch, WatchSchedule, WatchStep};
 use crate::telemetry::metrics::{Metrics, WatchEvent};
@@ -61,8 +63,16 @@ impl Watcher {
         })
     }
 
-    /// The first check of a new watch.
-    pub fn first(&self, watch: Watch, now: i64) -> WatchCheck {
+    /// Whether TIC can be asked about the tasks of `sdkappid` (its TicKey is
+    /// configured). Watches are made only for those.
+    pub fn can_ask(&self, sdkappid: i64) -> bool {
+        self.clients.contains_key(&sdkappid)
+    }
+
+    /// The first check of a new watch. A `since` in the future (a clock in
+    /// milliseconds, a hostile body) is taken as now, so the watch expires.
+    pub fn first(&self, mut watch: Watch, now: i64) -> WatchCheck {
+        watch.since = watch.since.min(now);
         self.again(watch, now, false)
     }
 
@@ -108,7 +118,35 @@ impl Watcher {
                 };
                 self.again(checked, now, false)
             }
-            Decision::Skip(reason) | Decision::Reject(reason) => self.park(reason),
+            Decision::Skip(reason) => self.park(Rejection::new(
+                ReasonCode::UpstreamError,
+                format!("task {}: {}", watch.task_id, reason.message),
+            )),
+            Decision::Reject(reason) => self.park(reason),
+        }
+    }
+
+    /// A finished lesson without its record, stopped so recently that its
+    /// `record_finished` callback may still be on its way (TIC retries for
+    /// ten minutes, then our own delay tiers): watched once more rather than
+    /// counted as a callback the path missed.
+    pub fn too_soon_to_tell(&self, record: &Record, now: i64) -> bool {
+        let started = time::OffsetDateTime::parse(&record.started_at, &Rfc3339)
+            .map(|t| t.unix_timestamp())
+            .unwrap_or(0);
+        let stopped = started.saturating_add(record.duration_ms / 1000);
+        now.saturating_sub(stopped) < self.schedule.callback_grace.as_secs() as i64
+    }
+
+    /// `watch` again after the shortest delay of the schedule.
+    pub fn again_soon(&self, watch: Watch, now: i64) -> WatchCheck {
+        let checked = Watch {
+            checks: watch.checks + 1,
+            ..watch
+        };
+        match self.schedule.next(&checked, now, false) {
+            WatchStep::After(_) => WatchCheck::Again(checked, self.schedule.retry),
+            WatchStep::Expired(why) => self.park(Rejection::new(ReasonCode::WatchExpired, why)),
         }
     }
 

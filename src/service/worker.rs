@@ -207,7 +207,14 @@ async fn session(shared: &Shared, connected: impl FnOnce()) -> Result<(), Worker
             FieldTable::default(),
         )
         .await?;
-    // Due watches share the consumer channel, and so the prefetch.
+    // Due watches: a consumer of their own on the same channel, with a
+    // prefetch of its own (RabbitMQ applies it per consumer).
+    consumer_channel
+        .basic_qos(
+            watch_prefetch(config.concurrency),
+            BasicQosOptions::default(),
+        )
+        .await?;
     let watch_queue = due_queue(&config.work_queue);
     let watch_tag = format!("{consumer_tag}-watches");
     let mut watches = consumer_channel
@@ -270,6 +277,12 @@ async fn session(shared: &Shared, connected: impl FnOnce()) -> Result<(), Worker
     close(&connection, [&consumer_channel, &publisher]).await;
     info!("stopped");
     Ok(())
+}
+
+/// Due watches handled at once: a quarter of `concurrency`, at least one.
+/// Memory is bounded by `concurrency` + this, times a part.
+pub fn watch_prefetch(concurrency: u16) -> u16 {
+    (concurrency / 4).max(1)
 }
 
 /// Let in-flight handlers finish within the grace period; abort the rest.
@@ -390,8 +403,13 @@ async fn process(context: &Context, delivery: &Delivery) -> Outcome {
             return Outcome::Done;
         }
         Decision::Watch { reason, watch } => {
-            info!(reason = %reason.code, task = %watch.task_id, "recording under way: watched");
             context.metrics.skipped(reason.code);
+            if !context.watcher.can_ask(watch.sdkappid) {
+                info!(reason = %reason.code, task = %watch.task_id, sdkappid = watch.sdkappid,
+                    "recording under way, not watched: no TicKey for its sdkappid in tic_keys");
+                return Outcome::Done;
+            }
+            info!(reason = %reason.code, task = %watch.task_id, "recording under way: watched");
             return match context.watcher.first(watch, now().unix_timestamp()) {
                 WatchCheck::Again(watch, delay) => Outcome::Watch(watch, delay),
                 WatchCheck::Park(reason) => Outcome::Park(reason),
@@ -466,7 +484,19 @@ async fn check_watch(context: &Context, delivery: &Delivery) -> Outcome {
         WatchCheck::Again(watch, delay) => Outcome::Watch(watch, delay),
         WatchCheck::Park(reason) => Outcome::Park(reason),
         WatchCheck::Finished(mut normalized) => {
-            let event = match context.media.recorded(&normalized.record).await {
+            let recorded = context.media.recorded(&normalized.record).await;
+            let now = now().unix_timestamp();
+            if recorded == Some(false) && context.watcher.too_soon_to_tell(&normalized.record, now)
+            {
+                // Its callback may be on its way: do not race it.
+                info!("watched task just finished and has no record yet: checked again soon");
+                return match context.watcher.again_soon(retry, now) {
+                    WatchCheck::Again(watch, delay) => Outcome::Watch(watch, delay),
+                    WatchCheck::Park(reason) => Outcome::Park(reason),
+                    WatchCheck::Finished(_) => unreachable!("a delay asks nobody"),
+                };
+            }
+            let event = match recorded {
                 Some(true) => WatchEvent::AlreadyRecorded,
                 Some(false) => WatchEvent::Reconciled,
                 None => WatchEvent::Finished,

@@ -8,6 +8,7 @@
 //! id. Call sites emit named events (`metrics.parked(reason)`,
 //! `metrics.uploaded(bytes)`); no handle and no label string leaves this file.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{
@@ -167,7 +168,10 @@ pub struct Metrics {
     ingress_requests: IntCounterVec,
     ingress_confirm_seconds: Histogram,
     ingress_in_flight: IntGauge,
+    /// Registered by the first [`Metrics::set_ingress_connected`]: exported
+    /// by the ingress only, so a worker's 0 does not read as a lost ingress.
     ingress_connected: IntGauge,
+    ingress_connected_registered: Arc<std::sync::Once>,
     watches: IntCounterVec,
 }
 
@@ -430,11 +434,12 @@ impl Metrics {
                 "lesson_replay_ingress_in_flight_requests",
                 "Callbacks being handled right now.",
             ),
-            ingress_connected: gauge(
-                &r,
+            ingress_connected: IntGauge::new(
                 "lesson_replay_ingress_broker_connected",
                 "1 while the ingress holds a confirm channel to the broker, else 0.",
-            ),
+            )
+            .expect("valid metric"),
+            ingress_connected_registered: Arc::new(std::sync::Once::new()),
             watches: counter_vec(
                 &r,
                 "lesson_replay_watches_total",
@@ -568,6 +573,11 @@ impl Metrics {
 
     /// The ingress holds a broker session, or not.
     pub fn set_ingress_connected(&self, connected: bool) {
+        self.ingress_connected_registered.call_once(|| {
+            self.registry
+                .register(Box::new(self.ingress_connected.clone()))
+                .expect("unique metric");
+        });
         self.ingress_connected.set(i64::from(connected));
     }
 
@@ -657,7 +667,10 @@ mod tests {
             include_str!("../../docs/metrics.md"),
             "metrics",
         );
-        let text = Metrics::new().render();
+        let metrics = Metrics::new();
+        // Registered by the ingress when it first reports its session.
+        metrics.set_ingress_connected(false);
+        let text = metrics.render();
         let mut exported: Vec<String> = text
             .lines()
             .filter_map(|l| l.strip_prefix("# TYPE "))

@@ -47,8 +47,9 @@ pub enum TicError {
     },
     #[error("TIC answered HTTP {0}")]
     Status(u16),
-    #[error("no answer from TIC: {0}")]
-    Transport(String),
+    /// No answer. `connected`: the request may have reached TIC.
+    #[error("no answer from TIC: {reason}")]
+    Transport { reason: String, connected: bool },
     #[error("TIC's answer is not what the contract describes: {0}")]
     BadAnswer(String),
     /// Refused before sending: the request breaks a rule of the contract.
@@ -62,7 +63,7 @@ impl TicError {
         match self {
             TicError::Api { code, .. } => *code == 20099,
             TicError::Status(status) => *status >= 500 || *status == 429 || *status == 408,
-            TicError::Transport(_) => true,
+            TicError::Transport { .. } => true,
             TicError::BadAnswer(_) | TicError::InvalidRequest(_) => false,
         }
     }
@@ -139,9 +140,11 @@ impl TicClient {
     pub fn new(settings: TicSettings) -> Result<TicClient, TicError> {
         let http = reqwest::Client::builder()
             .timeout(settings.timeout)
+            // A redirect would carry the signed URL to another host.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("lesson-replay/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| TicError::Transport(e.to_string()))?;
+            .map_err(|e| transport(&e))?;
         Ok(TicClient { http, settings })
     }
 
@@ -161,7 +164,19 @@ impl TicClient {
                 json!({"width": width, "height": height}),
             );
         }
-        let answer = self.call("start", body).await?;
+        // A start that may have reached TIC is not sent again: it would
+        // start a second recording. Only a refused connection is retried.
+        let answer = self
+            .call_with("start", body, |e| {
+                matches!(
+                    e,
+                    TicError::Transport {
+                        connected: false,
+                        ..
+                    }
+                )
+            })
+            .await?;
         let task = parse(&answer)?
             .get("task_id")
             .and_then(Value::as_str)
@@ -192,6 +207,15 @@ impl TicClient {
     /// One signed call, retried while it fails transiently; the answer's
     /// bytes when TIC said `error_code` 0.
     async fn call(&self, action: &str, body: Map<String, Value>) -> Result<Bytes, TicError> {
+        self.call_with(action, body, TicError::is_transient).await
+    }
+
+    async fn call_with(
+        &self,
+        action: &str,
+        body: Map<String, Value>,
+        retry_when: impl FnMut(&TicError) -> bool,
+    ) -> Result<Bytes, TicError> {
         let attempt = || self.call_once(action, body.clone());
         attempt
             .retry(
@@ -202,7 +226,7 @@ impl TicClient {
                     .with_jitter(),
             )
             .sleep(tokio::time::sleep)
-            .when(TicError::is_transient)
+            .when(retry_when)
             .notify(
                 |e, wait| tracing::warn!(%action, error = %e, ?wait, "TIC call failed, retrying"),
             )
@@ -232,15 +256,12 @@ impl TicClient {
             .json(&body)
             .send()
             .await
-            .map_err(|e| TicError::Transport(e.to_string()))?;
+            .map_err(|e| transport(&e))?;
         let status = response.status();
         if !status.is_success() {
             return Err(TicError::Status(status.as_u16()));
         }
-        let answer = response
-            .bytes()
-            .await
-            .map_err(|e| TicError::Transport(e.to_string()))?;
+        let answer = response.bytes().await.map_err(|e| transport(&e))?;
         let parsed = parse(&answer)?;
         let code = parsed
             .get("error_code")
@@ -263,6 +284,28 @@ impl TicClient {
             });
         }
         Ok(answer)
+    }
+}
+
+/// A transport failure, without the request's URL: it holds the signature.
+fn transport(e: &reqwest::Error) -> TicError {
+    let mut reason = String::new();
+    let mut cause: Option<&dyn std::error::Error> = Some(e);
+    while let Some(c) = cause {
+        if !reason.is_empty() {
+            reason.push_str(": ");
+        }
+        reason.push_str(&c.to_string());
+        cause = c.source();
+    }
+    // reqwest names the URL in its own text: keep only what comes before it.
+    let reason = match e.url() {
+        Some(url) => reason.replace(url.as_str(), "[the TIC API URL]"),
+        None => reason,
+    };
+    TicError::Transport {
+        reason,
+        connected: !e.is_connect(),
     }
 }
 
