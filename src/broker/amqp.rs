@@ -148,12 +148,42 @@ pub fn json_properties() -> BasicProperties {
         .with_delivery_mode(PERSISTENT)
 }
 
+/// What an unreadable header reads as: never a valid signature or sdkappid.
+const UNREADABLE: &str = "(unreadable header)";
+
 /// The decision's view of a delivery's properties.
 pub fn envelope_of(properties: &BasicProperties) -> Envelope {
     let table = properties.headers().as_ref();
+    // A header present in a form that is not text or a number is not taken
+    // as absent: under `if-present`, an unreadable signature must not pass as
+    // "no signature", and an unreadable sdkappid is refused, not ignored.
+    let read = |name: &str| {
+        header_text(table, name).or_else(|| {
+            table
+                .filter(|t| t.inner().contains_key(name))
+                .map(|_| UNREADABLE.to_owned())
+        })
+    };
     Envelope {
-        sign: header_text(table, headers::TIC_SIGN),
-        sdkappid: header_text(table, headers::TIC_SDKAPPID),
+        sign: read(headers::TIC_SIGN),
+        sdkappid: read(headers::TIC_SDKAPPID),
         timestamp: properties.timestamp().and_then(|t| i64::try_from(t).ok()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreadable_header_is_not_an_absent_one() {
+        let mut table = FieldTable::default();
+        table.insert(headers::TIC_SIGN.into(), AMQPValue::Boolean(true));
+        table.insert(headers::TIC_SDKAPPID.into(), AMQPValue::Double(1.4e9));
+        let envelope = envelope_of(&BasicProperties::default().with_headers(table));
+        assert_eq!(envelope.sign.as_deref(), Some(UNREADABLE));
+        assert_eq!(envelope.sdkappid.as_deref(), Some(UNREADABLE));
+        let absent = envelope_of(&BasicProperties::default());
+        assert_eq!((absent.sign, absent.sdkappid), (None, None));
     }
 }

@@ -75,6 +75,21 @@ pub fn set_header(headers: &mut FieldTable, name: &str, value: &str) {
     headers.insert(ShortString::from(name), LongString::from(value).into());
 }
 
+/// A W3C `traceparent`: `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`,
+/// lower case, ids not all zero, version not `ff`.
+pub fn is_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+    matches!(parts.as_slice(), [version, trace, span, flags]
+        if hex(version, 2) && *version != "ff" && hex(trace, 32) && nonzero(trace)
+            && hex(span, 16) && nonzero(span) && hex(flags, 2))
+}
+
 /// `headers` without the retry and parking bookkeeping.
 pub fn without_bookkeeping(headers: &FieldTable) -> FieldTable {
     let mut inner = headers.inner().clone();
@@ -99,6 +114,24 @@ mod tests {
         let kept = without_bookkeeping(&headers);
         assert_eq!(kept.inner().len(), 2);
         assert_eq!(header_text(Some(&kept), TIC_SIGN).as_deref(), Some("sig"));
+    }
+
+    #[test]
+    fn only_w3c_trace_contexts_pass() {
+        assert!(is_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nX: 1",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            &"a".repeat(3000),
+        ] {
+            assert!(!is_traceparent(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -138,12 +138,16 @@ fn header_sdkappid(envelope: &Envelope) -> Result<Option<i64>, Rejection> {
         .sdkappid
         .as_deref()
         .map(|raw| {
-            raw.trim().parse().map_err(|_| {
-                Rejection::field(
-                    "header x-tic-sdkappid",
-                    format!("{raw:?} is not an integer"),
-                )
-            })
+            raw.trim()
+                .parse()
+                .ok()
+                .filter(|app: &i64| *app > 0)
+                .ok_or_else(|| {
+                    Rejection::field(
+                        "header x-tic-sdkappid",
+                        format!("{raw:?} is not an sdkappid (a positive integer)"),
+                    )
+                })
         })
         .transpose()
 }
@@ -364,5 +368,47 @@ mod tests {
                 other => panic!("{raw}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn questionable_inputs_are_decided_one_way() {
+        let policy = policy(SignatureMode::Off);
+        let decision = |body: &str, envelope: &Envelope| decide(body.as_bytes(), envelope, &policy);
+        let query = |status: &str| {
+            format!(
+                r#"{{"status":"{status}","task_id":"t1","room_id":1,"start_time":1700000000,
+                "stop_time":1700000060,"video_info":[]}}"#
+            )
+        };
+        // A status in another case is the same word.
+        assert!(matches!(
+            decision(&query("FINISHED"), &Envelope::default()),
+            Decision::Publish(_)
+        ));
+        let refused = |body: &str, envelope: &Envelope, field: &str| match decision(body, envelope)
+        {
+            Decision::Reject(r) => {
+                assert_eq!(r.code, ReasonCode::InvalidField, "{r}");
+                assert!(r.message.starts_with(field), "{field}: {r}");
+            }
+            other => panic!("{field}: {other:?}"),
+        };
+        // Times beyond 2100, and a week-long offset, are not a lesson.
+        let far = BODY.replace(
+            "\"stop_time\":1700000060",
+            "\"stop_time\":4611686018427387904",
+        );
+        refused(&far, &Envelope::default(), "stop_time");
+        // Bidirectional overrides reorder what a reader sees: refused like control characters.
+        let bidi = BODY.replace("\"task_id\":\"t1\"", "\"task_id\":\"t1\\u202egnp.exe\"");
+        refused(&bidi, &Envelope::default(), "task_id");
+        // An sdkappid is positive, in the body as in the header.
+        let negative = BODY.replace("\"callback_type\"", "\"sdkappid\":-5,\"callback_type\"");
+        refused(&negative, &Envelope::default(), "sdkappid");
+        let header = Envelope {
+            sdkappid: Some("-1400000001".into()),
+            ..Envelope::default()
+        };
+        refused(BODY, &header, "header x-tic-sdkappid");
     }
 }

@@ -298,7 +298,18 @@ fn decode_post_class(value: Value) -> Result<Announcement, Rejection> {
 }
 
 fn decode_realtime(format: Format, value: Value) -> Result<Announcement, Rejection> {
-    let body: RealtimeBody = from_value(value)?;
+    let mut body: RealtimeBody = from_value(value)?;
+    // TIC writes these in lower case; another case is the same word.
+    body.callback_type = body.callback_type.map(|t| t.to_ascii_lowercase());
+    body.status = body.status.map(|t| t.to_ascii_lowercase());
+    if let Some(app) = body.sdkappid
+        && app <= 0
+    {
+        return Err(Rejection::field(
+            "sdkappid",
+            format!("must be positive, got {app}"),
+        ));
+    }
     let not_finished = match (
         format,
         body.callback_type.as_deref(),

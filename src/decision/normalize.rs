@@ -23,6 +23,10 @@ const MAX_PLAUSIBLE_BITS_PER_S: f64 = 20_000_000.0;
 const SPAN_TOLERANCE: f64 = 1.05;
 /// No lesson recording lasts a day; a longer declared span is a unit mistake.
 const MAX_PLAUSIBLE_SPAN_MS: i64 = 24 * 3600 * 1000;
+/// Recording times (Unix seconds) a real lesson can have: 2000 to 2100.
+const PLAUSIBLE_UNIX_TIMES: std::ops::Range<i64> = 946_684_800..4_102_444_800;
+/// Offsets and durations beyond a week (in ms: longer still in s) are refused.
+const MAX_PLAUSIBLE_TIMELINE_MS: i64 = 7 * 24 * 3600 * 1000;
 /// A probed duration further than this from the declared one replaces it.
 const PROBE_TOLERANCE: f64 = 0.02;
 
@@ -114,11 +118,22 @@ pub fn normalize(recording: &Recording, sdkappid: Option<i64>) -> Result<Normali
     }
     let started_at = OffsetDateTime::from_unix_timestamp(recording.start_time)
         .ok()
-        .filter(|_| recording.start_time >= 0)
+        .filter(|_| PLAUSIBLE_UNIX_TIMES.contains(&recording.start_time))
         .and_then(|t| t.format(&Rfc3339).ok())
         .ok_or_else(|| {
-            Rejection::field(field_name(recording, "start_time"), "not a valid Unix time")
+            Rejection::field(
+                field_name(recording, "start_time"),
+                "not a Unix time (seconds) between 2000 and 2100",
+            )
         })?;
+    if let Some(stop) = recording.stop_time
+        && !PLAUSIBLE_UNIX_TIMES.contains(&stop)
+    {
+        return Err(Rejection::field(
+            "stop_time",
+            "not a Unix time (seconds) between 2000 and 2100",
+        ));
+    }
     let texts = [
         ("task_id", &recording.task_id),
         ("group_id", &recording.group_id),
@@ -259,8 +274,22 @@ type FieldError = (&'static str, String);
 
 /// Ids and names are printable text: control characters are refused (any
 /// other Unicode, e.g. a Chinese user name, is fine).
+/// Characters that are not control characters to Unicode but act like them
+/// in a log line or a page: bidirectional overrides and isolates (they
+/// reorder what a reader sees) and the line and paragraph separators.
+fn is_invisible_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+            | '\u{2028}' | '\u{2029}'
+    )
+}
+
 fn check_text(value: Option<&str>) -> Result<(), String> {
-    match value.and_then(|v| v.chars().find(|c| c.is_control())) {
+    match value.and_then(|v| {
+        v.chars()
+            .find(|c| c.is_control() || is_invisible_control(*c))
+    }) {
         Some(c) => Err(format!("contains the control character {:?}", c)),
         None => Ok(()),
     }
@@ -323,8 +352,18 @@ fn normalize_track(
             Ok(v)
         }
     };
-    let offset_ms = non_negative("video_play_time", video.video_play_time)?;
-    let declared_duration = non_negative("video_duration", video.video_duration)?;
+    // A week, in ms: no lesson's file lasts or starts later than that.
+    let plausible = |field: &'static str, v: i64| {
+        if v > MAX_PLAUSIBLE_TIMELINE_MS {
+            Err((field, format!("{v} is more than a week, in ms or in s")))
+        } else {
+            Ok(v)
+        }
+    };
+    let offset_ms = non_negative("video_play_time", video.video_play_time)
+        .and_then(|v| plausible("video_play_time", v))?;
+    let declared_duration = non_negative("video_duration", video.video_duration)
+        .and_then(|v| plausible("video_duration", v))?;
     let size_bytes = video
         .video_size
         .map(|s| non_negative("video_size", s))

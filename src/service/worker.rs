@@ -606,7 +606,11 @@ async fn publish_record(
         .with_timestamp(now().unix_timestamp().max(0) as u64);
     let inbound = delivery.properties.headers().as_ref();
     let mut table = FieldTable::default();
-    if let Some(traceparent) = header_text(inbound, headers::TRACEPARENT) {
+    // Copied only when it is a W3C trace context: a record never carries
+    // text a publisher made up (3 000 characters, line breaks).
+    if let Some(traceparent) =
+        header_text(inbound, headers::TRACEPARENT).filter(|t| headers::is_traceparent(t))
+    {
         set_header(&mut table, headers::TRACEPARENT, &traceparent);
     }
     properties = properties.with_headers(table);
