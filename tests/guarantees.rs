@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::metric;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -17,8 +19,8 @@ use common::{
     Broker, WorkerProcess, header, isolated_config, spawn_worker_hooked, spawn_worker_with,
     wait_until,
 };
-use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::QueueBindOptions;
+use lapin::types::FieldTable;
 use lesson_replay::broker::headers::set_header;
 use lesson_replay::decision::record::Record;
 use lesson_replay::service::endpoints::Health;
@@ -33,15 +35,6 @@ fn lesson(task: &str) -> Vec<u8> {
 /// The text of one `lesson_replay_messages_total` series.
 fn messages_series(outcome: &str, reason: &str) -> String {
     format!(r#"lesson_replay_messages_total{{outcome="{outcome}",reason="{reason}"}}"#)
-}
-
-/// The value of `series` in `metrics` (0 when absent).
-fn value_of(metrics: &Metrics, series: &str) -> u64 {
-    metrics
-        .render()
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// Guarantee 1, broker returns the record: with `mandatory`, a record that
@@ -72,10 +65,10 @@ async fn an_unroutable_record_is_not_acknowledged_and_is_published_later() {
     wait_until(
         "the returned record is retried",
         Duration::from_secs(20),
-        || value_of(&metrics, &refused) >= 1,
+        || metric(&metrics, &refused) >= 1,
     )
     .await;
-    assert_eq!(value_of(&metrics, &messages_series("published", "")), 0);
+    assert_eq!(metric(&metrics, &messages_series("published", "")), 0);
     bind_records(&broker).await;
     let (record, _) = broker.take(&c.records_queue, 1).await.remove(0);
     assert_eq!(record["task_id"], "unroutable");
@@ -106,30 +99,7 @@ async fn bind_records(broker: &Broker) {
 async fn a_nacked_record_is_not_acknowledged_and_is_published_later() {
     let broker = Broker::new(isolated_config("nacked")).await;
     let c = broker.config.clone();
-    let full = format!("{}.full", c.records_queue);
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
-    set_header(&mut arguments, "x-overflow", "reject-publish");
-    broker
-        .channel
-        .queue_declare(
-            full.as_str().into(),
-            QueueDeclareOptions::default(),
-            arguments,
-        )
-        .await
-        .unwrap();
-    broker
-        .channel
-        .queue_bind(
-            full.as_str().into(),
-            c.records_exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let full = broker.refusing_queue(&c.records_exchange).await;
     let metrics = Metrics::default();
     let worker = spawn_worker_with(c.clone(), Health::default(), metrics.clone()).await;
     broker
@@ -139,18 +109,14 @@ async fn a_nacked_record_is_not_acknowledged_and_is_published_later() {
     wait_until(
         "the nacked record is retried",
         Duration::from_secs(20),
-        || value_of(&metrics, &refused) >= 1,
+        || metric(&metrics, &refused) >= 1,
     )
     .await;
-    assert_eq!(value_of(&metrics, &messages_series("published", "")), 0);
-    broker
-        .channel
-        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
+    assert_eq!(metric(&metrics, &messages_series("published", "")), 0);
+    broker.delete_queue(&full).await;
     let published = messages_series("published", "");
     wait_until("the retry is published", Duration::from_secs(20), || {
-        value_of(&metrics, &published) == 1
+        metric(&metrics, &published) == 1
     })
     .await;
     worker.stop().await;
@@ -216,11 +182,11 @@ async fn a_panic_is_retried_as_internal_error_and_the_worker_goes_on() {
     assert_eq!(tasks, ["calm", "panics-once"]);
     worker.stop().await;
     assert_eq!(
-        value_of(&metrics, &messages_series("retried", "internal_error")),
+        metric(&metrics, &messages_series("retried", "internal_error")),
         3
     );
     assert_eq!(
-        value_of(&metrics, &messages_series("parked", "internal_error")),
+        metric(&metrics, &messages_series("parked", "internal_error")),
         1
     );
     assert_eq!(broker.depth(&c.records_queue).await, 0);

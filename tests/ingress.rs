@@ -7,13 +7,13 @@
 
 mod common;
 
+use common::metric;
+
 use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::{Broker, EXAMPLES, header, isolated_config, spawn_ingress, spawn_worker};
-use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lesson_replay::broker::headers::set_header;
+use lapin::options::BasicGetOptions;
 use lesson_replay::decision::verify::compute_sign;
 use lesson_replay::telemetry::metrics::Metrics;
 use serde_json::Value;
@@ -37,15 +37,6 @@ async fn post(url: &str, query: &str, body: Vec<u8>) -> (u16, i64) {
         status,
         answer["error_code"].as_i64().expect("an error_code"),
     )
-}
-
-/// `series` in the metrics text (0 when absent).
-fn value_of(metrics: &Metrics, series: &str) -> u64 {
-    metrics
-        .render()
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 fn answered(outcome: &str) -> String {
@@ -95,7 +86,7 @@ async fn contract_callbacks_become_messages_byte_for_byte() {
         let at = p.timestamp().expect("the time of receipt") as i64;
         assert!(at >= before && at <= before + 60, "{at}");
     }
-    assert_eq!(value_of(&metrics, &answered("accepted")), 2);
+    assert_eq!(metric(&metrics, &answered("accepted")), 2);
     ingress.stop().await;
     assert_eq!(broker.depth(&c.work_queue).await, 0);
     broker.cleanup().await;
@@ -117,8 +108,8 @@ async fn test_requests_are_answered_and_nothing_is_published() {
     }
     // Answers come after any publish's confirm: an empty queue now is final.
     assert_eq!(broker.depth(&c.work_queue).await, 0);
-    assert_eq!(value_of(&metrics, &answered("test_request")), 3);
-    assert_eq!(value_of(&metrics, &answered("accepted")), 0);
+    assert_eq!(metric(&metrics, &answered("test_request")), 3);
+    assert_eq!(metric(&metrics, &answered("accepted")), 0);
     ingress.stop().await;
     broker.cleanup().await;
 }
@@ -145,8 +136,8 @@ async fn every_refusal_has_its_answer_and_error_code() {
     let elsewhere = ingress.url.replace("/tic/callback", "/other");
     assert_eq!(post(&elsewhere, "", b"{}".to_vec()).await, (404, 404));
     assert_eq!(broker.depth(&c.work_queue).await, 0);
-    assert_eq!(value_of(&metrics, &answered("not_json")), 1);
-    assert_eq!(value_of(&metrics, &answered("too_large")), 1);
+    assert_eq!(metric(&metrics, &answered("not_json")), 1);
+    assert_eq!(metric(&metrics, &answered("too_large")), 1);
     ingress.stop().await;
     broker.cleanup().await;
 }
@@ -183,7 +174,7 @@ async fn in_flight_requests_are_bounded_and_slow_ones_time_out() {
     common::wait_until(
         "the slow request is in hand",
         Duration::from_secs(10),
-        || value_of(&metrics, gauge) == 1,
+        || metric(&metrics, gauge) == 1,
     )
     .await;
     assert_eq!(post(&ingress.url, "", b"{}".to_vec()).await, (503, 503));
@@ -191,8 +182,8 @@ async fn in_flight_requests_are_bounded_and_slow_ones_time_out() {
         .await
         .unwrap();
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert_eq!(value_of(&metrics, &answered("busy")), 1);
-    assert_eq!(value_of(&metrics, &answered("timeout")), 1);
+    assert_eq!(metric(&metrics, &answered("busy")), 1);
+    assert_eq!(metric(&metrics, &answered("timeout")), 1);
     // The slot is free again.
     assert_eq!(post(&ingress.url, "", b"{}".to_vec()).await, (200, 0));
     ingress.stop().await;
@@ -274,40 +265,13 @@ async fn without_a_confirm_the_answer_is_503() {
     let metrics = Metrics::default();
     let ingress = spawn_ingress(c.clone(), metrics.clone()).await;
     ingress.wait_ready().await;
-    let full = format!("{}.full", c.work_queue);
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
-    set_header(&mut arguments, "x-overflow", "reject-publish");
-    broker
-        .channel
-        .queue_declare(
-            full.as_str().into(),
-            QueueDeclareOptions::default(),
-            arguments,
-        )
-        .await
-        .unwrap();
-    broker
-        .channel
-        .queue_bind(
-            full.as_str().into(),
-            c.inbound_exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let full = broker.refusing_queue(&c.inbound_exchange).await;
     let body = example("callback-record-finished.json");
     assert_eq!(post(&ingress.url, "", body.clone()).await, (503, 503));
-    broker
-        .channel
-        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
+    broker.delete_queue(&full).await;
     // TIC's retry goes through.
     assert_eq!(post(&ingress.url, "", body).await, (200, 0));
-    assert_eq!(value_of(&metrics, &answered("broker_unavailable")), 1);
+    assert_eq!(metric(&metrics, &answered("broker_unavailable")), 1);
     ingress.stop().await;
 
     // No broker at all: not ready, and 503.

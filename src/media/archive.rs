@@ -17,6 +17,7 @@ use aws_sdk_s3::config::{
     Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::error::ProvideErrorMetadata;
+use aws_sdk_s3::operation::head_object::HeadObjectOutput;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     CompletedMultipartUpload, CompletedPart, MetadataDirective, ServerSideEncryption, StorageClass,
@@ -200,20 +201,8 @@ impl Archiver {
         key: &str,
         expected_size: Option<i64>,
     ) -> Result<Option<(Archive, Option<Probe>)>, S3Error> {
-        let head = self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await;
-        // The expected 404 of a first upload is an answer, not a failure.
-        let head = match head {
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {
-                self.metrics.http_response(Target::S3, Some(404));
-                return Ok(None);
-            }
-            other => other.observed(&self.metrics, || format!("HEAD {key}"))?,
+        let Some(head) = self.head(key).await? else {
+            return Ok(None);
         };
         let size = head.content_length().unwrap_or(-1);
         let metadata = head.metadata().cloned().unwrap_or_default();
@@ -240,6 +229,12 @@ impl Archiver {
 
     /// Whether `key` exists in the bucket.
     pub async fn exists(&self, key: &str) -> Result<bool, S3Error> {
+        Ok(self.head(key).await?.is_some())
+    }
+
+    /// `key`'s HEAD; `None` when there is no such object — an answer (the
+    /// expected 404 of a first upload), not a failure.
+    async fn head(&self, key: &str) -> Result<Option<HeadObjectOutput>, S3Error> {
         let head = self
             .client
             .head_object()
@@ -250,11 +245,11 @@ impl Archiver {
         match head {
             Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {
                 self.metrics.http_response(Target::S3, Some(404));
-                Ok(false)
+                Ok(None)
             }
             other => other
                 .observed(&self.metrics, || format!("HEAD {key}"))
-                .map(|_| true),
+                .map(Some),
         }
     }
 

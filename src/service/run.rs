@@ -101,25 +101,41 @@ impl Service {
     /// Run the worker until `shutdown` completes, then stop it in order; the
     /// endpoints stop last.
     pub async fn run_worker(self, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
-        let endpoints_stop = CancellationToken::new();
-        let server = self.listener.map(|listener| {
-            tokio::spawn(endpoints::serve(
-                listener,
-                self.metrics.clone(),
-                self.health.clone(),
-                endpoints_stop.clone().cancelled_owned(),
-            ))
-        });
-        let result =
-            worker::run(self.config, shutdown, self.health, self.metrics, self.hooks).await;
-        endpoints_stop.cancel();
-        if let Some(server) = server
-            && let Ok(Err(e)) = server.await
-        {
-            tracing::warn!(error = %e, "metrics endpoint failed");
-        }
-        Ok(result?)
+        let (config, health, metrics, hooks) = (
+            self.config,
+            self.health.clone(),
+            self.metrics.clone(),
+            self.hooks,
+        );
+        let worker = worker::run(config, shutdown, health, metrics, hooks);
+        Ok(with_endpoints(self.listener, &self.metrics, &self.health, worker).await?)
     }
+}
+
+/// Serve the endpoints on `listener` while `service` runs; stop them after.
+async fn with_endpoints<T>(
+    listener: Option<TcpListener>,
+    metrics: &Metrics,
+    health: &Health,
+    service: impl Future<Output = T>,
+) -> T {
+    let endpoints_stop = CancellationToken::new();
+    let server = listener.map(|listener| {
+        tokio::spawn(endpoints::serve(
+            listener,
+            metrics.clone(),
+            health.clone(),
+            endpoints_stop.clone().cancelled_owned(),
+        ))
+    });
+    let result = service.await;
+    endpoints_stop.cancel();
+    if let Some(server) = server
+        && let Ok(Err(e)) = server.await
+    {
+        tracing::warn!(error = %e, "metrics endpoint failed");
+    }
+    result
 }
 
 impl Service {
@@ -133,23 +149,9 @@ impl Service {
             self.bind_ingress().await?;
         }
         let listener = self.ingress_listener.take().expect("bound above");
-        let endpoints_stop = CancellationToken::new();
-        let server = self.listener.map(|listener| {
-            tokio::spawn(endpoints::serve(
-                listener,
-                self.metrics.clone(),
-                self.health.clone(),
-                endpoints_stop.clone().cancelled_owned(),
-            ))
-        });
-        let result =
-            ingress::run(&self.config, listener, shutdown, self.health, self.metrics).await;
-        endpoints_stop.cancel();
-        if let Some(server) = server
-            && let Ok(Err(e)) = server.await
-        {
-            tracing::warn!(error = %e, "metrics endpoint failed");
-        }
+        let (health, metrics) = (self.health.clone(), self.metrics.clone());
+        let ingress = ingress::run(&self.config, listener, shutdown, health, metrics);
+        let result = with_endpoints(self.listener, &self.metrics, &self.health, ingress).await;
         result.map_err(ServiceError::Ingress)
     }
 }

@@ -187,6 +187,45 @@ impl Broker {
         out
     }
 
+    /// Bind to `exchange` a queue that refuses every message (`x-max-length`
+    /// 0, `reject-publish`): the broker then nacks every publish routed
+    /// there. Returns its name; delete it to let publishes through again.
+    pub async fn refusing_queue(&self, exchange: &str) -> String {
+        use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+        use lapin::types::AMQPValue;
+        let name = format!("{exchange}.refusing");
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+        headers::set_header(&mut arguments, "x-overflow", "reject-publish");
+        self.channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions::default(),
+                arguments,
+            )
+            .await
+            .unwrap();
+        self.channel
+            .queue_bind(
+                name.as_str().into(),
+                exchange.into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        name
+    }
+
+    /// Delete `queue`.
+    pub async fn delete_queue(&self, queue: &str) {
+        self.channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+
     /// Consumers of `queue` right now.
     pub async fn consumers(&self, queue: &str) -> u32 {
         let options = lapin::options::QueueDeclareOptions {
@@ -370,6 +409,15 @@ impl RunningIngress {
             .expect("the ingress task does not panic")
             .expect("the ingress exits cleanly");
     }
+}
+
+/// The value of one series in `metrics`' text (`name{labels}`), 0 when absent.
+pub fn metric(metrics: &Metrics, series: &str) -> u64 {
+    metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Wait until `check` holds, polling, at most `limit` (then fail the test).
