@@ -28,7 +28,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::decision::record::{Archive, Kind, Probe, Record, Track};
 use crate::media::fetch::ChunkSink;
 use crate::media::s3_error::S3Error;
-use crate::telemetry::metrics::{Metrics, Target};
+use crate::telemetry::metrics::{Metrics, S3Op, Target};
 use tokio_util::task::TaskTracker;
 
 /// Objects above this size cannot be copied in one request, so they keep no MD5 metadata.
@@ -40,6 +40,17 @@ const META_WIDTH: &str = "probe-width";
 const META_HEIGHT: &str = "probe-height";
 
 type SdkError<E> = aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>;
+
+/// Times a request: its latency observed when it completes.
+trait Timed: std::future::Future + Sized {
+    async fn timed(self, timer: prometheus::HistogramTimer) -> Self::Output {
+        let output = self.await;
+        timer.observe_duration();
+        output
+    }
+}
+
+impl<F: std::future::Future> Timed for F {}
 
 /// Counts every S3 response by status class, and keeps what a failure said.
 trait Observed<T> {
@@ -143,6 +154,7 @@ impl Archiver {
             .head_bucket()
             .bucket(&self.bucket)
             .send()
+            .timed(self.metrics.s3_timer(S3Op::Head))
             .await
             .observed(&self.metrics, || {
                 format!(
@@ -241,12 +253,12 @@ impl Archiver {
             .bucket(&self.bucket)
             .key(key)
             .send()
+            .timed(self.metrics.s3_timer(S3Op::Head))
             .await;
         match head {
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {
-                self.metrics.http_response(Target::S3, Some(404));
-                Ok(None)
-            }
+            // Expected, and not an error: not counted among the store's
+            // answers (it would read as a failing store).
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
             other => other
                 .observed(&self.metrics, || format!("HEAD {key}"))
                 .map(Some),
@@ -282,6 +294,7 @@ impl Archiver {
             .set_server_side_encryption(self.sse.clone());
         request
             .send()
+            .timed(self.metrics.s3_timer(S3Op::Put))
             .await
             .observed(&self.metrics, || format!("PUT {key}"))?;
         Ok(key)
@@ -344,6 +357,7 @@ impl Upload<'_> {
                     .set_storage_class(a.storage_class.clone())
                     .set_server_side_encryption(a.sse.clone())
                     .send()
+                    .timed(a.metrics.s3_timer(S3Op::CreateUpload))
                     .await
                     .observed(&a.metrics, || {
                         format!("starting the upload of {}", self.key)
@@ -374,6 +388,7 @@ impl Upload<'_> {
             .part_number(number)
             .body(ByteStream::from(part))
             .send()
+            .timed(a.metrics.s3_timer(S3Op::UploadPart))
             .await
             .observed(&a.metrics, || format!("part {number} of {}", self.key))?;
         self.parts.push(
@@ -406,6 +421,7 @@ impl Upload<'_> {
                     .set_server_side_encryption(a.sse.clone())
                     .body(ByteStream::from(body))
                     .send()
+                    .timed(a.metrics.s3_timer(S3Op::Put))
                     .await
                     .observed(&a.metrics, || format!("PUT {}", self.key))?;
                 self.uploaded = size;
@@ -426,6 +442,7 @@ impl Upload<'_> {
                     .upload_id(&upload_id)
                     .multipart_upload(done)
                     .send()
+                    .timed(a.metrics.s3_timer(S3Op::Complete))
                     .await
                     .observed(&a.metrics, || format!("completing {}", self.key))?;
                 self.upload_id = None;
@@ -466,6 +483,7 @@ impl Upload<'_> {
             .set_storage_class(a.storage_class.clone())
             .set_server_side_encryption(a.sse.clone())
             .send()
+            .timed(a.metrics.s3_timer(S3Op::Copy))
             .await
             .observed(&a.metrics, || {
                 format!("storing the metadata of {}", self.key)
@@ -525,6 +543,7 @@ async fn abort_upload(
         .key(&key)
         .upload_id(upload_id)
         .send()
+        .timed(metrics.s3_timer(S3Op::Abort))
         .await
         .observed(&metrics, || format!("aborting the upload of {key}"));
     match aborted {

@@ -118,6 +118,7 @@ pub async fn run(
     let media = Media::new(config.media_settings(), metrics.clone()).await?;
     let watcher = Watcher::from_config(&config, metrics.clone())?;
     metrics.set_concurrency(config.concurrency);
+    metrics.expect_tiers(&config.retry_policy().tiers);
     let shared = Shared {
         hooks,
         watcher: Arc::new(watcher),
@@ -458,6 +459,10 @@ async fn publish_normalized(
                 "published"
             );
             context.metrics.published();
+            let now = now();
+            context
+                .metrics
+                .record_timing(message_age(delivery, now), freshness(record, now));
             Outcome::Done
         }
         Err(e) => Outcome::Retry(Rejection::new(ReasonCode::PublishFailed, e.to_string())),
@@ -581,6 +586,28 @@ async fn settle(context: &Context, delivery: &Delivery, outcome: Outcome, attemp
     if let Err(e) = settled {
         warn!(error = %e, "ack/nack failed (channel gone): the broker redelivers the message");
     }
+}
+
+/// How long ago the message arrived: its AMQP `timestamp` (set by the ingress
+/// and `publish` at receipt), else when it first failed.
+fn message_age(delivery: &Delivery, now: OffsetDateTime) -> Option<Duration> {
+    let arrived = delivery
+        .properties
+        .timestamp()
+        .and_then(|t| i64::try_from(t).ok())
+        .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
+        .or_else(|| {
+            header_text(delivery.properties.headers().as_ref(), headers::FIRST_SEEN)
+                .and_then(|t| OffsetDateTime::parse(&t, &Rfc3339).ok())
+        })?;
+    (now - arrived).try_into().ok()
+}
+
+/// How long ago the recording ended.
+fn freshness(record: &Record, now: OffsetDateTime) -> Option<Duration> {
+    let started = OffsetDateTime::parse(&record.started_at, &Rfc3339).ok()?;
+    let stopped = started + time::Duration::milliseconds(record.duration_ms);
+    (now - stopped).try_into().ok()
 }
 
 /// The routing key of a record: `v1.<source>.<sdkappid or "unknown">`.

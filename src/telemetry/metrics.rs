@@ -165,6 +165,9 @@ pub struct Metrics {
     broker_reconnects: IntCounter,
     publish_confirm_seconds: Histogram,
     http_responses: IntCounterVec,
+    s3_seconds: HistogramVec,
+    message_age_seconds: Histogram,
+    freshness_seconds: Histogram,
     ingress_requests: IntCounterVec,
     ingress_confirm_seconds: Histogram,
     ingress_in_flight: IntGauge,
@@ -174,6 +177,53 @@ pub struct Metrics {
     ingress_connected_registered: Arc<std::sync::Once>,
     watches: IntCounterVec,
 }
+
+/// An S3 operation, for its latency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum S3Op {
+    Head,
+    Put,
+    CreateUpload,
+    UploadPart,
+    Complete,
+    Copy,
+    Abort,
+}
+
+impl S3Op {
+    pub const ALL: [S3Op; 7] = [
+        S3Op::Head,
+        S3Op::Put,
+        S3Op::CreateUpload,
+        S3Op::UploadPart,
+        S3Op::Complete,
+        S3Op::Copy,
+        S3Op::Abort,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            S3Op::Head => "head",
+            S3Op::Put => "put",
+            S3Op::CreateUpload => "create_upload",
+            S3Op::UploadPart => "upload_part",
+            S3Op::Complete => "complete",
+            S3Op::Copy => "copy",
+            S3Op::Abort => "abort",
+        }
+    }
+}
+
+/// The `tier` label of a delay tier: `60s`.
+fn tier_label(delay: Duration) -> String {
+    format!("{}s", delay.as_secs())
+}
+
+/// Buckets for how long a lesson waits, in seconds: a second to two days.
+const WAIT_BUCKETS: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0,
+    172800.0,
+];
 
 /// What happened to a watch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -446,6 +496,31 @@ impl Metrics {
                 "Watches of recordings under way, by event (scheduled, due, already_recorded, reconciled, finished, still_recording, retried, parked).",
                 &["event"],
             ),
+            s3_seconds: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "lesson_replay_s3_request_duration_seconds",
+                        "Time of one request to the S3-compatible store, by operation (head, put, create_upload, upload_part, complete, copy, abort).",
+                    )
+                    .buckets(DURATION_BUCKETS.to_vec()),
+                    &["operation"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
+            message_age_seconds: histogram(
+                &r,
+                "lesson_replay_message_age_seconds",
+                "Time from a message's arrival (its AMQP timestamp, else its first failure) to its record being published: queueing and delay tiers included.",
+                WAIT_BUCKETS,
+            ),
+            freshness_seconds: histogram(
+                &r,
+                "lesson_replay_record_freshness_seconds",
+                "Time from a recording's end (its stop time) to its record being published.",
+                WAIT_BUCKETS,
+            ),
             registry: r,
         };
         for outcome in IngressOutcome::ALL {
@@ -456,7 +531,76 @@ impl Metrics {
         for event in WatchEvent::ALL {
             metrics.watches.with_label_values(&[event.as_str()]);
         }
+        metrics.precreate();
+        #[cfg(target_os = "linux")]
         metrics
+            .registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
+        metrics
+    }
+
+    /// Every series whose labels are known in advance exists from start-up,
+    /// at zero, so `rate()` and `increase()` see the first increment: each
+    /// outcome with each reason it can occur with, each stage, each target ×
+    /// status class, each S3 operation. (Delay tiers: [`Metrics::expect_tiers`].)
+    fn precreate(&self) {
+        self.messages
+            .with_label_values(&[Outcome::Published.as_str(), ""]);
+        for reason in ReasonCode::ALL {
+            let skip = matches!(
+                reason,
+                ReasonCode::RecordingStarted | ReasonCode::NotFinished
+            );
+            let outcomes: &[Outcome] = match (skip, reason.is_transient()) {
+                (true, _) => &[Outcome::Skipped],
+                (false, true) => &[Outcome::Retried, Outcome::Parked],
+                (false, false) => &[Outcome::Parked],
+            };
+            for outcome in outcomes {
+                self.messages
+                    .with_label_values(&[outcome.as_str(), reason.as_str()]);
+            }
+        }
+        for stage in Stage::ALL {
+            self.stage_seconds.with_label_values(&[stage.as_str()]);
+        }
+        for target in Target::ALL {
+            for class in StatusClass::ALL {
+                self.http_responses
+                    .with_label_values(&[target.as_str(), class.as_str()]);
+            }
+        }
+        for op in S3Op::ALL {
+            self.s3_seconds.with_label_values(&[op.as_str()]);
+        }
+    }
+
+    /// The delay tiers the worker will use: their series exist from start-up.
+    pub fn expect_tiers(&self, tiers: &[Duration]) {
+        for delay in tiers {
+            self.retries.with_label_values(&[&tier_label(*delay)]);
+        }
+    }
+
+    /// Time one S3 request.
+    pub fn s3_timer(&self, op: S3Op) -> HistogramTimer {
+        self.s3_seconds
+            .with_label_values(&[op.as_str()])
+            .start_timer()
+    }
+
+    /// A record was published `age` after its message arrived and
+    /// `freshness` after its recording ended (each when known).
+    pub fn record_timing(&self, age: Option<Duration>, freshness: Option<Duration>) {
+        if let Some(age) = age {
+            self.message_age_seconds.observe(age.as_secs_f64());
+        }
+        if let Some(freshness) = freshness {
+            self.freshness_seconds.observe(freshness.as_secs_f64());
+        }
     }
 
     fn message(&self, outcome: Outcome, reason: Option<ReasonCode>) {
@@ -479,9 +623,7 @@ impl Metrics {
     /// A message was sent to the delay tier of `delay`.
     pub fn retried(&self, reason: ReasonCode, delay: Duration) {
         self.message(Outcome::Retried, Some(reason));
-        self.retries
-            .with_label_values(&[&format!("{}s", delay.as_secs())])
-            .inc();
+        self.retries.with_label_values(&[&tier_label(delay)]).inc();
     }
 
     /// A message was copied to the parking queue.
@@ -625,6 +767,10 @@ mod tests {
         for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
             let mut parts = line.split(' ').skip(2);
             let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+            // The process collector's standard names, and ours.
+            if name.starts_with("process_") {
+                continue;
+            }
             assert!(name.starts_with("lesson_replay_"), "{name}");
             assert_eq!(
                 kind == "counter",
@@ -641,6 +787,33 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("lesson_replay_build_info{"), "{text}");
+    }
+
+    #[test]
+    fn every_known_series_exists_from_start_up() {
+        let metrics = Metrics::new();
+        metrics.expect_tiers(&[Duration::from_secs(10), Duration::from_secs(60)]);
+        let text = metrics.render();
+        for series in [
+            r#"lesson_replay_messages_total{outcome="parked",reason="invalid_json"} 0"#,
+            r#"lesson_replay_messages_total{outcome="retried",reason="publish_failed"} 0"#,
+            r#"lesson_replay_messages_total{outcome="parked",reason="publish_failed"} 0"#,
+            r#"lesson_replay_messages_total{outcome="skipped",reason="recording_started"} 0"#,
+            r#"lesson_replay_messages_total{outcome="published",reason=""} 0"#,
+            r#"lesson_replay_retries_total{tier="60s"} 0"#,
+            r#"lesson_replay_http_responses_total{class="4xx",target="vod"} 0"#,
+            r#"lesson_replay_stage_duration_seconds_count{stage="archive"} 0"#,
+            r#"lesson_replay_s3_request_duration_seconds_count{operation="upload_part"} 0"#,
+            r#"lesson_replay_ingress_requests_total{outcome="broker_unavailable"} 0"#,
+            r#"lesson_replay_watches_total{event="reconciled"} 0"#,
+        ] {
+            assert!(text.contains(series), "{series} missing");
+        }
+        // Combinations that cannot occur are not made up.
+        assert!(!text.contains(r#"outcome="retried",reason="invalid_json""#));
+        assert!(!text.contains(r#"outcome="parked",reason="recording_started""#));
+        #[cfg(target_os = "linux")]
+        assert!(text.contains("process_resident_memory_bytes"));
     }
 
     #[test]
@@ -675,6 +848,7 @@ mod tests {
             .lines()
             .filter_map(|l| l.strip_prefix("# TYPE "))
             .filter_map(|l| l.split(' ').next())
+            .filter(|name| !name.starts_with("process_"))
             .map(str::to_owned)
             .collect();
         // Labelled series appear once used: use each once.
