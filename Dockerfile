@@ -19,6 +19,7 @@ COPY --from=build /src/target/release/lesson-replay /usr/local/bin/lesson-replay
 COPY examples /examples
 USER 10001:10001
 ENV LESSON_REPLAY_LOG_FORMAT=json
-EXPOSE 9090
+# 9090: /metrics, /healthz, /readyz; 8080: the ingress
+EXPOSE 9090 8080
 ENTRYPOINT ["lesson-replay"]
 CMD ["worker"]

@@ -428,6 +428,12 @@ async fn parked_messages_are_listed_replayed_and_purged_by_the_operator() {
         .collect();
     reasons.sort();
     assert_eq!(reasons, ["invalid_json", "vod_not_found"]);
+    // The body's MD5, as the worker's log lines about it carry it.
+    let garbage = listed
+        .iter()
+        .find(|m| m["reason"] == "invalid_json")
+        .unwrap();
+    assert_eq!(garbage["body_md5"], hex::encode(Md5::digest(b"not json")));
     assert_eq!(
         broker.depth(&broker.config.parking_queue).await,
         2,

@@ -148,6 +148,13 @@ pub fn json_properties() -> BasicProperties {
         .with_delivery_mode(PERSISTENT)
 }
 
+/// The MD5 of a message body, hex: what finds a message again — the worker's
+/// log lines carry it, `dlq list` prints it — even when the body is not JSON.
+pub fn body_md5(body: &[u8]) -> String {
+    use md5::{Digest, Md5};
+    hex::encode(Md5::digest(body))
+}
+
 /// What an unreadable header reads as: never a valid signature or sdkappid.
 const UNREADABLE: &str = "(unreadable header)";
 

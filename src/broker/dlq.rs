@@ -37,6 +37,8 @@ pub struct ParkedMessage {
     pub parked_at: Option<String>,
     pub message_id: Option<String>,
     pub bytes: usize,
+    /// The MD5 of the body: the `body_md5` of the worker's log lines about it.
+    pub body_md5: String,
     /// The start of the body, for recognising it.
     pub body_preview: String,
 }
@@ -59,6 +61,7 @@ fn summarize(properties: &BasicProperties, body: &[u8]) -> ParkedMessage {
         parked_at: text(headers::PARKED_AT),
         message_id: properties.message_id().as_ref().map(|m| m.to_string()),
         bytes: body.len(),
+        body_md5: amqp::body_md5(body),
         body_preview: preview,
     }
 }

@@ -347,6 +347,10 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery, kind: Kind) 
         sdkappid = Empty,
         attempt,
         redelivered = delivery.redelivered,
+        // What finds the message again in the parking queue (`dlq list`
+        // prints the same hash), even when its body is not JSON.
+        body_md5 = %amqp::body_md5(&delivery.data),
+        message_id = delivery.properties.message_id().as_ref().map(|m| m.as_str()),
         // TIC's per-request `random`, which its support asks for.
         tic_random = Empty
     );
