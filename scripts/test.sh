@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 
 scripts/ensure-rabbitmq.sh
 scripts/ensure-s3s-fs.sh
+scripts/ensure-prometheus.sh
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

@@ -1,0 +1,156 @@
+//! The worker's metrics as an operator's Prometheus sees them: a freshly
+//! started worker already exports, at zero, every series an alert or a panel
+//! will `rate()`; and after traffic, `increase()` over a real Prometheus (the
+//! Debian package, scraping every second) counts the first parked message of
+//! a deploy, which a series created on first use would hide.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Broker, isolated_config, spawn_worker_with, wait_until};
+use lesson_replay::service::endpoints::Health;
+use lesson_replay::telemetry::metrics::Metrics;
+use serde_json::Value;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real Prometheus scraping `target` every second, until dropped.
+struct Prometheus {
+    child: std::process::Child,
+    api: String,
+    dir: std::path::PathBuf,
+}
+
+impl Prometheus {
+    fn start(target: &str) -> Prometheus {
+        let dir = std::env::temp_dir().join(format!("lr-prometheus-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: worker\n    static_configs:\n      - targets: [\"{target}\"]\n"
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+        let port = free_port();
+        let child = std::process::Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus runs (scripts/ensure-prometheus.sh installs it)");
+        Prometheus {
+            child,
+            api: format!("http://127.0.0.1:{port}"),
+            dir,
+        }
+    }
+
+    /// The value of an instant query that returns one number.
+    async fn query(&self, expr: &str) -> Option<f64> {
+        let answer: Value = reqwest::Client::new()
+            .get(format!("{}/api/v1/query", self.api))
+            .query(&[("query", expr)])
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        answer["data"]["result"][0]["value"][1]
+            .as_str()?
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn increase_over_a_real_prometheus_counts_the_first_parked_message() {
+    let mut config = isolated_config("prometheus");
+    config.metrics_addr = "127.0.0.1:0".into();
+    let broker = Broker::new(config.clone()).await;
+    let metrics = Metrics::default();
+    let worker = spawn_worker_with(config.clone(), Health::default(), metrics.clone()).await;
+    worker.wait_ready().await;
+    let target = worker.endpoint.expect("endpoints listen").to_string();
+
+    // A freshly started worker: the series are there, at zero.
+    let text = reqwest::get(format!("http://{target}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        r#"lesson_replay_messages_total{outcome="parked",reason="invalid_json"} 0"#,
+        r#"lesson_replay_messages_total{outcome="retried",reason="fetch_failed"} 0"#,
+        r#"lesson_replay_retries_total{tier="1s"} 0"#,
+        r#"lesson_replay_http_responses_total{class="4xx",target="vod"} 0"#,
+    ] {
+        assert!(
+            text.contains(series),
+            "{series} missing from a fresh worker"
+        );
+    }
+
+    let prometheus = Prometheus::start(&target);
+    let up = "up{job=\"worker\"}";
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while prometheus.query(up).await != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Prometheus never scraped the worker"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // A few scrapes at zero, then the first traffic since the start.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..8 {
+        broker
+            .publish(format!("not json {i}").as_bytes(), Default::default())
+            .await;
+    }
+    broker.take(&config.parking_queue, 8).await;
+    wait_until("the worker counted them", Duration::from_secs(10), || {
+        common::metric(
+            &metrics,
+            r#"lesson_replay_messages_total{outcome="parked",reason="invalid_json"}"#,
+        ) == 8
+    })
+    .await;
+    // Two scrapes after the last increment.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let parked = prometheus
+        .query(r#"sum(increase(lesson_replay_messages_total{outcome="parked"}[1m]))"#)
+        .await
+        .expect("an answer");
+    // increase() extrapolates to the window's edges: about 8, never the
+    // near-zero a series born with its first increment would show.
+    assert!(
+        (7.5..=12.0).contains(&parked),
+        "increase() saw {parked} parked, 8 were"
+    );
+    worker.stop().await;
+    broker.cleanup().await;
+}
