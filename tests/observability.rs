@@ -191,3 +191,38 @@ fn the_dashboard_is_provisioned_and_refers_to_its_datasource() {
     let provider = include_str!("../deploy/grafana/provisioning/dashboards/lesson-replay.yml");
     assert!(provider.contains("/var/lib/grafana/dashboards"));
 }
+
+/// In JSON logs, the outcome of a delivery carries `replay_id` and `task_id`
+/// at the top level, where log tools index them, and every line of a
+/// delivery carries its `body_md5`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_carry_the_lesson_at_the_top_level() {
+    let config = isolated_config("json-logs");
+    let broker = Broker::new(config.clone()).await;
+    let mut worker = common::WorkerProcess::start_with_env(
+        "worker",
+        &config,
+        "info",
+        std::process::Stdio::piped(),
+        &[("LESSON_REPLAY_LOG_FORMAT", "json")],
+    );
+    let lines = worker.log_lines();
+    let body = common::messages::one_camera("logged", 5, "http://1.vod2.myqcloud.com/a.mp4", 1000);
+    broker.publish(&body, FieldTable::default()).await;
+    let (record, _) = broker.take(&config.records_queue, 1).await.remove(0);
+    worker.terminate();
+    worker.wait_exit(std::time::Duration::from_secs(30));
+    let logged: Vec<serde_json::Value> = lines
+        .try_iter()
+        .filter_map(|l| serde_json::from_str(&l).ok())
+        .collect();
+    let published = logged
+        .iter()
+        .find(|l| l["message"] == "published")
+        .expect("a published line");
+    assert_eq!(published["replay_id"], record["replay_id"], "{published}");
+    assert_eq!(published["task_id"], "logged", "{published}");
+    let md5 = hex::encode(<md5::Md5 as md5::Digest>::digest(&body));
+    assert_eq!(published["span"]["body_md5"], md5.as_str(), "{published}");
+    broker.cleanup().await;
+}

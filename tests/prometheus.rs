@@ -8,6 +8,8 @@ mod common;
 
 use std::time::Duration;
 
+use common::messages::{FASTSTART, one_camera};
+use common::origin::{Faults, Origin};
 use common::{Broker, isolated_config, spawn_worker_with, wait_until};
 use lesson_replay::service::endpoints::Health;
 use lesson_replay::telemetry::metrics::Metrics;
@@ -87,8 +89,10 @@ impl Drop for Prometheus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn increase_over_a_real_prometheus_counts_the_first_parked_message() {
+    let origin = Origin::start().await;
     let mut config = isolated_config("prometheus");
     config.metrics_addr = "127.0.0.1:0".into();
+    config.probe = true;
     let broker = Broker::new(config.clone()).await;
     let metrics = Metrics::default();
     let worker = spawn_worker_with(config.clone(), Health::default(), metrics.clone()).await;
@@ -131,12 +135,29 @@ async fn increase_over_a_real_prometheus_counts_the_first_parked_message() {
             .publish(format!("not json {i}").as_bytes(), Default::default())
             .await;
     }
-    broker.take(&config.parking_queue, 8).await;
+    // A file the origin does not have (a 404, parked), and one that fails
+    // three times first (retried through the 1 s delay tier, then published).
+    let gone = format!("{}/gone.mp4", origin.base);
+    let body = one_camera("gone", 3, &gone, FASTSTART.len());
+    broker.publish(&body, Default::default()).await;
+    let busy = Faults {
+        fail_first: 3,
+        ..Faults::default()
+    };
+    let flaky = origin.add("/flaky.mp4", FASTSTART.to_vec(), busy);
+    let body = one_camera("flaky", 3, &flaky, FASTSTART.len());
+    broker.publish(&body, Default::default()).await;
+    broker.take(&config.parking_queue, 9).await;
+    broker.take(&config.records_queue, 1).await;
     wait_until("the worker counted them", Duration::from_secs(10), || {
         common::metric(
             &metrics,
             r#"lesson_replay_messages_total{outcome="parked",reason="invalid_json"}"#,
         ) == 8
+            && common::metric(
+                &metrics,
+                r#"lesson_replay_messages_total{outcome="published",reason=""}"#,
+            ) == 1
     })
     .await;
     // Two scrapes after the last increment.
@@ -145,11 +166,27 @@ async fn increase_over_a_real_prometheus_counts_the_first_parked_message() {
         .query(r#"sum(increase(lesson_replay_messages_total{outcome="parked"}[1m]))"#)
         .await
         .expect("an answer");
-    // increase() extrapolates to the window's edges: about 8, never the
-    // near-zero a series born with its first increment would show.
+    // increase() extrapolates to the window's edges: about the count, never
+    // the near-zero a series born with its first increment would show.
     assert!(
-        (7.5..=12.0).contains(&parked),
-        "increase() saw {parked} parked, 8 were"
+        (8.5..=14.0).contains(&parked),
+        "increase() saw {parked} parked, 9 were"
+    );
+    let retried = prometheus
+        .query(r#"sum(increase(lesson_replay_retries_total{tier="1s"}[1m]))"#)
+        .await
+        .expect("an answer");
+    assert!(
+        (0.9..=2.0).contains(&retried),
+        "increase() saw {retried} retries, 1 was"
+    );
+    let not_found = prometheus
+        .query(r#"sum(increase(lesson_replay_http_responses_total{target="vod",class="4xx"}[1m]))"#)
+        .await
+        .expect("an answer");
+    assert!(
+        not_found >= 0.9,
+        "increase() saw {not_found} VOD 4xx, at least 1 was"
     );
     worker.stop().await;
     broker.cleanup().await;

@@ -12,6 +12,7 @@
 //! without a process restart. Deliveries of a lost session are never acked on
 //! the new one: their acks fail with the old channel and the broker redelivers.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -357,7 +358,7 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery, kind: Kind) 
     if let Some(random) = header_text(delivery.properties.headers().as_ref(), headers::TIC_RANDOM) {
         span.record("tic_random", random.as_str());
     }
-    async move {
+    let handling = async move {
         let metrics = &context.metrics;
         let _in_flight = metrics.in_flight_guard();
         let timer = metrics.processing_timer();
@@ -365,7 +366,9 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery, kind: Kind) 
         // transient failure, and the worker goes on.
         let processing = match kind {
             Kind::Message => AssertUnwindSafe(process(&context, &delivery).boxed()).catch_unwind(),
-            Kind::Watch => AssertUnwindSafe(check_watch(&context, &delivery).boxed()).catch_unwind(),
+            Kind::Watch => {
+                AssertUnwindSafe(check_watch(&context, &delivery).boxed()).catch_unwind()
+            }
         };
         let outcome = tokio::select! {
             result = processing => result.unwrap_or_else(|panic| {
@@ -390,9 +393,32 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery, kind: Kind) 
         };
         settle(&context, &delivery, outcome, attempt).await;
         timer.observe_duration();
-    }
-    .instrument(span)
-    .await
+    };
+    LESSON
+        .scope(RefCell::new(None), handling.instrument(span))
+        .await
+}
+
+tokio::task_local! {
+    /// The lesson a delivery is about, once known: its outcome's log line
+    /// carries `replay_id` and `task_id` as top-level fields, where log tools
+    /// index them (JSON lines nest span fields).
+    static LESSON: RefCell<Option<(String, Option<String>)>>;
+}
+
+fn remember_lesson(replay_id: &str, task_id: Option<&str>) {
+    let _ = LESSON.try_with(|lesson| {
+        *lesson.borrow_mut() = Some((replay_id.to_owned(), task_id.map(str::to_owned)));
+    });
+}
+
+/// The `replay_id` and `task_id` of the delivery being handled, when known.
+fn lesson_ids() -> (Option<String>, Option<String>) {
+    LESSON
+        .try_with(|lesson| lesson.borrow().clone())
+        .ok()
+        .flatten()
+        .map_or((None, None), |(replay, task)| (Some(replay), task))
 }
 
 async fn process(context: &Context, delivery: &Delivery) -> Outcome {
@@ -443,6 +469,7 @@ async fn publish_normalized(
     if let Some(app) = record.sdkappid {
         span.record("sdkappid", app);
     }
+    remember_lesson(&record.replay_id, record.task_id.as_deref());
     match context.media.enrich(normalized).await {
         Ok(()) => {}
         Err(reason) if reason.code.is_transient() => return Outcome::Retry(reason),
@@ -457,7 +484,10 @@ async fn publish_normalized(
     stage.observe_duration();
     match published {
         Ok(()) => {
+            let (replay_id, task_id) = lesson_ids();
             info!(
+                replay_id,
+                task_id,
                 tracks = record.tracks.len(),
                 warnings = record.warnings.len(),
                 "published"
@@ -705,7 +735,8 @@ async fn retry_later(
             let properties = delivery.properties.clone().with_headers(table);
             amqp::publish_confirmed(&context.publisher, "", &queue, &delivery.data, properties)
                 .await?;
-            warn!(reason = %reason.code, delay_secs = delay.as_secs(), "retrying later: {}", reason.message);
+            let (replay_id, task_id) = lesson_ids();
+            warn!(replay_id, task_id, reason = %reason.code, delay_secs = delay.as_secs(), "retrying later: {}", reason.message);
             context.metrics.retried(reason.code, delay);
             Ok(())
         }
@@ -737,7 +768,8 @@ async fn park_message(
         properties,
     )
     .await?;
-    warn!(reason = %reason.code, "parked: {}", reason.message);
+    let (replay_id, task_id) = lesson_ids();
+    warn!(replay_id, task_id, reason = %reason.code, "parked: {}", reason.message);
     context.metrics.parked(reason.code);
     Ok(())
 }
