@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::FieldTable;
 
 use crate::broker::amqp::{self, BrokerSettings, PublishError};
 use crate::broker::dlq::{self, DlqError};
-use crate::broker::headers::{self, set_header};
+use crate::broker::headers::{self};
 use crate::broker::topology;
 use crate::config::reference;
 use crate::config::settings::{Config, ConfigError};
@@ -302,7 +302,9 @@ async fn run_networked(config: Config, command: Command) -> Result<(), CliError>
             sdkappid,
             routing_key,
         } => {
-            let headers = callback_headers(sign, random, sdkappid);
+            let app = sdkappid.map(|id| id.to_string());
+            let headers =
+                headers::callback_headers(sign.as_deref(), random.as_deref(), app.as_deref());
             publish_files(&broker, &files, headers, &routing_key).await?;
         }
         Command::Normalize { .. } | Command::Config { .. } => {
@@ -449,28 +451,6 @@ async fn declare_only(broker: &BrokerSettings) -> Result<(), lapin::Error> {
     amqp::declare_topology(&channel, &broker.topology).await?;
     tracing::info!("topology declared");
     connection.close(200, "done".into()).await
-}
-
-/// The callback's URL parameters as AMQP headers.
-pub fn callback_headers(
-    sign: Option<String>,
-    random: Option<String>,
-    sdkappid: Option<i64>,
-) -> FieldTable {
-    let mut table = FieldTable::default();
-    if let Some(sign) = sign {
-        set_header(&mut table, headers::TIC_SIGN, &sign);
-    }
-    if let Some(random) = random {
-        set_header(&mut table, headers::TIC_RANDOM, &random);
-    }
-    if let Some(app) = sdkappid {
-        table.insert(
-            ShortString::from(headers::TIC_SDKAPPID),
-            AMQPValue::LongLongInt(app),
-        );
-    }
-    table
 }
 
 async fn publish_files(

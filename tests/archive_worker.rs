@@ -11,7 +11,7 @@ use common::messages::{FASTSTART, MOOV_AT_END, finished, video};
 use common::origin::{Faults, Origin};
 use common::s3::S3Server;
 use common::{Broker, assert_valid_record, header, isolated_config, spawn_worker};
-use lesson_replay::cli::callback_headers;
+use lesson_replay::broker::headers::callback_headers;
 use md5::{Digest, Md5};
 use serde_json::Value;
 
@@ -55,7 +55,7 @@ async fn recordings_are_archived_verified_and_not_uploaded_twice() {
         ],
     );
     broker
-        .publish(&body, callback_headers(None, None, Some(1400000001)))
+        .publish(&body, callback_headers(None, None, Some("1400000001")))
         .await;
     let (record, _) = broker.take(&broker.config.records_queue, 1).await.remove(0);
     assert_valid_record(&record);
@@ -123,7 +123,7 @@ async fn recordings_are_archived_verified_and_not_uploaded_twice() {
     // The same callback again (TIC retries): same record, no download, no upload.
     let requests_before = origin.requests();
     broker
-        .publish(&body, callback_headers(None, None, Some(1400000001)))
+        .publish(&body, callback_headers(None, None, Some("1400000001")))
         .await;
     let (again, properties) = broker.take(&broker.config.records_queue, 1).await.remove(0);
     assert_eq!(again, record);
@@ -375,15 +375,7 @@ async fn the_worker_aborts_the_upload_of_a_failed_download() {
     )
     .await;
     worker.stop().await;
-    let uploaded = metrics
-        .render()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("lesson_replay_uploaded_bytes_total ")?
-                .parse::<u64>()
-                .ok()
-        })
-        .unwrap_or(0);
+    let uploaded = common::metric(&metrics, "lesson_replay_uploaded_bytes_total");
     assert!(
         uploaded >= 5 * 1024 * 1024,
         "a part was uploaded first ({uploaded} bytes)"

@@ -43,12 +43,10 @@ fn now() -> i64 {
 }
 
 fn watch_events(metrics: &Metrics, event: &str) -> u64 {
-    let series = format!(r#"lesson_replay_watches_total{{event="{event}"}}"#);
-    metrics
-        .render()
-        .lines()
-        .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
-        .unwrap_or(0)
+    common::metric(
+        metrics,
+        &format!(r#"lesson_replay_watches_total{{event="{event}"}}"#),
+    )
 }
 
 /// Records until `want` distinct tasks have one (a duplicate must be identical).
@@ -141,15 +139,7 @@ async fn fifty_lessons_get_their_records_though_twenty_callbacks_are_lost() {
     // one finished before then, without its record, checks again.
     assert!(watch_events(&metrics, "scheduled") >= 50);
     // One upload per lesson: a watch that finds the copy uploads nothing.
-    let uploaded = metrics
-        .render()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("lesson_replay_uploaded_bytes_total ")?
-                .parse::<u64>()
-                .ok()
-        })
-        .unwrap();
+    let uploaded = common::metric(&metrics, "lesson_replay_uploaded_bytes_total");
     assert_eq!(uploaded, 50 * FASTSTART.len() as u64);
     broker.assert_settled().await;
     broker.cleanup().await;

@@ -10,7 +10,7 @@ use common::{Broker, EXAMPLES, assert_valid_record, header, isolated_config, spa
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicNackOptions};
 use lapin::types::FieldTable;
-use lesson_replay::cli::callback_headers;
+use lesson_replay::broker::headers::callback_headers;
 use lesson_replay::decision::verify::{SignatureMode, compute_sign};
 use secrecy::SecretString;
 use serde_json::Value;
@@ -46,7 +46,7 @@ async fn every_contract_example_becomes_a_record_or_is_parked() {
         broker
             .publish(
                 &example(name),
-                callback_headers(None, None, Some(1400042982)),
+                callback_headers(None, None, Some("1400042982")),
             )
             .await;
     }
@@ -201,19 +201,19 @@ async fn required_signatures_are_enforced_over_the_broker() {
     broker
         .publish(
             GOOD.as_bytes(),
-            callback_headers(Some(sign), Some("526919".into()), Some(1400000001)),
+            callback_headers(Some(&sign), Some("526919"), Some("1400000001")),
         )
         .await;
     broker
         .publish(
             GOOD.as_bytes(),
-            callback_headers(None, None, Some(1400000001)),
+            callback_headers(None, None, Some("1400000001")),
         )
         .await;
     broker
         .publish(
             GOOD.as_bytes(),
-            callback_headers(Some("0".repeat(32)), None, Some(1400000001)),
+            callback_headers(Some(&"0".repeat(32)), None, Some("1400000001")),
         )
         .await;
 

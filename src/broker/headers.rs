@@ -90,6 +90,32 @@ pub fn is_traceparent(value: &str) -> bool {
             && hex(span, 16) && nonzero(span) && hex(flags, 2))
 }
 
+/// The callback's URL parameters as the headers the worker reads. An
+/// sdkappid that is an integer travels as one; any other text is kept as
+/// sent, for the worker to refuse with a reason.
+pub fn callback_headers(
+    sign: Option<&str>,
+    random: Option<&str>,
+    sdkappid: Option<&str>,
+) -> FieldTable {
+    let mut table = FieldTable::default();
+    if let Some(sign) = sign {
+        set_header(&mut table, TIC_SIGN, sign);
+    }
+    if let Some(random) = random {
+        set_header(&mut table, TIC_RANDOM, random);
+    }
+    if let Some(app) = sdkappid {
+        match app.trim().parse::<i64>() {
+            Ok(id) => {
+                table.insert(ShortString::from(TIC_SDKAPPID), AMQPValue::LongLongInt(id));
+            }
+            Err(_) => set_header(&mut table, TIC_SDKAPPID, app),
+        }
+    }
+    table
+}
+
 /// `headers` without the retry and parking bookkeeping.
 pub fn without_bookkeeping(headers: &FieldTable) -> FieldTable {
     let mut inner = headers.inner().clone();

@@ -27,7 +27,6 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use backon::{BackoffBuilder, ExponentialBuilder};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionStatus};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -36,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field::Empty, info, info_span, warn};
 
 use crate::broker::amqp::{self, BrokerSettings, PublishError};
-use crate::broker::headers::{self, set_header};
+use crate::broker::headers::{self};
 use crate::config::settings::Config;
 use crate::decision::callback::{CallbackBody, CallbackFacts, check_signature, classify};
 use crate::decision::reason::ReasonCode;
@@ -395,7 +394,11 @@ async fn publish(
         return Err("the broker is blocked (resource alarm)".into());
     }
     let properties = amqp::json_properties()
-        .with_headers(url_headers(params))
+        .with_headers(headers::callback_headers(
+            params.get("sign").map(String::as_str),
+            params.get("random").map(String::as_str),
+            params.get("sdkappid").map(String::as_str),
+        ))
         .with_timestamp(received);
     let timer = ingress.metrics.ingress_confirm_timer();
     let confirmed = tokio::time::timeout(
@@ -419,30 +422,6 @@ async fn publish(
             ingress.settings.publish_timeout.as_millis()
         )),
     }
-}
-
-/// The callback's URL parameters as the headers the worker reads.
-fn url_headers(params: &HashMap<String, String>) -> FieldTable {
-    let mut table = FieldTable::default();
-    if let Some(sign) = params.get("sign") {
-        set_header(&mut table, headers::TIC_SIGN, sign);
-    }
-    if let Some(random) = params.get("random") {
-        set_header(&mut table, headers::TIC_RANDOM, random);
-    }
-    if let Some(app) = params.get("sdkappid") {
-        match app.trim().parse::<i64>() {
-            Ok(id) => {
-                table.insert(
-                    ShortString::from(headers::TIC_SDKAPPID),
-                    AMQPValue::LongLongInt(id),
-                );
-            }
-            // Kept as sent: the worker refuses it with a reason.
-            Err(_) => set_header(&mut table, headers::TIC_SDKAPPID, app),
-        }
-    }
-    table
 }
 
 /// The start of a body, printable, for the logs.

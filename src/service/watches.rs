@@ -92,12 +92,7 @@ impl Watcher {
             Ok(answer) => answer,
             Err(e) if e.is_transient() => {
                 warn!(task = %watch.task_id, error = %e, "watch query failed: asking again later");
-                self.metrics.watch(WatchEvent::Retried);
-                let failed = Watch {
-                    failures: watch.failures + 1,
-                    ..watch
-                };
-                return self.again(failed, now, true);
+                return self.after_failure(watch, now);
             }
             Err(e) => return self.park(refusal(&watch, &e)),
         };
@@ -138,16 +133,25 @@ impl Watcher {
         now.saturating_sub(stopped) < self.schedule.callback_grace.as_secs() as i64
     }
 
-    /// `watch` again after the shortest delay of the schedule.
-    pub fn again_soon(&self, watch: Watch, now: i64) -> WatchCheck {
+    /// `watch` checked again soon (after `watch_retry_secs`): it was found
+    /// finished too recently to tell.
+    pub fn recheck_soon(&self, watch: Watch, now: i64) -> WatchCheck {
         let checked = Watch {
             checks: watch.checks + 1,
             ..watch
         };
-        match self.schedule.next(&checked, now, false) {
-            WatchStep::After(_) => WatchCheck::Again(checked, self.schedule.retry),
-            WatchStep::Expired(why) => self.park(Rejection::new(ReasonCode::WatchExpired, why)),
-        }
+        self.again(checked, now, true)
+    }
+
+    /// `watch` asked again after `watch_retry_secs`: the query, or what
+    /// followed it, failed transiently.
+    pub fn after_failure(&self, watch: Watch, now: i64) -> WatchCheck {
+        self.metrics.watch(WatchEvent::Retried);
+        let failed = Watch {
+            failures: watch.failures + 1,
+            ..watch
+        };
+        self.again(failed, now, true)
     }
 
     fn again(&self, watch: Watch, now: i64, after_failure: bool) -> WatchCheck {

@@ -41,7 +41,7 @@ use crate::decision::decide::{Decision, InputPolicy, decide};
 use crate::decision::normalize::Normalized;
 use crate::decision::reason::{ReasonCode, Rejection};
 use crate::decision::record::Record;
-use crate::decision::watch::{WATCH_TYPE, Watch, WatchStep, delay_queue, due_queue};
+use crate::decision::watch::{WATCH_TYPE, Watch, delay_queue, due_queue};
 use crate::media::enrich::{Media, MediaError};
 use crate::service::endpoints::Health;
 use crate::service::watches::{WatchCheck, Watcher};
@@ -441,11 +441,7 @@ async fn process(context: &Context, delivery: &Delivery) -> Outcome {
                 return Outcome::Done;
             }
             info!(reason = %reason.code, task = %watch.task_id, "recording under way: watched");
-            return match context.watcher.first(watch, now().unix_timestamp()) {
-                WatchCheck::Again(watch, delay) => Outcome::Watch(watch, delay),
-                WatchCheck::Park(reason) => Outcome::Park(reason),
-                WatchCheck::Finished(_) => unreachable!("a first check asks nobody"),
-            };
+            return rescheduled(context.watcher.first(watch, now().unix_timestamp()));
         }
         Decision::Reject(reason) => return Outcome::Park(reason),
     };
@@ -529,11 +525,7 @@ async fn check_watch(context: &Context, delivery: &Delivery) -> Outcome {
             {
                 // Its callback may be on its way: do not race it.
                 info!("watched task just finished and has no record yet: checked again soon");
-                return match context.watcher.again_soon(retry, now) {
-                    WatchCheck::Again(watch, delay) => Outcome::Watch(watch, delay),
-                    WatchCheck::Park(reason) => Outcome::Park(reason),
-                    WatchCheck::Finished(_) => unreachable!("a delay asks nobody"),
-                };
+                return rescheduled(context.watcher.recheck_soon(retry, now));
             }
             let event = match recorded {
                 Some(true) => WatchEvent::AlreadyRecorded,
@@ -544,7 +536,7 @@ async fn check_watch(context: &Context, delivery: &Delivery) -> Outcome {
             match publish_normalized(context, &mut normalized, delivery).await {
                 Outcome::Retry(reason) => {
                     warn!(reason = %reason.code, "watched recording not published yet: {}", reason.message);
-                    watch_later(context, retry)
+                    rescheduled(context.watcher.after_failure(retry, now))
                 }
                 outcome => outcome,
             }
@@ -557,24 +549,18 @@ fn retry_watch(context: &Context, delivery: &Delivery, reason: Rejection) -> Out
     match serde_json::from_slice::<Watch>(&delivery.data) {
         Ok(watch) => {
             warn!(reason = %reason.code, "watch failed: {}", reason.message);
-            watch_later(context, watch)
+            rescheduled(context.watcher.after_failure(watch, now().unix_timestamp()))
         }
         Err(_) => Outcome::Park(reason),
     }
 }
 
-fn watch_later(context: &Context, watch: Watch) -> Outcome {
-    let failed = Watch {
-        failures: watch.failures + 1,
-        ..watch
-    };
-    match context
-        .watcher
-        .schedule
-        .next(&failed, now().unix_timestamp(), true)
-    {
-        WatchStep::After(delay) => Outcome::Watch(failed, delay),
-        WatchStep::Expired(why) => Outcome::Park(Rejection::new(ReasonCode::WatchExpired, why)),
+/// The outcome of a watch that is not checked now: watched later, or parked.
+fn rescheduled(check: WatchCheck) -> Outcome {
+    match check {
+        WatchCheck::Again(watch, delay) => Outcome::Watch(watch, delay),
+        WatchCheck::Park(reason) => Outcome::Park(reason),
+        WatchCheck::Finished(_) => unreachable!("only a query finds a task finished"),
     }
 }
 
