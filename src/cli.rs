@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use lapin::types::FieldTable;
 
-use crate::broker::amqp::{self, BrokerSettings, PublishError};
+use crate::broker::amqp::{self, BrokerSettings, DeclareError, PublishError};
 use crate::broker::dlq::{self, DlqError};
 use crate::broker::headers::{self};
 use crate::broker::topology;
@@ -189,6 +189,8 @@ pub enum CliError {
     Service(#[from] ServiceError),
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
+    #[error(transparent)]
+    Topology(#[from] DeclareError),
     #[error("publishing: {0}")]
     Publish(#[from] PublishError),
     #[error(transparent)]
@@ -431,8 +433,8 @@ async fn run_dlq(broker: &BrokerSettings, action: DlqAction) -> Result<(), CliEr
 /// Publish `watch` to the due watches, confirmed.
 async fn start_watch(broker: &BrokerSettings, watch: &Watch) -> Result<(), CliError> {
     let connection = amqp::connect(broker, "lesson-replay watch").await?;
+    amqp::declare_topology(&connection, &broker.topology).await?;
     let channel = amqp::confirm_channel(&connection).await?;
-    amqp::declare_topology(&channel, &broker.topology).await?;
     let body = serde_json::to_vec(watch).expect("a watch always serializes");
     let properties = amqp::json_properties().with_type(WATCH_TYPE.into());
     let queue = due_queue(&broker.topology.work_queue);
@@ -445,12 +447,11 @@ async fn start_watch(broker: &BrokerSettings, watch: &Watch) -> Result<(), CliEr
     Ok(())
 }
 
-async fn declare_only(broker: &BrokerSettings) -> Result<(), lapin::Error> {
+async fn declare_only(broker: &BrokerSettings) -> Result<(), CliError> {
     let connection = amqp::connect(broker, "lesson-replay topology").await?;
-    let channel = connection.create_channel().await?;
-    amqp::declare_topology(&channel, &broker.topology).await?;
+    amqp::declare_topology(&connection, &broker.topology).await?;
     tracing::info!("topology declared");
-    connection.close(200, "done".into()).await
+    Ok(connection.close(200, "done".into()).await?)
 }
 
 async fn publish_files(
@@ -460,8 +461,8 @@ async fn publish_files(
     routing_key: &str,
 ) -> Result<(), CliError> {
     let connection = amqp::connect(broker, "lesson-replay publish").await?;
+    amqp::declare_topology(&connection, &broker.topology).await?;
     let channel = amqp::confirm_channel(&connection).await?;
-    amqp::declare_topology(&channel, &broker.topology).await?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
     for file in files {
         let body = read_input(file)?;

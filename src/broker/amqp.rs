@@ -8,8 +8,15 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
+    ExchangeKind,
 };
 use secrecy::{ExposeSecret, SecretString};
 
@@ -21,10 +28,48 @@ use crate::decision::decide::Envelope;
 /// `config::parts`.
 #[derive(Debug, Clone)]
 pub struct BrokerSettings {
+    /// One AMQP URL, or several separated by commas (the nodes of a cluster).
     /// May contain a password: never logged.
     pub amqp_url: SecretString,
     pub topology: TopologySettings,
+    /// The address the next connection tries first: random per process, so
+    /// a fleet spreads over the nodes; after a connection, the one after it,
+    /// so a lost node is not the first one tried again.
+    next_address: Arc<AtomicUsize>,
 }
+
+impl BrokerSettings {
+    pub fn new(amqp_url: SecretString, topology: TopologySettings) -> BrokerSettings {
+        let start = RandomState::new().hash_one(std::process::id()) as usize;
+        BrokerSettings {
+            amqp_url,
+            topology,
+            next_address: Arc::new(AtomicUsize::new(start)),
+        }
+    }
+}
+
+/// The broker addresses in `amqp_url`: one AMQP URL, or several separated by
+/// commas (a comma inside a password is written `%2C`).
+pub fn addresses(amqp_url: &str) -> Vec<&str> {
+    amqp_url
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect()
+}
+
+/// `host:port` of an AMQP URL, for logs: never its credentials.
+pub fn node_of(url: &str) -> String {
+    match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(uri) => format!("{}:{}", uri.authority.host, uri.authority.port),
+        Err(_) => "(unparsable address)".to_owned(),
+    }
+}
+
+/// How long one broker address gets to accept a connection before the next
+/// is tried: a node that is down but not refusing (a lost host) is skipped.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
@@ -41,10 +86,41 @@ pub enum PublishError {
     NotConfirmed,
 }
 
-/// Connect, naming the connection so operators can find it in the management UI.
+/// Connect to the first broker address that answers, trying them all in the
+/// rotating order of [`BrokerSettings`], and name the connection so operators
+/// can find it in the management UI. The error is the last address's.
 pub async fn connect(settings: &BrokerSettings, name: &str) -> Result<Connection, lapin::Error> {
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(settings.amqp_url.expose_secret(), properties).await
+    let urls = addresses(settings.amqp_url.expose_secret());
+    let start = settings.next_address.load(Ordering::Relaxed);
+    let mut last = None;
+    for step in 0..urls.len() {
+        let index = start.wrapping_add(step) % urls.len();
+        let url = urls[index];
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties));
+        let error = match attempt.await {
+            Ok(Ok(connection)) => {
+                settings
+                    .next_address
+                    .store(index.wrapping_add(1), Ordering::Relaxed);
+                tracing::info!(node = %node_of(url), connection = name, "connected to the broker");
+                return Ok(connection);
+            }
+            Ok(Err(e)) => e,
+            Err(_) => std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer in {}s", CONNECT_TIMEOUT.as_secs()),
+            )
+            .into(),
+        };
+        if urls.len() > 1 {
+            tracing::warn!(node = %node_of(url), error = %error, "broker node unreachable: trying the next");
+        }
+        last = Some(error);
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "amqp_url has no address").into()
+    }))
 }
 
 /// A channel in publisher-confirm mode.
@@ -56,19 +132,50 @@ pub async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::
     Ok(channel)
 }
 
-/// Declare every exchange, queue and binding of [`topology::plan`]. Idempotent.
+/// Why the topology could not be declared.
+#[derive(Debug, thiserror::Error)]
+pub enum DeclareError {
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    /// The broker refuses a declaration (an existing queue with other
+    /// arguments, a missing permission): trying again changes nothing until
+    /// an operator acts.
+    #[error("the broker refuses to declare {what}: {why}")]
+    Refused { what: String, why: String },
+}
+
+impl DeclareError {
+    /// Whether only an operator can fix it.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, DeclareError::Refused { .. })
+    }
+}
+
+/// A channel-level refusal of a declaration: 406 (precondition failed: other
+/// arguments than the existing entity's, an argument the broker does not
+/// accept) or 403 (access refused). Its text, when it is one.
+fn refusal(error: &lapin::Error) -> Option<String> {
+    let ErrorKind::ProtocolError(amqp) = error.kind() else {
+        return None;
+    };
+    matches!(
+        amqp.kind(),
+        AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED | AMQPSoftError::ACCESSREFUSED)
+    )
+    .then(|| amqp.get_message().to_string())
+}
+
+/// Declare every exchange, queue and binding of [`topology::plan`], on a
+/// channel of its own (a refusal closes the channel). Idempotent.
 pub async fn declare_topology(
-    channel: &Channel,
+    connection: &Connection,
     settings: &TopologySettings,
-) -> Result<(), lapin::Error> {
+) -> Result<(), DeclareError> {
     let plan = topology::plan(settings);
+    let channel = connection.create_channel().await?;
     let exchange_options = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
-    };
-    let queue_options = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
     };
     for exchange in &plan.exchanges {
         channel
@@ -78,20 +185,13 @@ pub async fn declare_topology(
                 exchange_options,
                 FieldTable::default(),
             )
-            .await?;
+            .await
+            .map_err(|e| refused(e, format!("exchange {exchange:?}")))?;
     }
     for queue in &plan.queues {
-        let mut arguments = FieldTable::default();
-        for (name, value) in &queue.arguments {
-            let value = match value {
-                Arg::Text(t) => LongString::from(t.as_str()).into(),
-                Arg::Int(i) => AMQPValue::LongLongInt(*i),
-            };
-            arguments.insert((*name).into(), value);
-        }
-        channel
-            .queue_declare(queue.name.as_str().into(), queue_options, arguments)
-            .await?;
+        declare_queue(&channel, &queue.name, &queue.arguments)
+            .await
+            .map_err(|e| refused(e, format!("queue {:?}", queue.name)))?;
     }
     for (queue, exchange, key) in &plan.bindings {
         channel
@@ -102,9 +202,41 @@ pub async fn declare_topology(
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
-            .await?;
+            .await
+            .map_err(|e| refused(e, format!("the binding of {queue:?} to {exchange:?}")))?;
     }
+    let _ = channel.close(200, "topology declared".into()).await;
     Ok(())
+}
+
+fn refused(error: lapin::Error, what: String) -> DeclareError {
+    match refusal(&error) {
+        Some(why) => DeclareError::Refused { what, why },
+        None => DeclareError::Broker(error),
+    }
+}
+
+async fn declare_queue(
+    channel: &Channel,
+    name: &str,
+    arguments: &[(&'static str, Arg)],
+) -> Result<(), lapin::Error> {
+    let mut table = FieldTable::default();
+    for (arg, value) in arguments {
+        let value = match value {
+            Arg::Text(t) => LongString::from(t.as_str()).into(),
+            Arg::Int(i) => AMQPValue::LongLongInt(*i),
+        };
+        table.insert((*arg).into(), value);
+    }
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(name.into(), options, table)
+        .await
+        .map(|_| ())
 }
 
 /// Publish with `mandatory` and wait for the broker's confirm: `Ok` means the
@@ -181,6 +313,17 @@ pub fn envelope_of(properties: &BasicProperties) -> Envelope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_of_addresses_is_split_on_commas() {
+        assert_eq!(
+            addresses(" amqp://u:p%2Cq@a:5672/%2f, amqp://u:p@b:5673/%2f ,,"),
+            ["amqp://u:p%2Cq@a:5672/%2f", "amqp://u:p@b:5673/%2f"]
+        );
+        assert_eq!(node_of("amqp://u:secret@b:5673/%2f"), "b:5673");
+        assert!(!node_of("amqp://u:secret@b:x/").contains("secret"));
+    }
+
 
     #[test]
     fn an_unreadable_header_is_not_an_absent_one() {

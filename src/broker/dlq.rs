@@ -11,7 +11,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
 use serde::Serialize;
 
-use crate::broker::amqp::{self, BrokerSettings, PublishError};
+use crate::broker::amqp::{self, BrokerSettings, DeclareError, PublishError};
 use crate::broker::headers::{self, header_text};
 use crate::decision::watch::{WATCH_TYPE, due_queue};
 
@@ -20,6 +20,8 @@ use crate::decision::watch::{WATCH_TYPE, due_queue};
 pub enum DlqError {
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
+    #[error(transparent)]
+    Topology(#[from] DeclareError),
     #[error("moving a message back to the work queue: {0}")]
     Replay(#[from] PublishError),
 }
@@ -78,10 +80,10 @@ fn death_reason(table: Option<&FieldTable>) -> Option<String> {
     header_text(Some(first), "reason")
 }
 
-async fn open(broker: &BrokerSettings) -> Result<(lapin::Connection, Channel, u32), lapin::Error> {
+async fn open(broker: &BrokerSettings) -> Result<(lapin::Connection, Channel, u32), DlqError> {
     let connection = amqp::connect(broker, "lesson-replay dlq").await?;
+    amqp::declare_topology(&connection, &broker.topology).await?;
     let channel = amqp::confirm_channel(&connection).await?;
-    amqp::declare_topology(&channel, &broker.topology).await?;
     let passive = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()

@@ -8,17 +8,20 @@
 //! tic.recordings (topic) --#--> lesson-replay.recordings (quorum, delivery limit)
 //!                                  ^          | dead-letter (delivery limit reached)
 //!        TTL expired: dead-letter  |          v
-//!  lesson-replay.recordings.retry.<N>s    lesson-replay.parking (classic)
+//!  lesson-replay.recordings.retry.<N>s    lesson-replay.parking (quorum, limit out of reach)
 //!  (quorum, one per delay tier)
 //! lesson-replay.records (topic) --#--> lesson-replay.records (quorum)
 //! lesson-replay.recordings.watch.<N>s --TTL--> lesson-replay.recordings.watch
 //!  (quorum, one per watch delay)                (quorum: due watches, consumed)
 //! ```
 //!
-//! The parking queue is a classic queue: operators list and replay it by
-//! reading and requeueing, which a quorum queue would count towards its
-//! delivery limit (20 by default in RabbitMQ 4) and eventually drop. Every
-//! argument used exists in RabbitMQ 3.10 and 4.x.
+//! Every queue is a quorum queue, replicated over the cluster: no queue lives
+//! on one node. Operators list the parking queue by reading and requeueing,
+//! which must never count towards a delivery limit and drop a parked message
+//! (RabbitMQ 4 gives every quorum queue a default limit of 20). Its limit is
+//! therefore the largest one: not -1, which RabbitMQ 4 reads as "no limit"
+//! but 3.x reads as "drop at the first return" (measured on 3.10). One
+//! declaration, the same on 3.10 and 4.x, with no version to detect.
 
 use std::time::Duration;
 
@@ -56,6 +59,20 @@ pub struct QueueSpec {
     pub arguments: Vec<(&'static str, Arg)>,
 }
 
+/// The queue argument of a quorum queue's delivery limit.
+pub const DELIVERY_LIMIT: &str = "x-delivery-limit";
+
+/// The parking queue's delivery limit: no listing ever reaches it.
+pub const PARKING_DELIVERY_LIMIT: i64 = i32::MAX as i64;
+
+impl QueueSpec {
+    /// Whether the queue's delivery limit is out of reach.
+    pub fn unlimited_delivery(&self) -> bool {
+        self.arguments
+            .contains(&(DELIVERY_LIMIT, Arg::Int(PARKING_DELIVERY_LIMIT)))
+    }
+}
+
 /// Everything to declare, in order: exchanges, queues, bindings (queue, exchange, key).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
@@ -90,11 +107,14 @@ impl Topology {
 pub fn plan(config: &TopologySettings) -> Topology {
     let mut queues = vec![QueueSpec {
         name: config.parking_queue.clone(),
-        arguments: vec![("x-queue-type", text("classic"))],
+        arguments: vec![
+            ("x-queue-type", text("quorum")),
+            (DELIVERY_LIMIT, Arg::Int(PARKING_DELIVERY_LIMIT)),
+        ],
     }];
     let mut work = vec![
         ("x-queue-type", text("quorum")),
-        ("x-delivery-limit", Arg::Int(config.delivery_limit.into())),
+        (DELIVERY_LIMIT, Arg::Int(config.delivery_limit.into())),
     ];
     work.extend(dead_letter_to(&config.parking_queue));
     queues.push(QueueSpec {
@@ -120,7 +140,7 @@ pub fn plan(config: &TopologySettings) -> Topology {
     let due = due_queue(&config.work_queue);
     let mut due_arguments = vec![
         ("x-queue-type", text("quorum")),
-        ("x-delivery-limit", Arg::Int(config.delivery_limit.into())),
+        (DELIVERY_LIMIT, Arg::Int(config.delivery_limit.into())),
     ];
     due_arguments.extend(dead_letter_to(&config.parking_queue));
     queues.push(QueueSpec {
@@ -238,6 +258,11 @@ mod tests {
             text("lesson-replay.recordings")
         )));
         assert_eq!(topology.queues.len(), 1 + 1 + 5 + 1 + 2 + 1);
+        // No queue lives on one node, and only the parking queue is unlimited.
+        for queue in &topology.queues {
+            assert!(queue.arguments.contains(&("x-queue-type", text("quorum"))));
+            assert_eq!(queue.unlimited_delivery(), queue.name == settings.parking_queue);
+        }
         let waiting = topology
             .queues
             .iter()

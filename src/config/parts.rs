@@ -61,9 +61,9 @@ impl Config {
 
     /// The broker address and every name of the topology.
     pub fn broker_settings(&self) -> BrokerSettings {
-        BrokerSettings {
-            amqp_url: self.amqp_url.clone(),
-            topology: TopologySettings {
+        BrokerSettings::new(
+            self.amqp_url.clone(),
+            TopologySettings {
                 inbound_exchange: self.inbound_exchange.clone(),
                 work_queue: self.work_queue.clone(),
                 parking_queue: self.parking_queue.clone(),
@@ -73,7 +73,7 @@ impl Config {
                 retry_tiers: self.retry_policy().tiers,
                 watch_delays: self.watch_schedule().delays(),
             },
-        }
+        )
     }
 
     pub fn retry_policy(&self) -> RetryPolicy {

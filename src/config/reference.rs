@@ -36,7 +36,10 @@ const fn secret(name: &'static str, meaning: &'static str) -> Setting {
 
 /// Every setting, in documentation order.
 pub const SETTINGS: &[Setting] = &[
-    secret("amqp_url", "broker URL"),
+    secret(
+        "amqp_url",
+        "broker URL; several, comma-separated, for the nodes of a cluster (tried in a shuffled order per process)",
+    ),
     setting(
         "inbound_exchange",
         "topic exchange the callback service publishes TIC messages to",

@@ -13,6 +13,7 @@ use figment::providers::{Env, Format, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::broker::amqp::addresses;
 use crate::decision::url_policy::TIC_VOD_HOSTS;
 use crate::decision::verify::{SignatureMode, TicKeys};
 use crate::tic::client::DEFAULT_API_BASE;
@@ -428,11 +429,20 @@ impl Config {
 
     /// The broker URL as the AMQP client will read it, and the listener.
     fn validate_addresses(&self) -> Result<(), ConfigError> {
-        let url = self.amqp_url.expose_secret();
-        if let Err(why) = lapin::uri::AMQPUri::from_str(url) {
-            // The parser may quote the URL: never echo its password.
-            let why = why.replace(url, REDACTED);
-            return invalid(format!("amqp_url is not a valid AMQP URL: {why}"));
+        let urls = addresses(self.amqp_url.expose_secret());
+        if urls.is_empty() {
+            return invalid("amqp_url is empty: one AMQP URL, or several separated by commas");
+        }
+        for (n, url) in urls.iter().enumerate() {
+            if let Err(why) = lapin::uri::AMQPUri::from_str(url) {
+                // The parser may quote the URL: never echo its password.
+                let why = why.replace(url, REDACTED);
+                return invalid(format!(
+                    "amqp_url: address {} of {} is not a valid AMQP URL: {why}",
+                    n + 1,
+                    urls.len()
+                ));
+            }
         }
         let has_port = |addr: &str| {
             addr.rsplit_once(':')
@@ -667,9 +677,19 @@ mod tests {
             "amqp://u:hunter2@broker/%2f?heartbeat=often",
         );
         assert!(
-            query.contains("amqp_url is not a valid AMQP URL"),
+            query.contains("amqp_url: address 1 of 1 is not a valid AMQP URL"),
             "{query}"
         );
+        let second = load_error(
+            "LESSON_REPLAY_AMQP_URL",
+            "amqp://u:hunter2@a/%2f,amqp://u:hunter2@b:nope/%2f",
+        );
+        assert!(
+            second.contains("address 2 of 2") && !second.contains("hunter2"),
+            "{second}"
+        );
+        let empty = load_error("LESSON_REPLAY_AMQP_URL", " , ");
+        assert!(empty.contains("amqp_url is empty"), "{empty}");
         assert!(
             !query.contains("hunter2"),
             "the password is echoed: {query}"

@@ -3,8 +3,8 @@
 //! the service sets.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
@@ -14,10 +14,12 @@ use axum::routing::get;
 
 use crate::telemetry::metrics::Metrics;
 
-/// Readiness, for `/readyz` (and the `broker_connected` gauge).
+/// Readiness, for `/readyz` (and the `broker_connected` gauge), with why
+/// the service is not ready when only an operator can fix it.
 #[derive(Debug, Clone, Default)]
 pub struct Health {
     ready: Arc<AtomicBool>,
+    blocked: Arc<Mutex<Option<String>>>,
 }
 
 impl Health {
@@ -33,8 +35,26 @@ impl Health {
     }
 
     /// Readiness alone (a service that reports its broker session elsewhere).
+    /// Ready clears the reason of [`Health::block`].
     pub fn set(&self, ready: bool) {
+        if ready {
+            *self.blocked.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
         self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// Not ready for a reason only an operator can fix; `/readyz` says it.
+    pub fn block(&self, reason: &str, metrics: &Metrics) {
+        *self.blocked.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_owned());
+        self.set_ready(false, metrics);
+    }
+
+    /// Why the service is blocked, if it is.
+    pub fn blocked(&self) -> Option<String> {
+        self.blocked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -74,8 +94,10 @@ async fn metrics_endpoint(State(endpoints): State<Arc<Endpoints>>) -> impl IntoR
 
 async fn ready_endpoint(State(endpoints): State<Arc<Endpoints>>) -> impl IntoResponse {
     if endpoints.health.is_ready() {
-        (StatusCode::OK, "ready\n")
+        (StatusCode::OK, "ready\n".to_owned())
+    } else if let Some(reason) = endpoints.health.blocked() {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n"))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
     }
 }

@@ -34,7 +34,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field::Empty, info, info_span, warn};
 
-use crate::broker::amqp::{self, BrokerSettings, PublishError};
+use crate::broker::amqp::{self, BrokerSettings, DeclareError, PublishError};
 use crate::broker::headers::{self};
 use crate::config::settings::Config;
 use crate::decision::callback::{CallbackBody, CallbackFacts, check_signature, classify};
@@ -45,8 +45,9 @@ use crate::telemetry::metrics::{IngressOutcome, Metrics};
 
 /// The longest wait between two attempts to reach the broker.
 const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(5);
-/// The longest wait for the broker to accept a connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest wait for the broker to accept a connection and the topology
+/// (each address of a list gets its own, shorter limit in `amqp::connect`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// A session that lived this long resets the reconnect backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(5);
 /// With `ingress_signature` on, a callback whose own `timestamp` is further
@@ -154,8 +155,9 @@ async fn keep_channel(
             opened = tokio::time::timeout(CONNECT_TIMEOUT, open_session(&broker)) => opened,
         };
         let opened = opened.unwrap_or_else(|_| {
-            Err(lapin::Error::from(lapin::ErrorKind::IOError(Arc::new(
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer from the broker"),
+            Err(DeclareError::Broker(lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer from the broker",
             ))))
         });
         match opened {
@@ -202,12 +204,12 @@ async fn keep_channel(
     }
 }
 
-async fn open_session(broker: &BrokerSettings) -> Result<(Connection, Channel), lapin::Error> {
+async fn open_session(broker: &BrokerSettings) -> Result<(Connection, Channel), DeclareError> {
     let connection = amqp::connect(broker, "lesson-replay ingress").await?;
-    let channel = amqp::confirm_channel(&connection).await?;
     // The topology makes the work queue exist before the first callback, so a
     // `mandatory` publish is routed, not returned.
-    amqp::declare_topology(&channel, &broker.topology).await?;
+    amqp::declare_topology(&connection, &broker.topology).await?;
+    let channel = amqp::confirm_channel(&connection).await?;
     Ok((connection, channel))
 }
 

@@ -33,7 +33,7 @@ use tokio_util::task::TaskTracker;
 use tracing::field::Empty;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::broker::amqp::{self, BrokerSettings, PublishError};
+use crate::broker::amqp::{self, BrokerSettings, DeclareError, PublishError};
 use crate::broker::headers::{self, header_text, set_header};
 use crate::broker::retry::{self, RetryPolicy, RetryStep};
 use crate::config::settings::Config;
@@ -52,10 +52,21 @@ use crate::tic::client::TicError;
 /// (abort multipart uploads) before the channels close.
 const ABORT_CLEANUP: Duration = Duration::from_secs(5);
 
+/// The longest wait between two attempts to reach the broker (every address
+/// of `amqp_url` is tried at each): readiness returns within about this long
+/// of any node being usable again.
+const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(5);
+
+/// When the broker refuses the topology, how often it is quietly tried again
+/// (an operator's fix then needs no restart).
+const REFUSED_RECHECK: Duration = Duration::from_secs(60);
+
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
+    #[error(transparent)]
+    Topology(#[from] DeclareError),
     #[error("the broker cancelled the consumer of {0}")]
     ConsumerCancelled(String),
     #[error(transparent)]
@@ -144,21 +155,27 @@ pub async fn run(
     supervisor.await
 }
 
-/// Keep a broker session running, rebuilding it with backoff whenever it is lost.
+/// Keep a broker session running, rebuilding it with backoff whenever it is
+/// lost. A topology the broker refuses is said once, shown in `/readyz`, and
+/// tried again only now and then: it is not a loop.
 async fn supervise(shared: &Shared) -> Result<(), WorkerError> {
     let reconnect = || {
         ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(500))
-            .with_max_delay(Duration::from_secs(30))
+            .with_min_delay(Duration::from_millis(250))
+            .with_max_delay(MAX_RECONNECT_WAIT)
             .without_max_times()
             .with_jitter()
             .build()
     };
     let mut delays = reconnect();
     let mut sessions = 0u64;
+    let mut refused: Option<String> = None;
     loop {
         let on_connected = || {
             delays = reconnect();
+            if refused.take().is_some() {
+                info!("the broker accepts the topology now");
+            }
             if sessions > 0 {
                 shared.metrics.broker_reconnected();
                 info!("reconnected to the broker");
@@ -174,8 +191,21 @@ async fn supervise(shared: &Shared) -> Result<(), WorkerError> {
                 drain(shared).await;
                 return Ok(());
             }
+            Err(WorkerError::Topology(e)) if e.is_permanent() => {
+                let why = e.to_string();
+                if refused.as_deref() != Some(why.as_str()) {
+                    error!(error = %why, recheck_secs = REFUSED_RECHECK.as_secs(),
+                        "not ready: the broker refuses the topology; an operator must act (docs/operations.md)");
+                    shared.health.block(&why, &shared.metrics);
+                    refused = Some(why);
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(REFUSED_RECHECK) => {},
+                    () = shared.stop.cancelled() => return Ok(()),
+                }
+            }
             Err(e) => {
-                let wait = delays.next().unwrap_or(Duration::from_secs(30));
+                let wait = delays.next().unwrap_or(MAX_RECONNECT_WAIT);
                 error!(error = %e, ?wait, "broker session lost: reconnecting");
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {},
@@ -194,8 +224,11 @@ async fn supervise(shared: &Shared) -> Result<(), WorkerError> {
 async fn session(shared: &Shared, connected: impl FnOnce()) -> Result<(), WorkerError> {
     let config = &shared.config;
     let connection = amqp::connect(&shared.broker, "lesson-replay worker").await?;
+    if let Err(e) = amqp::declare_topology(&connection, &shared.broker.topology).await {
+        let _ = connection.close(200, "topology not declared".into()).await;
+        return Err(e.into());
+    }
     let consumer_channel = connection.create_channel().await?;
-    amqp::declare_topology(&consumer_channel, &shared.broker.topology).await?;
     consumer_channel
         .basic_qos(config.concurrency, BasicQosOptions::default())
         .await?;
@@ -391,7 +424,7 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery, kind: Kind) 
             (Kind::Watch, Outcome::Retry(reason)) => retry_watch(&context, &delivery, reason),
             (_, outcome) => outcome,
         };
-        settle(&context, &delivery, outcome, attempt).await;
+        settle(&context, &delivery, outcome, attempt, kind).await;
         timer.observe_duration();
     };
     LESSON
@@ -583,11 +616,11 @@ async fn schedule_watch(
 
 /// Carry out the outcome, then ack — or, when that failed, nack with requeue
 /// so the broker gives the message to another attempt.
-async fn settle(context: &Context, delivery: &Delivery, outcome: Outcome, attempt: u32) {
+async fn settle(context: &Context, delivery: &Delivery, outcome: Outcome, attempt: u32, kind: Kind) {
     let carried_out = match outcome {
         Outcome::Done => Ok(()),
-        Outcome::Park(reason) => park_message(context, delivery, &reason, attempt + 1).await,
-        Outcome::Retry(reason) => retry_later(context, delivery, &reason, attempt).await,
+        Outcome::Park(reason) => park_or_defer(context, delivery, &reason, attempt, kind).await,
+        Outcome::Retry(reason) => retry_later(context, delivery, &reason, attempt, kind).await,
         Outcome::Watch(watch, delay) => schedule_watch(context, &watch, delay).await,
     };
     let settled = match carried_out {
@@ -705,6 +738,7 @@ async fn retry_later(
     delivery: &Delivery,
     reason: &Rejection,
     attempt: u32,
+    kind: Kind,
 ) -> Result<(), PublishError> {
     let first_seen = header_text(delivery.properties.headers().as_ref(), headers::FIRST_SEEN)
         .and_then(|t| OffsetDateTime::parse(&t, &Rfc3339).ok())
@@ -712,7 +746,7 @@ async fn retry_later(
     match context.retry.next_step(attempt, first_seen, now()) {
         RetryStep::Park(why) => {
             let reason = Rejection::new(reason.code, format!("{}; {why}", reason.message));
-            park_message(context, delivery, &reason, attempt + 1).await
+            park_or_defer(context, delivery, &reason, attempt, kind).await
         }
         RetryStep::Delay(tier) => {
             let delay = context.retry.tiers[tier];
@@ -727,6 +761,43 @@ async fn retry_later(
             Ok(())
         }
     }
+}
+
+/// Park the message; when the broker does not confirm the parking (the
+/// parking queue has no majority, the link is failing), send it to the
+/// shortest delay queue instead, with its real reason: it comes back, is
+/// decided the same way and parked then. No consumer slot is held meanwhile,
+/// no redelivery counts towards the work queue's delivery limit (which would
+/// park it later as `delivery_limit`, its reason lost).
+async fn park_or_defer(
+    context: &Context,
+    delivery: &Delivery,
+    reason: &Rejection,
+    attempt: u32,
+    kind: Kind,
+) -> Result<(), PublishError> {
+    let Err(e) = park_message(context, delivery, reason, attempt + 1).await else {
+        return Ok(());
+    };
+    let queue = match kind {
+        Kind::Message => {
+            let shortest = context.retry.tiers.iter().min().copied().unwrap_or_default();
+            retry::tier_queue(&context.config.work_queue, shortest)
+        }
+        // A watch waits among the watches: the retry tiers lead to the work queue.
+        Kind::Watch => {
+            let delays = context.config.watch_schedule().delays();
+            delay_queue(&context.config.work_queue, delays[0])
+        }
+    };
+    let table = failure_headers(delivery, reason, attempt + 1);
+    let properties = delivery.properties.clone().with_headers(table);
+    amqp::publish_confirmed(&context.publisher, "", &queue, &delivery.data, properties).await?;
+    let (replay_id, task_id) = lesson_ids();
+    warn!(replay_id, task_id, reason = %reason.code, error = %e, %queue,
+        "parking not confirmed: the message waits in a delay queue and is parked when it comes back");
+    context.metrics.parking_deferred();
+    Ok(())
 }
 
 /// Copy the message — original body and headers, plus the reason, the attempt

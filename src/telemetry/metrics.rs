@@ -156,6 +156,8 @@ pub struct Metrics {
     downloaded_bytes: IntCounter,
     uploaded_bytes: IntCounter,
     uploads_skipped: IntCounter,
+    orphan_uploads_aborted: IntCounter,
+    parking_deferred: IntCounter,
     range_resumes: IntCounter,
     probe_bytes: IntCounter,
     in_flight: IntGauge,
@@ -419,6 +421,16 @@ impl Metrics {
                 "lesson_replay_uploads_skipped_total",
                 "Tracks found already archived (same size and MD5): upload skipped.",
             ),
+            orphan_uploads_aborted: counter(
+                &r,
+                "lesson_replay_orphan_uploads_aborted_total",
+                "Multipart uploads left unfinished by an earlier attempt (a killed worker) and aborted.",
+            ),
+            parking_deferred: counter(
+                &r,
+                "lesson_replay_parking_deferred_total",
+                "Messages whose parking the broker did not confirm: sent to a delay queue to be parked again later.",
+            ),
             range_resumes: counter(
                 &r,
                 "lesson_replay_range_resumes_total",
@@ -668,6 +680,16 @@ impl Metrics {
     /// A track was found already archived.
     pub fn upload_skipped(&self) {
         self.uploads_skipped.inc();
+    }
+
+    /// An upload an earlier attempt left unfinished was aborted.
+    pub fn orphan_upload_aborted(&self) {
+        self.orphan_uploads_aborted.inc();
+    }
+
+    /// A message's parking was not confirmed: it waits in a delay queue.
+    pub fn parking_deferred(&self) {
+        self.parking_deferred.inc();
     }
 
     /// A download resumed with a Range request.

@@ -91,10 +91,10 @@ impl Broker {
         )
         .await
         .expect("RabbitMQ is reachable (scripts/test.sh starts it)");
-        let channel = amqp::confirm_channel(&connection).await.unwrap();
-        amqp::declare_topology(&channel, &config.broker_settings().topology)
+        amqp::declare_topology(&connection, &config.broker_settings().topology)
             .await
             .unwrap();
+        let channel = amqp::confirm_channel(&connection).await.unwrap();
         Broker {
             config,
             connection,
