@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit and integration tests against a
-# real RabbitMQ and s3s-fs (started/installed here when missing), the deployment
+# real RabbitMQ, s3s-fs and moto's S3 server (started/installed here when missing), the deployment
 # files (promtool rule tests, Kubernetes schemas, docker-compose), and a smoke
 # run of the benchmark.
 set -euo pipefail
@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 
 scripts/ensure-rabbitmq.sh
 scripts/ensure-s3s-fs.sh
+scripts/ensure-moto.sh
 scripts/ensure-prometheus.sh
 
 cargo fmt --all -- --check

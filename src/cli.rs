@@ -19,6 +19,8 @@ use crate::config::reference;
 use crate::config::settings::{Config, ConfigError};
 use crate::decision::decide::{Decision, Envelope, decide};
 use crate::decision::watch::{WATCH_TYPE, Watch, due_queue};
+use crate::media::archive::Archiver;
+use crate::media::s3_error::S3Error;
 use crate::service::endpoints::Health;
 use crate::service::run::{Service, ServiceError, init_logging, shutdown_signal};
 use crate::telemetry::metrics::Metrics;
@@ -118,6 +120,14 @@ pub enum Command {
         #[arg(long)]
         reference: bool,
     },
+    /// Add the bucket's lifecycle rules for lesson-replay's prefix, keeping
+    /// its other rules: multipart uploads unfinished after DAYS days are
+    /// aborted (the backstop for a killed worker's upload no later attempt
+    /// cleans), and stale entries of the upload journal expire.
+    Lifecycle {
+        #[arg(long, default_value_t = 1)]
+        days: i32,
+    },
     /// Inspect and recover parked messages.
     Dlq {
         #[command(subcommand)]
@@ -204,6 +214,10 @@ pub enum CliError {
     },
     #[error("cannot write the answer: {0}")]
     Write(std::io::Error),
+    #[error("{0}")]
+    Usage(String),
+    #[error("the store: {0}")]
+    Store(#[from] S3Error),
 }
 
 /// Run the command line; returns the process exit code.
@@ -268,6 +282,20 @@ pub fn main() -> ExitCode {
 async fn run_networked(config: Config, command: Command) -> Result<(), CliError> {
     let broker = config.broker_settings();
     match command {
+        Command::Lifecycle { days } => {
+            let Some(settings) = config.bucket_settings() else {
+                return Err(CliError::Usage(
+                    "lifecycle needs s3_bucket (and the store's settings)".into(),
+                ));
+            };
+            let archiver = Archiver::new(&settings, Metrics::new()).await;
+            let rules = archiver.apply_lifecycle(days).await?;
+            eprintln!(
+                "bucket {}: lifecycle rules now {}",
+                archiver.bucket(),
+                rules.join(", ")
+            );
+        }
         Command::Worker => {
             let service = Service::bind(config, Metrics::new(), Health::default()).await?;
             service.run_worker(shutdown_signal()).await?;

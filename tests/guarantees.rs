@@ -428,3 +428,120 @@ async fn replay_resets_the_attempt_count_and_keeps_the_message() {
     assert_eq!(broker.depth(&c.parking_queue).await, 0);
     broker.cleanup().await;
 }
+
+/// Parking the broker cannot confirm (the parking queue unreachable: here
+/// deleted, in a cluster a queue without its majority) is no busy loop: the
+/// message waits in a delay queue, holding no consumer slot and no
+/// redelivery, and is parked with its real reason once parking works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parking_the_broker_does_not_confirm_waits_and_keeps_its_reason() {
+    let mut config = isolated_config("park-deferred");
+    config.retry_delays_secs = vec![1, 2];
+    let broker = Broker::new(config).await;
+    let metrics = Metrics::default();
+    let worker = spawn_worker_with(broker.config.clone(), Health::default(), metrics.clone()).await;
+    worker.wait_ready().await;
+    broker.delete_queue(&broker.config.parking_queue).await;
+
+    broker.publish(b"{not json", FieldTable::default()).await;
+    let deferred = || metric(&metrics, "lesson_replay_parking_deferred_total");
+    wait_until("two parkings deferred", Duration::from_secs(20), || {
+        deferred() >= 2
+    })
+    .await;
+    // Meanwhile the consumer slot serves other messages.
+    broker
+        .publish(&lesson("beside"), FieldTable::default())
+        .await;
+    let (record, _) = broker.take(&broker.config.records_queue, 1).await.remove(0);
+    assert_eq!(record["task_id"], "beside");
+
+    lesson_replay::broker::amqp::declare_topology(
+        &broker.connection,
+        &broker.config.broker_settings().topology,
+    )
+    .await
+    .unwrap();
+    let parked = broker.take_raw(&broker.config.parking_queue, 1).await;
+    worker.stop().await;
+    let properties = &parked[0].1;
+    assert_eq!(parked[0].0, b"{not json");
+    assert_eq!(
+        header(properties, "x-lesson-replay-reason").as_deref(),
+        Some("invalid_json"),
+        "parked by the worker with its real reason (the broker's delivery limit sets none)"
+    );
+    let attempts: u32 = header(properties, "x-lesson-replay-attempt")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(attempts >= 3, "parked after {attempts} attempts");
+    assert_eq!(
+        metric(&metrics, &messages_series("parked", "invalid_json")),
+        1
+    );
+    broker.assert_settled().await;
+    broker.cleanup().await;
+}
+
+/// A topology the broker refuses — here the classic parking queue of an
+/// older deployment — is said once and shown in `/readyz`; the worker is not
+/// ready and does not spin on the declaration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topology_the_broker_refuses_blocks_readiness_with_its_reason() {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+    let mut config = isolated_config("refused");
+    config.metrics_addr = "127.0.0.1:0".into();
+    let connection = lapin::Connection::connect(&common::amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut classic = FieldTable::default();
+    set_header(&mut classic, "x-queue-type", "classic");
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(config.parking_queue.as_str().into(), durable, classic)
+        .await
+        .unwrap();
+
+    let health = Health::default();
+    let worker = spawn_worker_with(config.clone(), health.clone(), Metrics::default()).await;
+    wait_until(
+        "the worker says why it is blocked",
+        Duration::from_secs(20),
+        || health.blocked().is_some(),
+    )
+    .await;
+    let why = health.blocked().unwrap();
+    assert!(
+        why.contains(&config.parking_queue) && why.contains("x-queue-type"),
+        "{why}"
+    );
+    let base = format!("http://{}", worker.endpoint.unwrap());
+    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body = ready.text().await.unwrap();
+    assert!(
+        body.starts_with("not ready: ") && body.contains("x-queue-type"),
+        "{body}"
+    );
+    assert!(!health.is_ready());
+    worker.stop().await;
+
+    channel
+        .queue_delete(
+            config.parking_queue.as_str().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    for exchange in [&config.inbound_exchange, &config.records_exchange] {
+        channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+}

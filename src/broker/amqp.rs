@@ -324,7 +324,6 @@ mod tests {
         assert!(!node_of("amqp://u:secret@b:x/").contains("secret"));
     }
 
-
     #[test]
     fn an_unreadable_header_is_not_an_absent_one() {
         let mut table = FieldTable::default();

@@ -261,7 +261,10 @@ mod tests {
         // No queue lives on one node, and only the parking queue is unlimited.
         for queue in &topology.queues {
             assert!(queue.arguments.contains(&("x-queue-type", text("quorum"))));
-            assert_eq!(queue.unlimited_delivery(), queue.name == settings.parking_queue);
+            assert_eq!(
+                queue.unlimited_delivery(),
+                queue.name == settings.parking_queue
+            );
         }
         let waiting = topology
             .queues

@@ -104,6 +104,15 @@ impl Config {
         }
     }
 
+    /// The bucket and store, for commands that act on the bucket itself
+    /// (`lesson-replay lifecycle`); `None` without `s3_bucket`.
+    pub fn bucket_settings(&self) -> Option<ArchiveSettings> {
+        self.s3_bucket
+            .as_deref()
+            .is_some_and(|b| !b.is_empty())
+            .then(|| self.archive_settings())
+    }
+
     fn archive_settings(&self) -> ArchiveSettings {
         let credentials: Option<(SecretString, SecretString)> = self
             .s3_access_key_id

@@ -11,6 +11,8 @@
 //! no orphan parts remain. Memory per upload: about one part.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{
@@ -20,7 +22,9 @@ use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::operation::head_object::HeadObjectOutput;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
-    CompletedMultipartUpload, CompletedPart, MetadataDirective, ServerSideEncryption, StorageClass,
+    AbortIncompleteMultipartUpload, BucketLifecycleConfiguration, CompletedMultipartUpload,
+    CompletedPart, ExpirationStatus, LifecycleExpiration, LifecycleRule, LifecycleRuleFilter,
+    MetadataDirective, ServerSideEncryption, StorageClass,
 };
 use bytes::{Bytes, BytesMut};
 use secrecy::{ExposeSecret, SecretString};
@@ -38,6 +42,22 @@ const META_MD5: &str = "md5";
 const META_DURATION: &str = "probe-duration-ms";
 const META_WIDTH: &str = "probe-width";
 const META_HEIGHT: &str = "probe-height";
+
+/// The folder (under the prefix) of the upload journal: one small object per
+/// multipart upload under way, `<journal>/<MD5 of the object key>/<MD5 of
+/// the upload id>` holding the upload id — short names, since file-backed
+/// stores cap a name's length — written when the upload starts and deleted
+/// when it completes or is aborted. What a killed worker leaves there names the uploads to abort.
+/// No key segment of a lesson starts with a dot, so it never meets one.
+const JOURNAL: &str = ".lesson-replay-uploads";
+
+/// The lifecycle rule that aborts uploads nobody finished: the backstop for
+/// orphans no later attempt cleans (a lesson parked after its worker died).
+pub const LIFECYCLE_RULE: &str = "lesson-replay-abort-incomplete-uploads";
+/// The lifecycle rule that expires stale journal entries.
+pub const JOURNAL_RULE: &str = "lesson-replay-expire-upload-journal";
+/// Journal entries older than this are stale (their uploads long aborted).
+const JOURNAL_EXPIRY_DAYS: i32 = 7;
 
 type SdkError<E> = aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>;
 
@@ -100,6 +120,9 @@ pub struct Archiver {
     metrics: Metrics,
     /// Aborts of uploads dropped half-way (shutdown, panic), awaited before exit.
     cleanup: TaskTracker,
+    /// Whether the store answered `ListMultipartUploads` with "not
+    /// implemented" (s3s-fs): the journal alone finds orphans then.
+    no_upload_listing: Arc<AtomicBool>,
 }
 
 impl Archiver {
@@ -135,6 +158,7 @@ impl Archiver {
             part_size: settings.part_size,
             metrics,
             cleanup: TaskTracker::new(),
+            no_upload_listing: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -199,6 +223,215 @@ impl Archiver {
             folder
         } else {
             format!("{}/{folder}", self.prefix)
+        }
+    }
+
+    /// Put the two rules of this archiver's prefix in the bucket's lifecycle
+    /// configuration — abort uploads unfinished after `days`, expire the
+    /// journal — replacing earlier versions of them and keeping every other
+    /// rule. Returns the rule ids now in the bucket.
+    pub async fn apply_lifecycle(&self, days: i32) -> Result<Vec<String>, S3Error> {
+        let current = self
+            .client
+            .get_bucket_lifecycle_configuration()
+            .bucket(&self.bucket)
+            .send()
+            .await;
+        let mut rules: Vec<LifecycleRule> = match current {
+            Ok(c) => c.rules().to_vec(),
+            // No configuration yet: the usual answer of a bucket without rules.
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Vec::new(),
+            Err(e) => Err(S3Error::from_sdk("reading the bucket's lifecycle rules", e))?,
+        };
+        rules.retain(|r| !matches!(r.id(), Some(LIFECYCLE_RULE | JOURNAL_RULE)));
+        let prefix = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let rule = |id: &str, prefix: String| {
+            LifecycleRule::builder()
+                .id(id)
+                .status(ExpirationStatus::Enabled)
+                .filter(LifecycleRuleFilter::builder().prefix(prefix).build())
+        };
+        let abort = AbortIncompleteMultipartUpload::builder()
+            .days_after_initiation(days)
+            .build();
+        rules.push(
+            rule(LIFECYCLE_RULE, prefix.clone())
+                .abort_incomplete_multipart_upload(abort)
+                .build()
+                .map_err(|e| S3Error::protocol("building the lifecycle rule", e.to_string()))?,
+        );
+        let expiry = LifecycleExpiration::builder()
+            .days(JOURNAL_EXPIRY_DAYS)
+            .build();
+        rules.push(
+            rule(JOURNAL_RULE, format!("{prefix}{JOURNAL}/"))
+                .expiration(expiry)
+                .build()
+                .map_err(|e| S3Error::protocol("building the lifecycle rule", e.to_string()))?,
+        );
+        let ids = rules
+            .iter()
+            .filter_map(|r| r.id().map(str::to_owned))
+            .collect();
+        let configuration = BucketLifecycleConfiguration::builder()
+            .set_rules(Some(rules))
+            .build()
+            .map_err(|e| S3Error::protocol("building the lifecycle rules", e.to_string()))?;
+        self.client
+            .put_bucket_lifecycle_configuration()
+            .bucket(&self.bucket)
+            .lifecycle_configuration(configuration)
+            .send()
+            .await
+            .map_err(|e| S3Error::from_sdk("writing the bucket's lifecycle rules", e))?;
+        Ok(ids)
+    }
+
+    /// The journal folder of `key`'s uploads, with its trailing slash.
+    fn journal_folder(&self, key: &str) -> String {
+        let folder = md5_hex(key);
+        if self.prefix.is_empty() {
+            format!("{JOURNAL}/{folder}/")
+        } else {
+            format!("{}/{JOURNAL}/{folder}/", self.prefix)
+        }
+    }
+
+    /// The journal entry of one upload.
+    fn journal_key(&self, key: &str, upload_id: &str) -> String {
+        format!("{}{}", self.journal_folder(key), md5_hex(upload_id))
+    }
+
+    /// Abort every multipart upload of `key` still open: those an earlier
+    /// attempt left when its worker was killed (or lost its node). Call it
+    /// once `key` holds its copy: an upload of a duplicate delivery running
+    /// right now is aborted too, and its next request fails transiently; its
+    /// retry finds the copy in place. Found through the journal, and through
+    /// the store's `ListMultipartUploads` where it has one (that also finds
+    /// an upload killed before its journal entry was written). Failures are
+    /// logged, never fatal: the bucket's lifecycle rule is the backstop.
+    pub async fn abort_orphans(&self, key: &str) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        let mut aborted = 0;
+        for upload_id in self.journaled_uploads(key).await {
+            if abort_upload(self.job(key, &upload_id)).await {
+                aborted += 1;
+            }
+            seen.insert(upload_id);
+        }
+        for upload_id in self.listed_uploads(key).await {
+            if !seen.contains(&upload_id) && abort_upload(self.job(key, &upload_id)).await {
+                aborted += 1;
+            }
+        }
+        for _ in 0..aborted {
+            self.metrics.orphan_upload_aborted();
+        }
+        if aborted > 0 {
+            tracing::warn!(%key, aborted, "aborted uploads an earlier attempt left unfinished");
+        }
+        aborted
+    }
+
+    /// Upload ids in `key`'s journal folder.
+    async fn journaled_uploads(&self, key: &str) -> Vec<String> {
+        let folder = self.journal_folder(key);
+        let listed = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&folder)
+            .send()
+            .timed(self.metrics.s3_timer(S3Op::List))
+            .await
+            .observed(&self.metrics, || format!("listing {folder}"));
+        let entries: Vec<String> = match listed {
+            Ok(list) => list
+                .contents()
+                .iter()
+                .filter_map(|o| o.key().map(str::to_owned))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "could not read the upload journal");
+                return Vec::new();
+            }
+        };
+        let mut ids = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let read = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(&entry)
+                .send()
+                .timed(self.metrics.s3_timer(S3Op::Get))
+                .await
+                .observed(&self.metrics, || format!("GET {entry}"));
+            let body = match read {
+                Ok(object) => object.body.collect().await.map(|b| b.into_bytes()),
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "could not read an upload journal entry");
+                    continue;
+                }
+            };
+            match body.ok().and_then(|b| String::from_utf8(b.to_vec()).ok()) {
+                Some(id) if !id.is_empty() => ids.push(id),
+                _ => {
+                    tracing::warn!(%entry, "unreadable upload journal entry: left to the lifecycle rule")
+                }
+            }
+        }
+        ids
+    }
+
+    /// Open uploads of exactly `key`, by the store's own listing.
+    async fn listed_uploads(&self, key: &str) -> Vec<String> {
+        if self.no_upload_listing.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        let listed = self
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.bucket)
+            .prefix(key)
+            .send()
+            .timed(self.metrics.s3_timer(S3Op::List))
+            .await
+            .observed(&self.metrics, || format!("listing the uploads of {key}"));
+        match listed {
+            Ok(list) => list
+                .uploads()
+                .iter()
+                .filter(|u| u.key() == Some(key))
+                .filter_map(|u| u.upload_id().map(str::to_owned))
+                .collect(),
+            Err(e) if e.status == Some(501) || e.code.as_deref() == Some("NotImplemented") => {
+                tracing::info!(
+                    "the store has no ListMultipartUploads: orphan uploads are found through the journal only"
+                );
+                self.no_upload_listing.store(true, Ordering::Relaxed);
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "could not list the uploads under way");
+                Vec::new()
+            }
+        }
+    }
+
+    /// What aborting one upload of `key` needs, apart from this archiver.
+    fn job(&self, key: &str, upload_id: &str) -> AbortJob {
+        AbortJob {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            key: key.to_owned(),
+            upload_id: upload_id.to_owned(),
+            journal_key: self.journal_key(key, upload_id),
+            metrics: self.metrics.clone(),
         }
     }
 
@@ -372,6 +605,21 @@ impl Upload<'_> {
                     })?
                     .to_owned();
                 self.upload_id = Some(id.clone());
+                // Journaled before any part: a killed worker's upload is
+                // found and aborted by the next attempt. Unjournaled, the
+                // upload is abandoned at once (dropped with the error).
+                let journal = a.journal_key(&self.key, &id);
+                a.client
+                    .put_object()
+                    .bucket(&a.bucket)
+                    .key(&journal)
+                    .body(ByteStream::from(id.clone().into_bytes()))
+                    .send()
+                    .timed(a.metrics.s3_timer(S3Op::Put))
+                    .await
+                    .observed(&a.metrics, || {
+                        format!("journaling the upload of {}", self.key)
+                    })?;
                 id
             }
         };
@@ -446,6 +694,7 @@ impl Upload<'_> {
                     .await
                     .observed(&a.metrics, || format!("completing {}", self.key))?;
                 self.upload_id = None;
+                forget_upload(&a.job(&self.key, &upload_id)).await;
                 self.store_metadata(meta).await?
             }
         };
@@ -497,14 +746,7 @@ impl Upload<'_> {
     /// Abandon the upload, deleting its parts.
     pub async fn abort(mut self) {
         if let Some(upload_id) = self.upload_id.take() {
-            abort_upload(
-                self.archiver.client.clone(),
-                self.archiver.bucket.clone(),
-                self.key.clone(),
-                upload_id,
-                self.archiver.metrics.clone(),
-            )
-            .await;
+            abort_upload(self.archiver.job(&self.key, &upload_id)).await;
         }
     }
 }
@@ -519,37 +761,76 @@ impl Drop for Upload<'_> {
             return;
         };
         let a = self.archiver;
-        let abort = abort_upload(
-            a.client.clone(),
-            a.bucket.clone(),
-            self.key.clone(),
-            upload_id,
-            a.metrics.clone(),
+        let abort = abort_upload(a.job(&self.key, &upload_id));
+        a.cleanup.spawn_on(
+            async move {
+                abort.await;
+            },
+            &runtime,
         );
-        a.cleanup.spawn_on(abort, &runtime);
     }
 }
 
-async fn abort_upload(
+/// One multipart upload to abort, and its journal entry.
+struct AbortJob {
     client: Client,
     bucket: String,
     key: String,
     upload_id: String,
+    journal_key: String,
     metrics: Metrics,
-) {
-    let aborted = client
+}
+
+/// Abort the upload and forget its journal entry. True when this call
+/// aborted it; an upload already gone (`NoSuchUpload`) is only forgotten.
+async fn abort_upload(job: AbortJob) -> bool {
+    let key = &job.key;
+    let aborted = job
+        .client
         .abort_multipart_upload()
-        .bucket(&bucket)
-        .key(&key)
-        .upload_id(upload_id)
+        .bucket(&job.bucket)
+        .key(key)
+        .upload_id(&job.upload_id)
         .send()
-        .timed(metrics.s3_timer(S3Op::Abort))
+        .timed(job.metrics.s3_timer(S3Op::Abort))
         .await
-        .observed(&metrics, || format!("aborting the upload of {key}"));
-    match aborted {
-        Ok(_) => tracing::info!(%key, "multipart upload aborted"),
-        Err(e) => tracing::warn!(%key, error = %e, "could not abort the multipart upload"),
+        .observed(&job.metrics, || format!("aborting the upload of {key}"));
+    let done = match aborted {
+        Ok(_) => {
+            tracing::info!(%key, "multipart upload aborted");
+            Some(true)
+        }
+        Err(e) if e.code.as_deref() == Some("NoSuchUpload") || e.status == Some(404) => Some(false),
+        Err(e) => {
+            tracing::warn!(%key, error = %e, "could not abort the multipart upload");
+            None
+        }
+    };
+    if done.is_some() {
+        forget_upload(&job).await;
     }
+    done == Some(true)
+}
+
+/// Delete an upload's journal entry (it completed, or is aborted).
+async fn forget_upload(job: &AbortJob) {
+    let deleted = job
+        .client
+        .delete_object()
+        .bucket(&job.bucket)
+        .key(&job.journal_key)
+        .send()
+        .timed(job.metrics.s3_timer(S3Op::Delete))
+        .await
+        .observed(&job.metrics, || format!("DELETE {}", job.journal_key));
+    if let Err(e) = deleted {
+        tracing::warn!(key = %job.key, error = %e, "could not delete the upload's journal entry");
+    }
+}
+
+fn md5_hex(text: &str) -> String {
+    use md5::{Digest, Md5};
+    hex::encode(Md5::digest(text.as_bytes()))
 }
 
 /// A key segment made safe: `[A-Za-z0-9._-]` only, no `..` anywhere, no

@@ -225,6 +225,7 @@ impl Media {
         if let Some((archive, probe)) = archiver.existing(&key, track.size_bytes).await? {
             info!(track = %track.track_id, %key, "already archived: upload skipped");
             self.metrics.upload_skipped();
+            archiver.abort_orphans(&key).await;
             let mut checked = match probe {
                 Some(p) => Checked {
                     probe: Some(Ok(p)),
@@ -259,6 +260,7 @@ impl Media {
             .when(FetchError::is_transient)
             .notify(|e, wait| warn!(track = %track.track_id, error = %e, ?wait, "archive failed, retrying"))
             .await?;
+        archiver.abort_orphans(&key).await;
         info!(
             track = %track.track_id, %key, bytes = download.size, transferred = download.transferred,
             resumes = download.resumes, "archived"

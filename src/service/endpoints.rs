@@ -96,7 +96,10 @@ async fn ready_endpoint(State(endpoints): State<Arc<Endpoints>>) -> impl IntoRes
     if endpoints.health.is_ready() {
         (StatusCode::OK, "ready\n".to_owned())
     } else if let Some(reason) = endpoints.health.blocked() {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n"))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        )
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
     }

@@ -155,10 +155,9 @@ async fn keep_channel(
             opened = tokio::time::timeout(CONNECT_TIMEOUT, open_session(&broker)) => opened,
         };
         let opened = opened.unwrap_or_else(|_| {
-            Err(DeclareError::Broker(lapin::Error::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no answer from the broker",
-            ))))
+            Err(DeclareError::Broker(lapin::Error::from(
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer from the broker"),
+            )))
         });
         match opened {
             Ok((connection, confirm)) => {

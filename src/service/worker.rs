@@ -616,7 +616,13 @@ async fn schedule_watch(
 
 /// Carry out the outcome, then ack — or, when that failed, nack with requeue
 /// so the broker gives the message to another attempt.
-async fn settle(context: &Context, delivery: &Delivery, outcome: Outcome, attempt: u32, kind: Kind) {
+async fn settle(
+    context: &Context,
+    delivery: &Delivery,
+    outcome: Outcome,
+    attempt: u32,
+    kind: Kind,
+) {
     let carried_out = match outcome {
         Outcome::Done => Ok(()),
         Outcome::Park(reason) => park_or_defer(context, delivery, &reason, attempt, kind).await,
@@ -781,7 +787,13 @@ async fn park_or_defer(
     };
     let queue = match kind {
         Kind::Message => {
-            let shortest = context.retry.tiers.iter().min().copied().unwrap_or_default();
+            let shortest = context
+                .retry
+                .tiers
+                .iter()
+                .min()
+                .copied()
+                .unwrap_or_default();
             retry::tier_queue(&context.config.work_queue, shortest)
         }
         // A watch waits among the watches: the retry tiers lead to the work queue.

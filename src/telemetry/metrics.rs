@@ -190,10 +190,13 @@ pub enum S3Op {
     Complete,
     Copy,
     Abort,
+    List,
+    Delete,
+    Get,
 }
 
 impl S3Op {
-    pub const ALL: [S3Op; 7] = [
+    pub const ALL: [S3Op; 10] = [
         S3Op::Head,
         S3Op::Put,
         S3Op::CreateUpload,
@@ -201,6 +204,9 @@ impl S3Op {
         S3Op::Complete,
         S3Op::Copy,
         S3Op::Abort,
+        S3Op::List,
+        S3Op::Delete,
+        S3Op::Get,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -212,6 +218,9 @@ impl S3Op {
             S3Op::Complete => "complete",
             S3Op::Copy => "copy",
             S3Op::Abort => "abort",
+            S3Op::List => "list",
+            S3Op::Delete => "delete",
+            S3Op::Get => "get",
         }
     }
 }

@@ -4,7 +4,9 @@
 
 #![allow(dead_code)] // Each test binary uses a different subset.
 
+pub mod cluster;
 pub mod messages;
+pub mod moto;
 pub mod origin;
 pub mod s3;
 pub mod tic_mock;

@@ -129,7 +129,11 @@ fn spawn(port: u16, root: &std::path::Path, secret: &str) -> Child {
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .args(["--access-key", ACCESS_KEY, "--secret-key", secret])
         .arg(root)
-        .stdout(Stdio::null())
+        // Its log, for debugging a test: S3S_FS_LOG=path (RUST_LOG=s3s=debug for more).
+        .stdout(match std::env::var("S3S_FS_LOG") {
+            Ok(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+            Err(_) => Stdio::null(),
+        })
         .stderr(Stdio::null())
         .spawn()
         .expect("s3s-fs runs (scripts/test.sh installs it: cargo install s3s-fs@0.14.1 --features binary --locked)");
