@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 scripts/ensure-rabbitmq.sh
 scripts/ensure-s3s-fs.sh
 scripts/ensure-moto.sh
+scripts/ensure-browser.sh
 scripts/ensure-prometheus.sh
 
 cargo fmt --all -- --check

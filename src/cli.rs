@@ -18,9 +18,11 @@ use crate::broker::topology;
 use crate::config::reference;
 use crate::config::settings::{Config, ConfigError};
 use crate::decision::decide::{Decision, Envelope, decide};
+use crate::decision::record::Record;
 use crate::decision::watch::{WATCH_TYPE, Watch, due_queue};
 use crate::media::archive::Archiver;
 use crate::media::s3_error::S3Error;
+use crate::preview::page;
 use crate::service::endpoints::Health;
 use crate::service::run::{Service, ServiceError, init_logging, shutdown_signal};
 use crate::telemetry::metrics::Metrics;
@@ -127,6 +129,23 @@ pub enum Command {
     Lifecycle {
         #[arg(long, default_value_t = 1)]
         days: i32,
+    },
+    /// Write a record's replay page: one self-contained HTML file that plays
+    /// its tracks with their layout, a timeline and the record's facts. Each
+    /// archived track plays from the bucket (with `--presign-hours`, through
+    /// presigned URLs, for a private bucket), else from its VOD URL.
+    /// `page.html#t=754000` opens it at that moment.
+    Preview {
+        /// The record (JSON), or `-` for standard input.
+        #[arg(default_value = "-")]
+        record: PathBuf,
+        /// Where to write the page (default: standard output).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Presign the archived copies' URLs for this many hours (at most
+        /// 168); needs the archive's settings (s3_bucket, credentials).
+        #[arg(long)]
+        presign_hours: Option<u64>,
     },
     /// Inspect and recover parked messages.
     Dlq {
@@ -337,9 +356,61 @@ async fn run_networked(config: Config, command: Command) -> Result<(), CliError>
                 headers::callback_headers(sign.as_deref(), random.as_deref(), app.as_deref());
             publish_files(&broker, &files, headers, &routing_key).await?;
         }
+        Command::Preview {
+            record,
+            output,
+            presign_hours,
+        } => write_preview(&config, &record, output.as_deref(), presign_hours).await?,
         Command::Normalize { .. } | Command::Config { .. } => {
             unreachable!("answered without a runtime")
         }
+    }
+    Ok(())
+}
+
+/// The replay page of the record in `file`, written to `output` or stdout.
+async fn write_preview(
+    config: &Config,
+    file: &Path,
+    output: Option<&Path>,
+    presign_hours: Option<u64>,
+) -> Result<(), CliError> {
+    let record: Record = serde_json::from_slice(&read_input(file)?).map_err(|e| {
+        CliError::Usage(format!(
+            "{} is not a lesson-replay record: {e}",
+            file.display()
+        ))
+    })?;
+    let sources = match (presign_hours, config.bucket_settings()) {
+        (None, _) => page::origin_sources(&record),
+        (Some(_), None) => {
+            return Err(CliError::Usage(
+                "--presign-hours needs the archive's settings (s3_bucket, credentials)".into(),
+            ));
+        }
+        (Some(hours), Some(_)) if !(1..=168).contains(&hours) => {
+            return Err(CliError::Usage(
+                "--presign-hours must be 1 to 168 (S3 presigned URLs last at most 7 days)".into(),
+            ));
+        }
+        (Some(hours), Some(settings)) => {
+            let archiver = Archiver::new(&settings, Metrics::new()).await;
+            let valid = std::time::Duration::from_secs(hours * 3600);
+            let mut presigned = std::collections::HashMap::new();
+            for archive in record.tracks.iter().filter_map(|t| t.archive.as_ref()) {
+                presigned.insert(
+                    archive.key.clone(),
+                    archiver.presigned_get(&archive.key, valid).await?,
+                );
+            }
+            page::archive_sources(&record, |key| presigned.get(key).cloned())
+        }
+    };
+    let html = page::render(&record, &sources);
+    match output {
+        Some(path) => std::fs::write(path, html).map_err(CliError::Write)?,
+        None => std::io::Write::write_all(&mut std::io::stdout(), html.as_bytes())
+            .map_err(CliError::Write)?,
     }
     Ok(())
 }

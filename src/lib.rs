@@ -7,6 +7,8 @@
 //!   body and its envelope into a [`decision::decide::Decision`]: decode (four
 //!   JSON formats) → verify (signature) → normalize (durations, repairs, ids)
 //!   → layout → URL policy (every VOD URL allowed). The record, reason codes and warning codes live here.
+//! - [`preview`] — the replay page: a record rendered as one self-contained
+//!   HTML file that plays its tracks with their layout.
 //! - [`telemetry`] — every metric, with its labels as closed enums.
 //! - [`media`] and [`broker`] — the edges. [`media`] checks every track against
 //!   its file over HTTP (fetch, guard, probe) and archives it to S3; [`broker`]
@@ -25,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod decision;
 pub mod media;
+pub mod preview;
 pub mod service;
 pub mod telemetry;
 pub mod tic;

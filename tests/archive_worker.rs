@@ -80,14 +80,7 @@ async fn recordings_are_archived_verified_and_not_uploaded_twice() {
         assert_eq!(archive["md5"], hex::encode(Md5::digest(source)));
         assert_eq!(archive["size_bytes"], source.len());
         assert_eq!(archive["uri"], format!("s3://school/{key}"));
-        let object = client
-            .get_object()
-            .bucket("school")
-            .key(key)
-            .send()
-            .await
-            .unwrap();
-        let bytes = object.body.collect().await.unwrap().into_bytes();
+        let bytes = common::s3::object(&client, "school", key).await;
         assert!(
             bytes == source,
             "{key}: archived bytes differ from the origin's"

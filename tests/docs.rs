@@ -75,6 +75,7 @@ fn every_module_says_what_it_is_for() {
         "config",
         "decision",
         "media",
+        "preview",
         "service",
         "telemetry",
     ] {
@@ -82,9 +83,16 @@ fn every_module_says_what_it_is_for() {
     }
     for file in files {
         let text = std::fs::read_to_string(src.join(&file)).unwrap();
+        // The page's files open with their own language's comment.
+        let opening = match file.rsplit_once('.').map(|(_, ext)| ext) {
+            Some("js") => "// ",
+            Some("css") => "/* ",
+            Some("html") => "<!doctype html>\n<!-- ",
+            _ => "//! ",
+        };
         assert!(
-            text.starts_with("//! "),
-            "src/{file} does not open with a //! comment saying what it is for"
+            text.starts_with(opening),
+            "src/{file} does not open with a {opening:?} comment saying what it is for"
         );
     }
 }

@@ -57,14 +57,7 @@ async fn assert_archives_match(
         for track in record["tracks"].as_array().unwrap() {
             let key = track["archive"]["key"].as_str().unwrap();
             assert_eq!(track["archive"]["md5"], md5.as_str(), "{key}");
-            let object = client
-                .get_object()
-                .bucket(bucket)
-                .key(key)
-                .send()
-                .await
-                .unwrap();
-            let bytes = object.body.collect().await.unwrap().into_bytes();
+            let bytes = common::s3::object(&client, bucket, key).await;
             assert_eq!(
                 hex::encode(Md5::digest(&bytes)),
                 md5,

@@ -12,7 +12,7 @@ use common::messages::one_camera;
 use common::moto::MotoServer;
 use common::origin::{Faults, Origin};
 use common::s3::S3Server;
-use common::{Broker, WorkerProcess, isolated_config, metric, spawn_worker_with, worker_env};
+use common::{Broker, WorkerProcess, isolated_config, metric, spawn_worker_with};
 use lapin::types::FieldTable;
 use lesson_replay::media::archive::{JOURNAL_RULE, LIFECYCLE_RULE};
 use lesson_replay::service::endpoints::Health;
@@ -169,12 +169,7 @@ async fn an_upload_the_store_lists_is_aborted_even_without_a_journal_entry() {
 
 /// `lesson-replay lifecycle` with `config`'s settings.
 fn lifecycle(config: &lesson_replay::config::settings::Config, days: &str) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_lesson-replay"))
-        .args(["lifecycle", "--days", days])
-        .env_clear()
-        .envs(worker_env(config))
-        .output()
-        .unwrap()
+    common::lesson_replay(config, &["lifecycle", "--days", days])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,6 +20,7 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::operation::head_object::HeadObjectOutput;
+use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     AbortIncompleteMultipartUpload, BucketLifecycleConfiguration, CompletedMultipartUpload,
@@ -32,6 +33,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::decision::record::{Archive, Kind, Probe, Record, Track};
 use crate::media::fetch::ChunkSink;
 use crate::media::s3_error::S3Error;
+use crate::preview::page;
 use crate::telemetry::metrics::{Metrics, S3Op, Target};
 use tokio_util::task::TaskTracker;
 
@@ -511,26 +513,60 @@ impl Archiver {
         }
     }
 
-    /// Write the record as the lesson's `manifest.json`.
+    /// Write the lesson's replay page as `index.html`, then the record as
+    /// its `manifest.json` (last: a manifest means the lesson is complete).
+    /// The page plays the tracks by their keys relative to the folder, so
+    /// the folder plays itself wherever the bucket is served over HTTP.
     pub async fn put_manifest(&self, record: &Record) -> Result<String, S3Error> {
+        let folder = format!("{}/", self.lesson_folder(record));
+        let relative = |key: &str| key.strip_prefix(&folder).map(str::to_owned);
+        let page = page::render(record, &page::archive_sources(record, relative));
+        self.put_small(
+            &format!("{folder}index.html"),
+            "text/html; charset=utf-8",
+            page.into_bytes(),
+        )
+        .await?;
         let key = self.manifest_key(record);
         let body = serde_json::to_vec_pretty(record).expect("a record always serializes");
-        let mut request = self
+        self.put_small(&key, "application/json", body).await?;
+        Ok(key)
+    }
+
+    /// A presigned GET of `key`, valid for `valid`: a private bucket's copy a
+    /// browser can play.
+    pub async fn presigned_get(
+        &self,
+        key: &str,
+        valid: std::time::Duration,
+    ) -> Result<String, S3Error> {
+        let config = PresigningConfig::expires_in(valid)
+            .map_err(|e| S3Error::protocol(format!("presigning {key}"), e.to_string()))?;
+        let request = self
             .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(config)
+            .await
+            .map_err(|e| S3Error::from_sdk(format!("presigning {key}"), e))?;
+        Ok(request.uri().to_owned())
+    }
+
+    async fn put_small(&self, key: &str, content_type: &str, body: Vec<u8>) -> Result<(), S3Error> {
+        self.client
             .put_object()
             .bucket(&self.bucket)
-            .key(&key)
-            .content_type("application/json")
-            .body(ByteStream::from(body));
-        request = request
+            .key(key)
+            .content_type(content_type)
+            .body(ByteStream::from(body))
             .set_storage_class(self.storage_class.clone())
-            .set_server_side_encryption(self.sse.clone());
-        request
+            .set_server_side_encryption(self.sse.clone())
             .send()
             .timed(self.metrics.s3_timer(S3Op::Put))
             .await
             .observed(&self.metrics, || format!("PUT {key}"))?;
-        Ok(key)
+        Ok(())
     }
 }
 

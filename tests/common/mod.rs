@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // Each test binary uses a different subset.
 
+pub mod browser;
 pub mod cluster;
 pub mod messages;
 pub mod moto;
@@ -488,6 +489,16 @@ pub fn worker_env(c: &Config) -> Vec<(String, String)> {
     env.retain(|(name, _)| name != "LESSON_REPLAY_LOG_FORMAT");
     env.push(("LESSON_REPLAY_LOG_FORMAT".into(), "text".into()));
     env
+}
+
+/// Run `lesson-replay ARGS` to its end with `config`'s settings.
+pub fn lesson_replay(config: &Config, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_lesson-replay"))
+        .args(args)
+        .env_clear()
+        .envs(worker_env(config))
+        .output()
+        .expect("the binary runs")
 }
 
 impl WorkerProcess {

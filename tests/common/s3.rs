@@ -116,6 +116,18 @@ impl S3Server {
     }
 }
 
+/// The bytes of `bucket/key`, read with `client`.
+pub async fn object(client: &Client, bucket: &str, key: &str) -> Vec<u8> {
+    let object = client
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {bucket}/{key}: {e}"));
+    object.body.collect().await.unwrap().into_bytes().to_vec()
+}
+
 impl Drop for S3Server {
     fn drop(&mut self) {
         self.stop();

@@ -1,0 +1,524 @@
+//! The replay page in a real browser: headless Chromium plays lessons made of
+//! ffmpeg-made videos, each a solid colour of its own, from a loopback HTTP
+//! origin. At several moments of each lesson the page is opened at that time
+//! (`#t=`), and the colour inside every rectangle the record's layout gives
+//! for that moment (main and each tile) is checked in a screenshot, as is
+//! that no track that should be hidden shows anywhere. Play, pause and a
+//! click on the timeline are checked the same way.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::browser::{Browser, Shot};
+use common::messages::{finished, video};
+use common::origin::{Faults, Origin};
+use common::{isolated_config, lesson_replay};
+use lesson_replay::decision::decide::{Decision, Envelope, decide};
+use serde_json::Value;
+
+/// Far apart in at least one channel by more than twice [`TOLERANCE`].
+const COLOURS: [(&str, [u8; 3]); 14] = [
+    ("red", [255, 0, 0]),
+    ("green", [0, 255, 0]),
+    ("blue", [0, 0, 255]),
+    ("yellow", [255, 255, 0]),
+    ("magenta", [255, 0, 255]),
+    ("cyan", [0, 255, 255]),
+    ("white", [255, 255, 255]),
+    ("orange", [255, 128, 0]),
+    ("purple", [128, 0, 255]),
+    ("spring", [0, 255, 128]),
+    ("pink", [255, 0, 128]),
+    ("azure", [0, 128, 255]),
+    ("lime", [128, 255, 0]),
+    ("grey", [128, 128, 128]),
+];
+const TOLERANCE: i32 = 48;
+
+/// One track of a test lesson: id, TIC video_type, colour, from, to (s).
+struct Part {
+    id: &'static str,
+    kind: i64,
+    colour: &'static str,
+    from: i64,
+    to: i64,
+}
+
+fn rgb(name: &str) -> [u8; 3] {
+    COLOURS.iter().find(|(n, _)| *n == name).unwrap().1
+}
+
+fn close(a: [u8; 3], b: [u8; 3]) -> bool {
+    a.iter()
+        .zip(b)
+        .all(|(x, y)| (i32::from(*x) - i32::from(y)).abs() <= TOLERANCE)
+}
+
+/// A solid-colour H.264 MP4 of `seconds`, 10 frames a second, made by ffmpeg.
+fn make_video(dir: &Path, colour: &str, seconds: i64) -> Vec<u8> {
+    let [r, g, b] = rgb(colour);
+    let path = dir.join(format!("{colour}-{seconds}.mp4"));
+    if !path.exists() {
+        let status = Command::new("ffmpeg")
+            .args(["-loglevel", "error", "-y", "-f", "lavfi", "-i"])
+            .arg(format!(
+                "color=c=0x{r:02x}{g:02x}{b:02x}:s=160x90:r=10:d={seconds}"
+            ))
+            .args(["-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", "10"])
+            .args(["-movflags", "+faststart"])
+            .arg(&path)
+            .status()
+            .expect("ffmpeg runs (scripts/ensure-browser.sh installs it)");
+        assert!(status.success(), "ffmpeg made {}", path.display());
+    }
+    std::fs::read(&path).unwrap()
+}
+
+/// A lesson: its videos on the origin, its record (the worker's own
+/// decision), and its page written by `lesson-replay preview`.
+struct Lesson {
+    record: Value,
+    colour_of: HashMap<String, [u8; 3]>,
+    page: PathBuf,
+}
+
+fn lesson(name: &str, parts: &[Part], origin: &Origin, dir: &Path) -> Lesson {
+    let mut videos = Vec::new();
+    let mut colour_of = HashMap::new();
+    for p in parts {
+        let bytes = make_video(dir, p.colour, p.to - p.from);
+        let url = origin.add(
+            &format!("/{name}/{}.mp4", p.id),
+            bytes.clone(),
+            Faults::default(),
+        );
+        let user = if p.kind == 0 {
+            format!("user-{}", p.id)
+        } else {
+            String::new()
+        };
+        videos.push(video(
+            &url,
+            p.id,
+            p.kind,
+            &user,
+            bytes.len(),
+            (p.to - p.from) * 1000,
+            p.from * 1000,
+        ));
+        colour_of.insert(p.id.to_owned(), rgb(p.colour));
+    }
+    let message = finished(name, 7, videos);
+    let policy = isolated_config("preview").input_policy();
+    let record = match decide(&message, &Envelope::default(), &policy) {
+        Decision::Publish(normalized) => normalized.record,
+        other => panic!("{other:?}"),
+    };
+    let record_path = dir.join(format!("{name}.json"));
+    std::fs::write(&record_path, serde_json::to_vec(&record).unwrap()).unwrap();
+    let page = dir.join(format!("{name}.html"));
+    let (record_arg, page_arg) = (record_path.to_str().unwrap(), page.to_str().unwrap());
+    let out = lesson_replay(
+        &isolated_config("preview"),
+        &["preview", record_arg, "-o", page_arg],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Lesson {
+        record: serde_json::to_value(&record).unwrap(),
+        colour_of,
+        page,
+    }
+}
+
+/// The placements of the layout segment holding `ms`: track id → (x, y, w, h).
+fn expected(record: &Value, ms: i64) -> HashMap<String, [f64; 4]> {
+    let segments = record["layout"].as_array().unwrap();
+    let segment = segments
+        .iter()
+        .find(|s| s["from_ms"].as_i64().unwrap() <= ms && ms < s["to_ms"].as_i64().unwrap())
+        .unwrap_or_else(|| panic!("no segment holds {ms}"));
+    let mut placed = HashMap::new();
+    let boxes = segment["main"]
+        .as_object()
+        .map(|m| Value::Object(m.clone()))
+        .into_iter()
+        .chain(segment["tiles"].as_array().unwrap().iter().cloned());
+    for b in boxes {
+        let n = |k: &str| b[k].as_f64().unwrap();
+        placed.insert(
+            b["track_id"].as_str().unwrap().to_owned(),
+            [n("x"), n("y"), n("w"), n("h")],
+        );
+    }
+    placed
+}
+
+/// Every placed track shows its colour inside its box; no other track's
+/// colour shows anywhere on the stage.
+fn check_picture(shot: &Shot, lesson: &Lesson, ms: i64, what: &str) {
+    let placed = expected(&lesson.record, ms);
+    let (w, h) = (f64::from(shot.width), f64::from(shot.height));
+    for (track, [x, y, bw, bh]) in &placed {
+        let colour = lesson.colour_of[track];
+        // A 5 × 5 grid over the inner 60 % of the box.
+        for i in 0..5 {
+            for j in 0..5 {
+                let px = ((x + bw * (0.2 + 0.15 * f64::from(i))) * w) as u32;
+                let py = ((y + bh * (0.2 + 0.15 * f64::from(j))) * h) as u32;
+                let got = shot.pixel(px.min(shot.width - 1), py.min(shot.height - 1));
+                assert!(
+                    close(got, colour),
+                    "{what} at {ms} ms: {track} should show {colour:?} at ({px}, {py}), shows {got:?}"
+                );
+            }
+        }
+    }
+    for (track, colour) in &lesson.colour_of {
+        if placed.contains_key(track) {
+            continue;
+        }
+        let mut seen = 0;
+        for py in (0..shot.height).step_by(4) {
+            for px in (0..shot.width).step_by(4) {
+                if close(shot.pixel(px, py), *colour) {
+                    seen += 1;
+                }
+            }
+        }
+        assert!(
+            seen < 20,
+            "{what} at {ms} ms: hidden {track} shows ({seen} samples)"
+        );
+    }
+}
+
+/// Open the page at `ms` and check the picture once every video settled.
+async fn check_moment(browser: &mut Browser, lesson: &Lesson, ms: i64) {
+    browser
+        .open(&format!("file://{}#t={ms}", lesson.page.display()))
+        .await;
+    let at = browser
+        .eval("lessonReplay.settled()")
+        .await
+        .as_f64()
+        .unwrap();
+    assert_eq!(at as i64, ms, "the page opened at #t={ms}");
+    let stage = browser.rect("#stage").await;
+    let shot = browser.screenshot(stage).await;
+    check_picture(&shot, lesson, ms, "opened");
+    if let Ok(dir) = std::env::var("LESSON_REPLAY_SAVE_SCREENSHOTS") {
+        let player = browser.rect(".player").await;
+        let png = browser.screenshot_png(Some(player)).await;
+        let name = lesson
+            .page
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        std::fs::write(
+            Path::new(&dir).join(format!("{name}-{}s.png", ms / 1000)),
+            png,
+        )
+        .unwrap();
+    }
+}
+
+fn part(id: &'static str, kind: i64, colour: &'static str, from: i64, to: i64) -> Part {
+    Part {
+        id,
+        kind,
+        colour,
+        from,
+        to,
+    }
+}
+
+fn scratch() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lesson-replay-preview-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cameras_joining_and_leaving_take_the_tiles_the_rules_give() {
+    let origin = Origin::start().await;
+    let dir = scratch();
+    // 1, 5, 7 and 9 cameras over a whiteboard, then two leave.
+    let parts = [
+        part("board", 2, "grey", 0, 40),
+        part("c1", 0, "red", 0, 40),
+        part("c2", 0, "green", 10, 40),
+        part("c3", 0, "blue", 10, 40),
+        part("c4", 0, "yellow", 10, 40),
+        part("c5", 0, "magenta", 10, 40),
+        part("c6", 0, "cyan", 20, 40),
+        part("c7", 0, "white", 20, 40),
+        part("c8", 0, "orange", 30, 36),
+        part("c9", 0, "purple", 30, 36),
+    ];
+    let lesson = lesson("cameras", &parts, &origin, &dir);
+    let mut browser = Browser::start().await;
+    for (ms, cameras) in [
+        (5_000, 1),
+        (15_000, 5),
+        (25_000, 7),
+        (33_000, 9),
+        (38_000, 7),
+    ] {
+        assert_eq!(
+            expected(&lesson.record, ms).len(),
+            cameras + 1,
+            "the record places {cameras} cameras and the board at {ms}"
+        );
+        check_moment(&mut browser, &lesson, ms).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_screen_share_covers_the_whiteboard_only_while_it_lasts() {
+    let origin = Origin::start().await;
+    let dir = scratch();
+    let parts = [
+        part("board", 2, "grey", 0, 30),
+        part("share", 1, "orange", 10, 20),
+        part("c1", 0, "red", 0, 30),
+        part("c2", 0, "green", 0, 30),
+    ];
+    let lesson = lesson("share", &parts, &origin, &dir);
+    let mut browser = Browser::start().await;
+    for ms in [5_000, 15_000, 25_000] {
+        check_moment(&mut browser, &lesson, ms).await;
+    }
+
+    // Play from 8 s across the start of the share, then pause.
+    browser
+        .open(&format!("file://{}#t=8000", lesson.page.display()))
+        .await;
+    browser.eval("lessonReplay.settled()").await;
+    browser.eval("lessonReplay.play()").await;
+    let playing = browser
+        .eval("new Promise(r => { const t = () => lessonReplay.time() >= 11500 ? r(lessonReplay.playing()) : setTimeout(t, 20); t(); })")
+        .await;
+    assert_eq!(playing, Value::Bool(true));
+    browser.eval("lessonReplay.pause()").await;
+    let at = browser
+        .eval("lessonReplay.settled()")
+        .await
+        .as_f64()
+        .unwrap() as i64;
+    assert!((11_500..14_000).contains(&at), "paused at {at} ms");
+    // Every visible video stands at the clock's time.
+    let drift = browser
+        .eval(&format!(
+            "Math.max(...[...document.querySelectorAll('#stage video')]
+               .filter(v => v.style.display === 'block')
+               .map(v => Math.abs(v.currentTime - ({at} - {{board:0,share:10000,c1:0,c2:0}}[v.dataset.track]) / 1000)))"
+        ))
+        .await
+        .as_f64()
+        .unwrap();
+    assert!(drift < 0.05, "a video is {drift} s off the clock");
+    let stage = browser.rect("#stage").await;
+    check_picture(
+        &browser.screenshot(stage).await,
+        &lesson,
+        at,
+        "played then paused",
+    );
+
+    // A click on the timeline at three quarters seeks there.
+    let (x, y, w, h) = browser.rect("#timeline").await;
+    browser.click(x + w * 0.75, y + h / 2.0).await;
+    let at = browser
+        .eval("lessonReplay.settled()")
+        .await
+        .as_f64()
+        .unwrap() as i64;
+    let duration = lesson.record["duration_ms"].as_i64().unwrap();
+    assert!(
+        (at - duration * 3 / 4).abs() < duration / 50,
+        "clicked at 3/4 of {duration} ms, the clock says {at}"
+    );
+    check_picture(
+        &browser.screenshot(stage).await,
+        &lesson,
+        at,
+        "timeline click",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_video_fills_the_canvas() {
+    let origin = Origin::start().await;
+    let dir = scratch();
+    let parts = [part("mix", 3, "purple", 0, 20)];
+    let lesson = lesson("mixed", &parts, &origin, &dir);
+    let mut browser = Browser::start().await;
+    for ms in [5_000, 15_000] {
+        assert_eq!(expected(&lesson.record, ms)["mix"], [0.0, 0.0, 1.0, 1.0]);
+        check_moment(&mut browser, &lesson, ms).await;
+    }
+}
+
+/// With archiving on, the worker writes the page as `index.html` beside
+/// `manifest.json`, playing the tracks by their relative keys: the lesson's
+/// folder, copied anywhere, plays itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archived_lesson_folder_plays_itself() {
+    use common::s3::S3Server;
+    use common::{Broker, spawn_worker};
+    use lapin::types::FieldTable;
+
+    let origin = Origin::start().await;
+    let dir = scratch().join("archived");
+    std::fs::create_dir_all(&dir).unwrap();
+    let s3 = S3Server::start("school");
+    let mut config = isolated_config("preview-archive");
+    s3.configure(&mut config, "school");
+    let broker = Broker::new(config).await;
+    let worker = spawn_worker(broker.config.clone()).await;
+    let parts = [part("board", 2, "grey", 0, 10), part("c1", 0, "red", 0, 10)];
+    let mut videos = Vec::new();
+    let mut colour_of = HashMap::new();
+    for p in &parts {
+        let bytes = make_video(&scratch(), p.colour, p.to - p.from);
+        let url = origin.add(
+            &format!("/archived/{}.mp4", p.id),
+            bytes.clone(),
+            Faults::default(),
+        );
+        videos.push(video(
+            &url,
+            p.id,
+            p.kind,
+            "u",
+            bytes.len(),
+            (p.to - p.from) * 1000,
+            0,
+        ));
+        colour_of.insert(p.id.to_owned(), rgb(p.colour));
+    }
+    broker
+        .publish(&finished("archived", 7, videos), FieldTable::default())
+        .await;
+    let (record, _) = broker.take(&broker.config.records_queue, 1).await.remove(0);
+    worker.stop().await;
+    broker.cleanup().await;
+
+    // Copy the lesson's folder out of the bucket, as a web server would serve it.
+    let track_key = record["tracks"][0]["archive"]["key"].as_str().unwrap();
+    let folder = &track_key[..track_key.rfind('/').unwrap() + 1];
+    let client = s3.client();
+    let listed = client
+        .list_objects_v2()
+        .bucket("school")
+        .prefix(folder)
+        .send()
+        .await
+        .unwrap();
+    let mut names = Vec::new();
+    for object in listed.contents() {
+        let key = object.key().unwrap();
+        let bytes = common::s3::object(&client, "school", key).await;
+        let name = key.strip_prefix(folder).unwrap();
+        std::fs::write(dir.join(name), bytes).unwrap();
+        names.push(name.to_owned());
+    }
+    names.sort();
+    assert!(names.contains(&"index.html".to_owned()), "{names:?}");
+    assert!(names.contains(&"manifest.json".to_owned()), "{names:?}");
+
+    let lesson = Lesson {
+        record,
+        colour_of,
+        page: dir.join("index.html"),
+    };
+    let mut browser = Browser::start().await;
+    check_moment(&mut browser, &lesson, 5_000).await;
+    // Played from the copies beside the page, not from the origin.
+    let sources = browser
+        .eval("[...document.querySelectorAll('#stage video')].map(v => v.currentSrc)")
+        .await;
+    for source in sources.as_array().unwrap() {
+        let source = source.as_str().unwrap();
+        assert!(
+            source.starts_with(&format!("file://{}/", dir.display())),
+            "{source}"
+        );
+    }
+}
+
+/// `--presign-hours`: each archived copy plays through a presigned URL, so a
+/// private bucket's lesson can be watched from a laptop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presigned_urls_open_a_private_buckets_copies() {
+    use common::moto::MotoServer;
+    let origin = Origin::start().await;
+    let dir = scratch().join("presigned");
+    std::fs::create_dir_all(&dir).unwrap();
+    let lesson = lesson(
+        "presigned",
+        &[part("board", 2, "grey", 0, 5)],
+        &origin,
+        &dir,
+    );
+    let bytes = make_video(&scratch(), "grey", 5);
+    let moto = MotoServer::start("school").await;
+    let key = "lesson-replay/presigned/board.mp4";
+    moto.client()
+        .put_object()
+        .bucket("school")
+        .key(key)
+        .body(bytes.clone().into())
+        .send()
+        .await
+        .unwrap();
+    let mut record = lesson.record.clone();
+    record["tracks"][0]["archive"] = serde_json::json!({"uri": format!("s3://school/{key}"),
+        "bucket": "school", "key": key, "size_bytes": bytes.len(), "md5": "0".repeat(32), "etag": null});
+    let record_path = dir.join("archived.json");
+    std::fs::write(&record_path, serde_json::to_vec(&record).unwrap()).unwrap();
+    let mut config = isolated_config("presign");
+    moto.configure(&mut config, "school");
+    let record_arg = record_path.to_str().unwrap();
+    let preview =
+        |hours: &str| lesson_replay(&config, &["preview", "--presign-hours", hours, record_arg]);
+    let out = preview("2");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = String::from_utf8(out.stdout).unwrap();
+    let sources_json = page
+        .split(r#"<script type="application/json" id="sources">"#)
+        .nth(1)
+        .and_then(|rest| rest.split("</script>").next())
+        .unwrap();
+    let sources: HashMap<String, Vec<String>> = serde_json::from_str(sources_json).unwrap();
+    let urls = &sources["board"];
+    assert_eq!(urls.len(), 2, "the copy, then the origin: {urls:?}");
+    assert!(
+        urls[0].contains("X-Amz-Signature=") && urls[0].contains("X-Amz-Expires=7200"),
+        "{}",
+        urls[0]
+    );
+    let fetched = reqwest::get(&urls[0]).await.unwrap();
+    assert_eq!(fetched.status(), 200);
+    assert_eq!(fetched.bytes().await.unwrap().as_ref(), bytes.as_slice());
+    assert_eq!(
+        urls[1],
+        lesson.record["tracks"][0]["source_url"].as_str().unwrap()
+    );
+
+    let refused = preview("500");
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("1 to 168"));
+}
