@@ -381,3 +381,50 @@ async fn the_worker_aborts_the_upload_of_a_failed_download() {
     assert_eq!(broker.depth(&tier).await, 1);
     broker.cleanup().await;
 }
+
+/// `s3_payload_signing = unsigned`: parts and small files go as
+/// `UNSIGNED-PAYLOAD` (no SHA-256 of every byte); the store accepts them and
+/// the stored bytes are exactly the origin's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsigned_payloads_store_the_same_bytes() {
+    use lesson_replay::config::settings::PayloadSigning;
+    let s3 = S3Server::start("school");
+    let origin = Origin::start().await;
+    let mut config = isolated_config("unsigned");
+    s3.configure(&mut config, "school");
+    config.s3_payload_signing = PayloadSigning::Unsigned;
+    config.s3_part_size_bytes = 5 * 1024 * 1024;
+    let broker = Broker::new(config).await;
+    let worker = spawn_worker(broker.config.clone()).await;
+    let big: Vec<u8> = (0..12 * 1024 * 1024u32).map(|i| (i % 241) as u8).collect();
+    let files = [big, FASTSTART.to_vec()];
+    let videos = files
+        .iter()
+        .enumerate()
+        .map(|(i, bytes)| {
+            let url = origin.add(&format!("/u{i}.mp4"), bytes.clone(), Faults::default());
+            video(
+                &url,
+                &format!("u{i}"),
+                0,
+                &format!("user{i}"),
+                bytes.len(),
+                2000,
+                0,
+            )
+        })
+        .collect();
+    broker
+        .publish(&finished("unsigned", 7, videos), Default::default())
+        .await;
+    let (record, _) = broker.take(&broker.config.records_queue, 1).await.remove(0);
+    worker.stop().await;
+    let client = s3.client();
+    for (track, bytes) in record["tracks"].as_array().unwrap().iter().zip(&files) {
+        let key = track["archive"]["key"].as_str().unwrap();
+        let stored = common::s3::object(&client, "school", key).await;
+        assert!(stored == *bytes, "{key}: the stored bytes differ");
+        assert_eq!(track["archive"]["md5"], hex::encode(Md5::digest(bytes)));
+    }
+    broker.cleanup().await;
+}

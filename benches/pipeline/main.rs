@@ -68,9 +68,13 @@ async fn main() {
     }
     if wanted('2') || wanted('3') {
         eprintln!("2. archive path ...");
-        (results.archive_mb_per_s, results.peak_rss_mib) =
+        let run =
             archive::archive_rate(&plan, &origin, plan.archive_files, plan.archive_file_bytes)
                 .await;
+        (results.archive_mb_per_s, results.peak_rss_mib) = (run.mb_per_s, run.peak_rss_mib);
+        results.archive_cpu_s_per_gb = run.cpu_s_per_gb;
+        results.md5_floor_cpu_s_per_gb =
+            archive::md5_floor_cpu_s_per_gb(plan.archive_file_bytes.min(1024 * MIB)).await;
         results.copy_baseline_mb_per_s =
             archive::copy_baseline(&plan, &origin, plan.archive_files, plan.archive_file_bytes)
                 .await;
@@ -79,8 +83,9 @@ async fn main() {
         eprintln!("3. memory with files 4x larger ...");
         // As many files as uploads run at once, so both runs have the same concurrency.
         let files_4x = (plan.archive_files / 4).max(plan.archive_concurrency as usize);
-        (results.archive_4x_mb_per_s, results.peak_rss_mib_4x) =
+        let run =
             archive::archive_rate(&plan, &origin, files_4x, plan.archive_file_bytes * 4).await;
+        (results.archive_4x_mb_per_s, results.peak_rss_mib_4x) = (run.mb_per_s, run.peak_rss_mib);
     }
     if wanted('4') {
         eprintln!("4. probe cost ...");
@@ -111,8 +116,9 @@ async fn main() {
 /// Scenario 1: the records path and its baseline.
 async fn run_records(plan: &Plan, origin: &Origin, results: &mut Results) {
     eprintln!("1. records path ...");
-    let (rate, record_bytes, stages) = records::records_rate(plan, origin, 1).await;
+    let (rate, record_bytes, stages, cpu_ms) = records::records_rate(plan, origin, 1).await;
     results.records_per_s = rate;
+    results.worker_cpu_ms_per_record = cpu_ms;
     results.records_mean_ms = stages;
     results.broker_baseline_per_s = records::broker_baseline(plan, record_bytes).await;
 }

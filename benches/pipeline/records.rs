@@ -16,16 +16,19 @@ use crate::common::messages::{FASTSTART, MOOV_AT_END};
 use crate::common::origin::{Faults, Origin};
 use crate::common::{Broker, WorkerProcess};
 use crate::harness::{
-    Plan, lesson, mean_durations, preload, quiet, records_config, scrape, serve_metrics,
-    wait_for_depth,
+    Plan, cpu_seconds, lesson, mean_durations, preload, quiet, records_config, scrape,
+    serve_metrics, wait_for_depth,
 };
 
-/// Scenario 1 (and 6): records/s of `workers` worker processes over the plan's preloaded recordings.
+/// Scenario 1 (and 6): records/s of `workers` worker processes over the
+/// plan's preloaded recordings, the record's size, the mean stage durations
+/// (one worker), and the workers' CPU time per record, ms (user + system,
+/// from `/proc`, start-up included).
 pub(crate) async fn records_rate(
     plan: &Plan,
     origin: &Origin,
     workers: usize,
-) -> (f64, usize, Value) {
+) -> (f64, usize, Value, f64) {
     let mut config = records_config(plan);
     // One worker exposes its metrics; two would compete for the port.
     let port = if workers == 1 {
@@ -61,6 +64,8 @@ pub(crate) async fn records_rate(
     )
     .await;
     let rate = plan.records as f64 / started.elapsed().as_secs_f64();
+    let cpu: f64 = running.iter().map(|w| cpu_seconds(w.pid())).sum();
+    let cpu_ms_per_record = cpu * 1e3 / plan.records as f64;
     let (sample, _) = broker
         .next(&broker.config.records_queue, Duration::from_secs(1))
         .await
@@ -79,7 +84,7 @@ pub(crate) async fn records_rate(
         w.wait_exit(Duration::from_secs(30));
     }
     broker.cleanup().await;
-    (rate, record_bytes, stages)
+    (rate, record_bytes, stages, cpu_ms_per_record)
 }
 
 /// The bare loop on the broker: consume (same prefetch), publish with

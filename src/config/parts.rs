@@ -10,7 +10,7 @@ use secrecy::SecretString;
 use crate::broker::amqp::BrokerSettings;
 use crate::broker::retry::RetryPolicy;
 use crate::broker::topology::TopologySettings;
-use crate::config::settings::{Config, ConfigError};
+use crate::config::settings::{Config, ConfigError, PayloadSigning};
 use crate::decision::decide::InputPolicy;
 use crate::decision::decode::Limits;
 use crate::decision::url_policy::UrlPolicy;
@@ -129,6 +129,15 @@ impl Config {
             storage_class: self.s3_storage_class.clone(),
             sse: self.s3_sse.clone(),
             part_size: self.s3_part_size_bytes,
+            unsigned_payload: match self.s3_payload_signing {
+                PayloadSigning::Signed => false,
+                PayloadSigning::Unsigned => true,
+                // No endpoint: AWS, always HTTPS.
+                PayloadSigning::Auto => self
+                    .s3_endpoint
+                    .as_deref()
+                    .is_none_or(|e| e.trim().to_ascii_lowercase().starts_with("https://")),
+            },
         }
     }
 
@@ -189,6 +198,25 @@ mod tests {
             committed, generated,
             "regenerate with: cargo run -- topology --print-definitions > deploy/rabbitmq/definitions.json"
         );
+    }
+
+    #[test]
+    fn payloads_are_unsigned_by_default_only_over_tls() {
+        let with = |endpoint: Option<&str>, signing: PayloadSigning| {
+            let config = Config {
+                archive: true,
+                s3_bucket: Some("b".into()),
+                s3_endpoint: endpoint.map(str::to_owned),
+                s3_payload_signing: signing,
+                ..Config::default()
+            };
+            config.media_settings().archive.unwrap().unsigned_payload
+        };
+        assert!(with(None, PayloadSigning::Auto), "AWS: HTTPS");
+        assert!(with(Some("https://cos.example"), PayloadSigning::Auto));
+        assert!(!with(Some("http://minio:9000"), PayloadSigning::Auto));
+        assert!(with(Some("http://minio:9000"), PayloadSigning::Unsigned));
+        assert!(!with(None, PayloadSigning::Signed));
     }
 
     #[test]

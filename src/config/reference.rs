@@ -139,6 +139,10 @@ pub const SETTINGS: &[Setting] = &[
         "multipart part size: 5 MiB to 5 GiB (at most 16 MiB for MinIO)",
     ),
     setting(
+        "s3_payload_signing",
+        "`auto` (unsigned over HTTPS, where TLS protects the bytes; signed over plain HTTP), `signed` or `unsigned`: whether uploads hash every byte for SigV4 (SHA-256, about a CPU-second per GB) or send `UNSIGNED-PAYLOAD`",
+    ),
+    setting(
         "retry_delays_secs",
         "delay tiers of broker-level retries, comma-separated (changing them adds tier queues)",
     ),

@@ -68,6 +68,7 @@ pub struct Config {
     pub s3_storage_class: Option<String>,
     pub s3_sse: Option<String>,
     pub s3_part_size_bytes: usize,
+    pub s3_payload_signing: PayloadSigning,
     #[serde(deserialize_with = "list")]
     pub retry_delays_secs: Vec<u64>,
     pub retry_max_age_secs: u64,
@@ -189,6 +190,7 @@ impl Default for Config {
             s3_storage_class: None,
             s3_sse: None,
             s3_part_size_bytes: 8 * 1024 * 1024,
+            s3_payload_signing: PayloadSigning::Auto,
             retry_delays_secs: vec![10, 60, 300, 1800, 7200],
             retry_max_age_secs: 12 * 3600,
             stage_budget_secs: 60,
@@ -214,6 +216,19 @@ impl Default for Config {
             watch_callback_grace_secs: 20 * 60,
         }
     }
+}
+
+/// Whether uploads sign their bytes (SigV4's SHA-256 of every part) or send
+/// `UNSIGNED-PAYLOAD`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadSigning {
+    /// Unsigned over HTTPS (TLS protects the bytes, as AWS's own tools do),
+    /// signed over plain HTTP.
+    #[default]
+    Auto,
+    Signed,
+    Unsigned,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
