@@ -1,6 +1,6 @@
 //! The replay page in a real browser: headless Chromium plays lessons made of
-//! ffmpeg-made videos, each a solid colour of its own, from a loopback HTTP
-//! origin. At several moments of each lesson the page is opened at that time
+//! ffmpeg-made videos, each a solid colour of its own with a frame counter,
+//! from a loopback HTTP origin. At several moments of each lesson the page is opened at that time
 //! (`#t=`), and the colour inside every rectangle the record's layout gives
 //! for that moment (main and each tile) is checked in a screenshot, as is
 //! that no track that should be hidden shows anywhere. Play, pause and a
@@ -57,7 +57,8 @@ fn close(a: [u8; 3], b: [u8; 3]) -> bool {
         .all(|(x, y)| (i32::from(*x) - i32::from(y)).abs() <= TOLERANCE)
 }
 
-/// A solid-colour H.264 MP4 of `seconds`, 10 frames a second, made by ffmpeg.
+/// A solid-colour H.264 MP4 of `seconds`, 10 frames a second, with a frame
+/// counter, made by ffmpeg.
 fn make_video(dir: &Path, colour: &str, seconds: i64) -> Vec<u8> {
     let [r, g, b] = rgb(colour);
     let path = dir.join(format!("{colour}-{seconds}.mp4"));
@@ -67,6 +68,12 @@ fn make_video(dir: &Path, colour: &str, seconds: i64) -> Vec<u8> {
             .arg(format!(
                 "color=c=0x{r:02x}{g:02x}{b:02x}:s=160x90:r=10:d={seconds}"
             ))
+            // The frame number, small, black, in the bottom-left corner:
+            // outside the area the colour checks sample.
+            .args([
+                "-vf",
+                "drawtext=text='%{n}':x=3:y=h-th-3:fontsize=12:fontcolor=black",
+            ])
             .args(["-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", "10"])
             .args(["-movflags", "+faststart"])
             .arg(&path)
