@@ -105,8 +105,8 @@ async fn a_killed_workers_uploads_are_aborted_when_its_lessons_come_back() {
         Vec::<String>::new(),
         "the journal is empty"
     );
-    // Exactly the lessons' tracks and manifests: nothing else in the bucket.
-    assert_eq!(left.len(), 2 * lessons, "{left:?}");
+    // Exactly each lesson's track, page and manifest: nothing else in the bucket.
+    assert_eq!(left.len(), 3 * lessons, "{left:?}");
     broker.assert_settled().await;
     broker.cleanup().await;
 }
