@@ -531,6 +531,25 @@ async fn a_topology_the_broker_refuses_blocks_readiness_with_its_reason() {
     assert!(!health.is_ready());
     worker.stop().await;
 
+    // The ingress the same way: blocked with the reason, callbacks refused.
+    let ingress = common::spawn_ingress(config.clone(), Metrics::default()).await;
+    let ingress_health = ingress.health.clone();
+    wait_until(
+        "the ingress says why it is blocked",
+        Duration::from_secs(30),
+        || ingress_health.blocked().is_some(),
+    )
+    .await;
+    assert!(ingress_health.blocked().unwrap().contains("x-queue-type"));
+    let answer = reqwest::Client::new()
+        .post(&ingress.url)
+        .body(lesson("refused"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 503, "TIC is told to retry");
+    ingress.stop().await;
+
     channel
         .queue_delete(
             config.parking_queue.as_str().into(),

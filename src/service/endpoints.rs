@@ -45,8 +45,15 @@ impl Health {
 
     /// Not ready for a reason only an operator can fix; `/readyz` says it.
     pub fn block(&self, reason: &str, metrics: &Metrics) {
+        self.block_reason(reason);
+        metrics.set_broker_connected(false);
+    }
+
+    /// [`Health::block`] for a service that reports its broker session
+    /// elsewhere (the ingress).
+    pub fn block_reason(&self, reason: &str) {
         *self.blocked.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_owned());
-        self.set_ready(false, metrics);
+        self.set(false);
     }
 
     /// Why the service is blocked, if it is.

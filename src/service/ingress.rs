@@ -32,7 +32,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, field::Empty, info, info_span, warn};
+use tracing::{Instrument, error, field::Empty, info, info_span, warn};
 
 use crate::broker::amqp::{self, BrokerSettings, DeclareError, PublishError};
 use crate::broker::headers::{self};
@@ -48,6 +48,8 @@ const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(5);
 /// The longest wait for the broker to accept a connection and the topology
 /// (each address of a list gets its own, shorter limit in `amqp::connect`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// When the broker refuses the topology, how often it is quietly tried again.
+const REFUSED_RECHECK: Duration = Duration::from_secs(60);
 /// A session that lived this long resets the reconnect backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(5);
 /// With `ingress_signature` on, a callback whose own `timestamp` is further
@@ -189,6 +191,19 @@ async fn keep_channel(
                         () = stop.cancelled() => {},
                         () = tokio::time::sleep(wait) => {},
                     }
+                }
+            }
+            Err(e) if e.is_permanent() => {
+                // Only an operator can fix it: said once, shown in /readyz,
+                // looked at again now and then.
+                let why = e.to_string();
+                if health.blocked().as_deref() != Some(why.as_str()) {
+                    error!(error = %why, "not ready: the broker refuses the topology; an operator must act (docs/operations.md)");
+                    health.block_reason(&why);
+                }
+                tokio::select! {
+                    () = stop.cancelled() => {},
+                    () = tokio::time::sleep(REFUSED_RECHECK) => {},
                 }
             }
             Err(e) => {
