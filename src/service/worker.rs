@@ -738,6 +738,20 @@ fn failure_headers(delivery: &Delivery, reason: &Rejection, failures: u32) -> Fi
     table
 }
 
+/// Copy the message, with the bookkeeping of its `failures`, to the delay
+/// queue `queue` (confirmed): its TTL brings it back.
+async fn send_to_wait(
+    context: &Context,
+    delivery: &Delivery,
+    reason: &Rejection,
+    failures: u32,
+    queue: &str,
+) -> Result<(), PublishError> {
+    let table = failure_headers(delivery, reason, failures);
+    let properties = delivery.properties.clone().with_headers(table);
+    amqp::publish_confirmed(&context.publisher, "", queue, &delivery.data, properties).await
+}
+
 /// Republish to the next delay tier (confirmed), or park when out of tiers.
 async fn retry_later(
     context: &Context,
@@ -757,10 +771,7 @@ async fn retry_later(
         RetryStep::Delay(tier) => {
             let delay = context.retry.tiers[tier];
             let queue = retry::tier_queue(&context.config.work_queue, delay);
-            let table = failure_headers(delivery, reason, attempt + 1);
-            let properties = delivery.properties.clone().with_headers(table);
-            amqp::publish_confirmed(&context.publisher, "", &queue, &delivery.data, properties)
-                .await?;
+            send_to_wait(context, delivery, reason, attempt + 1, &queue).await?;
             let (replay_id, task_id) = lesson_ids();
             warn!(replay_id, task_id, reason = %reason.code, delay_secs = delay.as_secs(), "retrying later: {}", reason.message);
             context.metrics.retried(reason.code, delay);
@@ -802,9 +813,7 @@ async fn park_or_defer(
             delay_queue(&context.config.work_queue, delays[0])
         }
     };
-    let table = failure_headers(delivery, reason, attempt + 1);
-    let properties = delivery.properties.clone().with_headers(table);
-    amqp::publish_confirmed(&context.publisher, "", &queue, &delivery.data, properties).await?;
+    send_to_wait(context, delivery, reason, attempt + 1, &queue).await?;
     let (replay_id, task_id) = lesson_ids();
     warn!(replay_id, task_id, reason = %reason.code, error = %e, %queue,
         "parking not confirmed: the message waits in a delay queue and is parked when it comes back");

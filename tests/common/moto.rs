@@ -8,12 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::{Credentials, Region};
 use lesson_replay::config::settings::Config;
-use secrecy::SecretString;
 
-const ACCESS_KEY: &str = "lesson-replay-test";
-const SECRET_KEY: &str = "lesson-replay-test-secret";
+use crate::common::s3::{client_for, configure_store};
 
 pub struct MotoServer {
     child: Child,
@@ -69,23 +66,11 @@ impl MotoServer {
 
     /// Point `config` at this server and bucket, archiving on.
     pub fn configure(&self, config: &mut Config, bucket: &str) {
-        config.archive = true;
-        config.s3_endpoint = Some(self.endpoint.clone());
-        config.s3_force_path_style = true;
-        config.s3_access_key_id = Some(SecretString::from(ACCESS_KEY));
-        config.s3_secret_access_key = Some(SecretString::from(SECRET_KEY));
-        config.s3_bucket = Some(bucket.to_owned());
+        configure_store(config, &self.endpoint, bucket);
     }
 
     pub fn client(&self) -> Client {
-        let config = aws_sdk_s3::Config::builder()
-            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-            .region(Region::new("us-east-1"))
-            .endpoint_url(&self.endpoint)
-            .force_path_style(true)
-            .credentials_provider(Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test"))
-            .build();
-        Client::from_conf(config)
+        client_for(&self.endpoint)
     }
 
     /// The keys of the multipart uploads under way in `bucket`.

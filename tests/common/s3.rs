@@ -83,15 +83,9 @@ impl S3Server {
 
     /// Point `config` at this server and bucket, archiving on.
     pub fn configure(&self, config: &mut Config, bucket: &str) {
-        config.archive = true;
-        config.s3_endpoint = Some(self.endpoint.clone());
-        config.s3_force_path_style = true;
-        config.s3_access_key_id = Some(SecretString::from(ACCESS_KEY));
-        config.s3_secret_access_key = Some(SecretString::from(SECRET_KEY));
-        config.s3_bucket = Some(bucket.to_owned());
+        configure_store(config, &self.endpoint, bucket);
     }
 
-    /// A plain S3 client for inspecting the bucket.
     /// The multipart uploads under way in the store: s3s-fs 0.14 has no
     /// `ListMultipartUploads`, and keeps each upload in a `.upload*` entry of
     /// its root. Tests check this sees an upload under way before they trust
@@ -104,16 +98,33 @@ impl S3Server {
             .collect()
     }
 
+    /// A plain S3 client for inspecting the bucket.
     pub fn client(&self) -> Client {
-        let config = aws_sdk_s3::Config::builder()
-            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-            .region(Region::new("us-east-1"))
-            .endpoint_url(&self.endpoint)
-            .force_path_style(true)
-            .credentials_provider(Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test"))
-            .build();
-        Client::from_conf(config)
+        client_for(&self.endpoint)
     }
+}
+
+/// Point `config` at the test store at `endpoint` (path style, the tests'
+/// credentials) and `bucket`, archiving on.
+pub fn configure_store(config: &mut Config, endpoint: &str, bucket: &str) {
+    config.archive = true;
+    config.s3_endpoint = Some(endpoint.to_owned());
+    config.s3_force_path_style = true;
+    config.s3_access_key_id = Some(SecretString::from(ACCESS_KEY));
+    config.s3_secret_access_key = Some(SecretString::from(SECRET_KEY));
+    config.s3_bucket = Some(bucket.to_owned());
+}
+
+/// A plain S3 client of the test store at `endpoint`, for inspecting it.
+pub fn client_for(endpoint: &str) -> Client {
+    let config = aws_sdk_s3::Config::builder()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .credentials_provider(Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test"))
+        .build();
+    Client::from_conf(config)
 }
 
 /// The bytes of `bucket/key`, read with `client`.
