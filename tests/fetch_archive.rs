@@ -244,6 +244,36 @@ async fn a_moov_at_end_probe_reads_a_small_fraction_of_the_file() {
         read.bytes_read,
         file.len()
     );
+    // The first window, then the rest past `mdat` (the moov) in one request.
+    assert_eq!(read.requests, 2);
+}
+
+#[tokio::test]
+async fn a_large_box_after_the_moov_is_skipped_by_its_header() {
+    let origin = Origin::start().await;
+    // ftyp, mdat, then a 2 MiB free box before the moov: the rest past
+    // `mdat` is too much to read whole.
+    let source = boxes(MOOV_AT_END);
+    let find = |kind: &[u8; 4]| source.iter().find(|(k, _)| *k == kind).unwrap().1;
+    let mut file = find(b"ftyp").to_vec();
+    for (kind, len) in [(b"mdat", MIB), (b"free", 2 * MIB)] {
+        file.extend_from_slice(&((len + 8) as u32).to_be_bytes());
+        file.extend_from_slice(kind);
+        file.extend_from_slice(&noise(len));
+    }
+    file.extend_from_slice(find(b"moov"));
+    let url = origin.add("/lesson.mp4", file.clone(), Faults::default());
+    let read = fetcher().probe_by_ranges(&url).await.unwrap();
+    let probe = read.probe.unwrap();
+    assert!((4950..=5100).contains(&probe.duration_ms), "{probe:?}");
+    assert!(
+        read.bytes_read < 64 * 1024,
+        "read {} of {}",
+        read.bytes_read,
+        file.len()
+    );
+    // Window, free's header (2 MiB + moov left: too far to take whole), moov.
+    assert_eq!(read.requests, 3);
 }
 
 #[tokio::test]

@@ -215,7 +215,7 @@ pub fn decode(body: &[u8], limits: &Limits) -> Result<Announcement, Rejection> {
     }
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| Rejection::new(ReasonCode::InvalidJson, e.to_string()))?;
-    if let Some(path) = find_long_string(&value, limits.max_string_bytes, String::new()) {
+    if let Some(path) = find_long_string(&value, limits.max_string_bytes) {
         return Err(Rejection::new(
             ReasonCode::FieldTooLong,
             format!("{path}: longer than {} bytes", limits.max_string_bytes),
@@ -252,25 +252,57 @@ pub fn decode(body: &[u8], limits: &Limits) -> Result<Announcement, Rejection> {
     Ok(announcement)
 }
 
-/// The path of the first string (or key) longer than `max` bytes.
-fn find_long_string(value: &Value, max: usize, path: String) -> Option<String> {
-    match value {
-        Value::String(s) if s.len() > max => Some(if path.is_empty() { ".".into() } else { path }),
-        Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .find_map(|(i, v)| find_long_string(v, max, format!("{path}[{i}]"))),
-        Value::Object(map) => map.iter().find_map(|(k, v)| {
-            let here = if path.is_empty() {
-                k.clone()
-            } else {
-                format!("{path}.{k}")
-            };
-            if k.len() > max {
-                Some(format!("{}…", &here[..here.floor_char_boundary(64)]))
-            } else {
-                find_long_string(v, max, here)
+/// The path of the first string (or key) longer than `max` bytes. Nothing is
+/// allocated unless one is found: the path is built on the way back up.
+fn find_long_string(value: &Value, max: usize) -> Option<String> {
+    use std::fmt::Write;
+    let mut steps = Vec::new();
+    let long_key = long_string_steps(value, max, &mut steps)?;
+    let mut path = String::new();
+    for step in steps.iter().rev() {
+        match step {
+            Step::Index(i) => {
+                let _ = write!(path, "[{i}]");
             }
+            Step::Key(k) => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+            }
+        }
+    }
+    Some(match (long_key, path.is_empty()) {
+        (true, _) => format!("{}…", &path[..path.floor_char_boundary(64)]),
+        (false, true) => ".".into(),
+        (false, false) => path,
+    })
+}
+
+/// One step of a JSON path, innermost first in [`long_string_steps`]'s output.
+enum Step<'a> {
+    Index(usize),
+    Key(&'a str),
+}
+
+/// `Some(is_key)` when a string (or a key) longer than `max` is found, with the
+/// steps leading to it pushed innermost first.
+fn long_string_steps<'a>(value: &'a Value, max: usize, steps: &mut Vec<Step<'a>>) -> Option<bool> {
+    match value {
+        Value::String(s) if s.len() > max => Some(false),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, v)| {
+            let found = long_string_steps(v, max, steps)?;
+            steps.push(Step::Index(i));
+            Some(found)
+        }),
+        Value::Object(map) => map.iter().find_map(|(k, v)| {
+            let found = if k.len() > max {
+                true
+            } else {
+                long_string_steps(v, max, steps)?
+            };
+            steps.push(Step::Key(k));
+            Some(found)
         }),
         _ => None,
     }

@@ -8,7 +8,8 @@
 //!
 //! Uploads stream: the download feeds parts of `part_size` bytes into a
 //! multipart upload (a small file is a single PUT), aborted on any failure so
-//! no orphan parts remain. Memory per upload: about one part.
+//! no orphan parts remain. Memory per upload: about one part, its buffer
+//! reused from part to part ([`PartPool`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,11 +28,12 @@ use aws_sdk_s3::types::{
     CompletedPart, ExpirationStatus, LifecycleExpiration, LifecycleRule, LifecycleRuleFilter,
     MetadataDirective, ServerSideEncryption, StorageClass,
 };
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::decision::record::{Archive, Kind, Probe, Record, Track};
 use crate::media::fetch::ChunkSink;
+use crate::media::part_pool::PartPool;
 use crate::media::s3_error::S3Error;
 use crate::preview::page;
 use crate::telemetry::metrics::{Metrics, S3Op, Target};
@@ -121,6 +123,8 @@ pub struct Archiver {
     storage_class: Option<StorageClass>,
     sse: Option<ServerSideEncryption>,
     part_size: usize,
+    /// Part buffers, reused from one part to the next.
+    parts: Arc<PartPool>,
     unsigned_payload: bool,
     metrics: Metrics,
     /// Aborts of uploads dropped half-way (shutdown, panic), awaited before exit.
@@ -161,6 +165,7 @@ impl Archiver {
             storage_class: settings.storage_class.as_deref().map(StorageClass::from),
             sse: settings.sse.as_deref().map(ServerSideEncryption::from),
             part_size: settings.part_size,
+            parts: PartPool::new(settings.part_size),
             unsigned_payload: settings.unsigned_payload,
             metrics,
             cleanup: TaskTracker::new(),
@@ -510,7 +515,8 @@ impl Archiver {
         Upload {
             archiver: self,
             key,
-            buf: BytesMut::with_capacity(self.part_size),
+            // Taken from the pool at the first byte.
+            buf: Vec::new(),
             upload_id: None,
             parts: Vec::new(),
             uploaded: 0,
@@ -592,7 +598,8 @@ fn metadata(md5: &str, probe: Option<&Probe>) -> HashMap<String, String> {
 pub struct Upload<'a> {
     archiver: &'a Archiver,
     key: String,
-    buf: BytesMut,
+    /// The part being filled: capacity 0 until the first byte.
+    buf: Vec<u8>,
     upload_id: Option<String>,
     parts: Vec<CompletedPart>,
     uploaded: u64,
@@ -602,6 +609,9 @@ impl ChunkSink for Upload<'_> {
     async fn write(&mut self, chunk: Bytes) -> Result<(), S3Error> {
         // Fill the part buffer exactly to its capacity: it never reallocates.
         let mut rest = &chunk[..];
+        if self.buf.capacity() == 0 && !rest.is_empty() {
+            self.buf = self.archiver.parts.take();
+        }
         while !rest.is_empty() {
             let room = self.archiver.part_size - self.buf.len();
             let (now, later) = rest.split_at(room.min(rest.len()));
@@ -609,6 +619,9 @@ impl ChunkSink for Upload<'_> {
             rest = later;
             if self.buf.len() == self.archiver.part_size {
                 self.upload_part().await?;
+                if !rest.is_empty() {
+                    self.buf = self.archiver.parts.take();
+                }
             }
         }
         Ok(())
@@ -663,8 +676,7 @@ impl Upload<'_> {
                 id
             }
         };
-        let part: Bytes = self.buf.split().freeze();
-        self.buf.reserve(a.part_size);
+        let part: Bytes = a.parts.part(std::mem::take(&mut self.buf));
         let number = self.parts.len() as i32 + 1;
         let size = part.len() as u64;
         let request = a
@@ -701,7 +713,7 @@ impl Upload<'_> {
         let etag = match self.upload_id.clone() {
             None => {
                 let size = self.buf.len() as u64;
-                let body = self.buf.split().freeze();
+                let body = a.parts.part(std::mem::take(&mut self.buf));
                 let request = a
                     .client
                     .put_object()

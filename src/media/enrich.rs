@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use futures_util::StreamExt;
 
@@ -194,7 +194,9 @@ impl Media {
             .when(FetchError::is_transient)
             .notify(|e, wait| warn!(track = %track.track_id, error = %e, ?wait, "probe failed, retrying"))
             .await?;
-        info!(track = %track.track_id, bytes_read = read.bytes_read, requests = read.requests, "probed by range reads");
+        // Per track, so at debug: the `published` line and the probe metrics
+        // say the same per record at `info`.
+        debug!(track = %track.track_id, bytes_read = read.bytes_read, requests = read.requests, "probed by range reads");
         let warning = match (read.total_size, track.size_bytes) {
             (Some(real), Some(declared)) if i64::try_from(real).ok() != Some(declared) => {
                 Some(Warning::new(

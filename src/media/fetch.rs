@@ -26,6 +26,10 @@ use crate::telemetry::metrics::{Metrics, Target};
 
 /// First range read of a probe: enough for `ftyp` and a small faststart `moov`.
 const PROBE_WINDOW: u64 = 32 * 1024;
+/// After the first window, a rest of the file this small is read in one
+/// request: past `mdat` it is usually just the `moov` box, so the box header
+/// and the box come in one round trip instead of two.
+const TAIL_WINDOW: u64 = 1024 * 1024;
 /// Top-level boxes walked before a probe gives up.
 const MAX_BOXES: usize = 64;
 /// Redirect hops followed, each checked against the URL policy.
@@ -228,7 +232,7 @@ impl Fetcher {
         declared_size: Option<i64>,
         sink: &mut S,
     ) -> Result<Download, FetchError> {
-        self.check_url(url)?;
+        let url = self.check_url(url)?;
         let mut md5 = Md5::new();
         let mut scanner = MoovScanner::new();
         let mut received: u64 = 0;
@@ -237,7 +241,7 @@ impl Fetcher {
         let mut total: Option<u64> = None;
         let mut validator: Option<String> = None;
         loop {
-            let mut request = self.client.get(url);
+            let mut request = self.client.get(url.clone());
             if received > 0 {
                 let guard = validator.clone().expect("resume only with a validator");
                 request = request
@@ -347,10 +351,10 @@ impl Fetcher {
     /// Probe `url` reading only box headers and the `moov` box with range
     /// requests: a few KB even when `moov` sits at the end of a multi-GB file.
     pub async fn probe_by_ranges(&self, url: &str) -> Result<RangeProbe, FetchError> {
-        self.check_url(url)?;
+        let url = self.check_url(url)?;
         let mut reader = RangeReader {
             fetcher: self,
-            url,
+            url: &url,
             start: 0,
             buf: Vec::new(),
             total: None,
@@ -362,7 +366,7 @@ impl Fetcher {
             Err(RangeError::NoRanges) => {
                 // The origin ignores Range: stream from the start until moov went past.
                 return self
-                    .probe_by_streaming(url, reader.bytes_read, reader.requests)
+                    .probe_by_streaming(&url, reader.bytes_read, reader.requests)
                     .await;
             }
             Err(RangeError::Fetch(e)) => return Err(e),
@@ -377,11 +381,11 @@ impl Fetcher {
 
     async fn probe_by_streaming(
         &self,
-        url: &str,
+        url: &url::Url,
         already_read: u64,
         requests: u32,
     ) -> Result<RangeProbe, FetchError> {
-        let response = self.send(self.client.get(url)).await?;
+        let response = self.send(self.client.get(url.clone())).await?;
         let total_size = response.content_length();
         let mut body = response.bytes_stream();
         let mut scanner = MoovScanner::new();
@@ -423,7 +427,8 @@ impl From<FetchError> for RangeError {
 /// Reads byte ranges of one file through a small window buffer.
 struct RangeReader<'a> {
     fetcher: &'a Fetcher,
-    url: &'a str,
+    /// Checked against the URL policy once, parsed once.
+    url: &'a url::Url,
     /// File offset of `buf[0]`.
     start: u64,
     buf: Vec<u8>,
@@ -450,7 +455,7 @@ impl RangeReader<'_> {
             self.start = offset;
             self.buf.clear();
         }
-        let request = self.fetcher.client.get(self.url).header(
+        let request = self.fetcher.client.get(self.url.clone()).header(
             header::RANGE,
             format!("bytes={from}-{}", end.max(from + 1) - 1),
         );
@@ -487,7 +492,11 @@ impl RangeReader<'_> {
             if self.total.is_some_and(|t| offset >= t) {
                 break;
             }
-            let window = if offset == 0 { PROBE_WINDOW } else { 16 };
+            let window = match self.total {
+                _ if offset == 0 => PROBE_WINDOW,
+                Some(total) if total - offset <= TAIL_WINDOW => total - offset,
+                _ => 16,
+            };
             self.ensure(offset, window).await?;
             let header = match parse_box_header(self.slice(offset, 16)) {
                 Ok(Some(h)) => h,

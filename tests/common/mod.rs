@@ -491,6 +491,13 @@ pub fn worker_env(c: &Config) -> Vec<(String, String)> {
     env
 }
 
+/// The binary [`WorkerProcess`] runs: the one cargo built, or the one
+/// `LESSON_REPLAY_BENCH_BIN` names (the benchmark compares two builds so).
+fn binary() -> std::path::PathBuf {
+    std::env::var_os("LESSON_REPLAY_BENCH_BIN")
+        .map_or_else(|| env!("CARGO_BIN_EXE_lesson-replay").into(), Into::into)
+}
+
 /// Run `lesson-replay ARGS` to its end with `config`'s settings.
 pub fn lesson_replay(config: &Config, args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_lesson-replay"))
@@ -534,7 +541,7 @@ impl WorkerProcess {
         stderr: std::process::Stdio,
         extra: &[(&str, &str)],
     ) -> WorkerProcess {
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_lesson-replay"))
+        let child = std::process::Command::new(binary())
             .arg(command)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
