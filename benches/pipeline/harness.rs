@@ -23,6 +23,8 @@ pub(crate) struct Plan {
     pub(crate) latency_seconds: f64,
     pub(crate) concurrency: u16,
     pub(crate) archive_concurrency: u16,
+    /// Alternating rounds of the archive scenario and its plain copy.
+    pub(crate) archive_rounds: usize,
     pub(crate) part_size: usize,
     /// Callbacks sent to the ingress (scenario 7).
     pub(crate) callbacks: usize,
@@ -38,6 +40,7 @@ impl Plan {
             latency_seconds: 10.0,
             concurrency: 16,
             archive_concurrency: 4,
+            archive_rounds: 3,
             part_size: 8 * MIB as usize,
             callbacks: 20_000,
         }
@@ -52,6 +55,7 @@ impl Plan {
             latency_seconds: 1.0,
             concurrency: 16,
             archive_concurrency: 2,
+            archive_rounds: 1,
             part_size: 5 * MIB as usize,
             callbacks: 500,
         }
@@ -247,12 +251,14 @@ pub(crate) fn machine() -> Value {
     })
 }
 
+/// The median of `values` (the upper one of an even count); 0 when empty.
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
 /// The medians of (p50, p99) pairs.
 pub(crate) fn medians(rounds: &[(f64, f64)]) -> (f64, f64) {
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        v[v.len() / 2]
-    };
     (
         median(rounds.iter().map(|r| r.0).collect()),
         median(rounds.iter().map(|r| r.1).collect()),

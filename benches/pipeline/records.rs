@@ -152,8 +152,11 @@ pub(crate) async fn bare_loop(
     let _ = connection.close(200, "done".into()).await;
 }
 
-/// Scenario 1 baseline: the bare loop over the same number of same-sized messages.
-pub(crate) async fn broker_baseline(plan: &Plan, record_bytes: usize) -> f64 {
+/// Scenario 1 baseline: the bare loop over the same number of same-sized
+/// messages; its rate, and the CPU time per message of this process while it
+/// runs, ms (the loop's broker client, lapin as in the worker: the origin
+/// in this process is idle meanwhile).
+pub(crate) async fn broker_baseline(plan: &Plan, record_bytes: usize) -> (f64, f64) {
     let broker = Broker::new(records_config(plan)).await;
     // Same size as the records path's inbound messages.
     let video = (
@@ -164,6 +167,7 @@ pub(crate) async fn broker_baseline(plan: &Plan, record_bytes: usize) -> f64 {
     let inbound = lesson("rec-1-00000", &[video.clone(), video.clone(), video]);
     preload(&broker, (0..plan.records).map(|_| inbound.clone())).await;
     let started = Instant::now();
+    let cpu_before = cpu_seconds(std::process::id());
     let record = Some(Arc::new(vec![b'x'; record_bytes]));
     bare_loop(
         broker.config.clone(),
@@ -174,6 +178,7 @@ pub(crate) async fn broker_baseline(plan: &Plan, record_bytes: usize) -> f64 {
     )
     .await;
     let rate = plan.records as f64 / started.elapsed().as_secs_f64();
+    let cpu_ms = (cpu_seconds(std::process::id()) - cpu_before) * 1e3 / plan.records as f64;
     broker.cleanup().await;
-    rate
+    (rate, cpu_ms)
 }
