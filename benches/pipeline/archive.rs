@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::common::Broker;
 use crate::common::origin::{Body, Faults, Origin};
 use crate::common::s3::S3Server;
-use crate::common::{Broker, WorkerProcess};
 use crate::harness::{
-    MIB, Plan, cpu_seconds, lesson, peak_rss_mib, preload, quiet, records_config, wait_for_depth,
+    MIB, Plan, cpu_seconds, lesson, peak_rss_mib, preload, records_config, start_worker,
+    wait_for_depth,
 };
 
 /// What one archive run measured.
@@ -55,7 +56,7 @@ pub(crate) async fn archive_rate(
     });
     preload(&broker, bodies).await;
     let started = Instant::now();
-    let mut worker = WorkerProcess::start_with(&broker.config, "info", quiet());
+    let mut worker = start_worker(&broker.config);
     wait_for_depth(
         &broker,
         &broker.config.records_queue,

@@ -10,7 +10,7 @@ use lesson_replay::config::settings::Config;
 use serde_json::{Value, json};
 
 use crate::common::messages::{finished, video};
-use crate::common::{Broker, isolated_config};
+use crate::common::{Broker, WorkerProcess, isolated_config};
 
 pub(crate) const MIB: u64 = 1024 * 1024;
 
@@ -143,6 +143,18 @@ pub(crate) async fn wait_for_depth(broker: &Broker, queue: &str, want: u32, limi
 
 pub(crate) fn quiet() -> std::process::Stdio {
     std::process::Stdio::null()
+}
+
+/// A worker process logging as in production: JSON lines at `info` (the
+/// tests' harness asks for text), to nowhere.
+pub(crate) fn start_worker(config: &Config) -> WorkerProcess {
+    WorkerProcess::start_with_env(
+        "worker",
+        config,
+        "info",
+        quiet(),
+        &[("LESSON_REPLAY_LOG_FORMAT", "json")],
+    )
 }
 
 /// Peak resident set size of a process, MiB (VmHWM).

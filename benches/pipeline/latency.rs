@@ -10,11 +10,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::Broker;
 use crate::common::messages::MOOV_AT_END;
 use crate::common::origin::{Faults, Origin};
-use crate::common::{Broker, WorkerProcess};
 use crate::harness::{
-    Plan, lesson, preload, publish_unconfirmed, quiet, records_config, scrape, serve_metrics,
+    Plan, lesson, preload, publish_unconfirmed, records_config, scrape, serve_metrics, start_worker,
 };
 use crate::records::bare_loop;
 
@@ -45,10 +45,7 @@ pub(crate) async fn latency(
     ];
     let stop_loop = tokio_util::sync::CancellationToken::new();
     let (mut worker, bare) = match processor {
-        Processor::Worker => (
-            Some(WorkerProcess::start_with(&broker.config, "info", quiet())),
-            None,
-        ),
+        Processor::Worker => (Some(start_worker(&broker.config)), None),
         Processor::BareLoop => {
             let run = bare_loop(
                 broker.config.clone(),

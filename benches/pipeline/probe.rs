@@ -3,10 +3,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::common::Broker;
 use crate::common::messages::MOOV_AT_END;
 use crate::common::origin::{Body, Faults, Origin};
-use crate::common::{Broker, WorkerProcess};
-use crate::harness::{Plan, lesson, preload, quiet, records_config, scrape, serve_metrics};
+use crate::harness::{Plan, lesson, preload, records_config, scrape, serve_metrics, start_worker};
 
 /// Scenario 4: bytes read to probe one moov-at-end file of `bytes` without archiving.
 pub(crate) async fn probe_cost(plan: &Plan, origin: &Origin, bytes: u64) -> u64 {
@@ -39,7 +39,7 @@ pub(crate) async fn probe_cost(plan: &Plan, origin: &Origin, bytes: u64) -> u64 
         },
         Faults::default(),
     );
-    let mut worker = WorkerProcess::start_with(&broker.config, "info", quiet());
+    let mut worker = start_worker(&broker.config);
     preload(
         &broker,
         std::iter::once(lesson("probe-cost", &[(url, total as usize, 2)])),

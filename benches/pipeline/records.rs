@@ -16,8 +16,8 @@ use crate::common::messages::{FASTSTART, MOOV_AT_END};
 use crate::common::origin::{Faults, Origin};
 use crate::common::{Broker, WorkerProcess};
 use crate::harness::{
-    Plan, cpu_seconds, lesson, mean_durations, preload, quiet, records_config, scrape,
-    serve_metrics, wait_for_depth,
+    Plan, cpu_seconds, lesson, mean_durations, preload, records_config, scrape, serve_metrics,
+    start_worker, wait_for_depth,
 };
 
 /// Scenario 1 (and 6): records/s of `workers` worker processes over the
@@ -53,9 +53,8 @@ pub(crate) async fn records_rate(
     )
     .await;
     let started = Instant::now();
-    let mut running: Vec<WorkerProcess> = (0..workers)
-        .map(|_| WorkerProcess::start_with(&broker.config, "info", quiet()))
-        .collect();
+    let mut running: Vec<WorkerProcess> =
+        (0..workers).map(|_| start_worker(&broker.config)).collect();
     wait_for_depth(
         &broker,
         &broker.config.records_queue,

@@ -548,8 +548,12 @@ impl WorkerProcess {
             .env("RUST_LOG", rust_log)
             .envs(worker_env(config))
             .envs(extra.iter().copied())
-            // Allocator tuning, e.g. MALLOC_ARENA_MAX, reaches the worker.
-            .envs(std::env::vars().filter(|(k, _)| k.starts_with("MALLOC_")))
+            // Allocator and runtime tuning (MALLOC_ARENA_MAX,
+            // TOKIO_WORKER_THREADS) reaches the worker.
+            .envs(
+                std::env::vars()
+                    .filter(|(k, _)| k.starts_with("MALLOC_") || k == "TOKIO_WORKER_THREADS"),
+            )
             .stderr(stderr)
             .spawn()
             .expect("the worker binary starts");
