@@ -194,7 +194,7 @@ fn the_dashboard_is_provisioned_and_refers_to_its_datasource() {
 
 /// In JSON logs, the outcome of a delivery carries `replay_id` and `task_id`
 /// at the top level, where log tools index them, and every line of a
-/// delivery carries its `body_md5`.
+/// delivery carries its span: `body_md5`, the lesson and TIC's `random`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_log_lines_carry_the_lesson_at_the_top_level() {
     let config = isolated_config("json-logs");
@@ -208,7 +208,10 @@ async fn json_log_lines_carry_the_lesson_at_the_top_level() {
     );
     let lines = worker.log_lines();
     let body = common::messages::one_camera("logged", 5, "http://1.vod2.myqcloud.com/a.mp4", 1000);
-    broker.publish(&body, FieldTable::default()).await;
+    let mut headers = FieldTable::default();
+    set_header(&mut headers, "x-tic-random", "8675309");
+    set_header(&mut headers, "x-tic-sdkappid", "1400042982");
+    broker.publish(&body, headers).await;
     let (record, _) = broker.take(&config.records_queue, 1).await.remove(0);
     worker.terminate();
     worker.wait_exit(std::time::Duration::from_secs(30));
@@ -223,6 +226,15 @@ async fn json_log_lines_carry_the_lesson_at_the_top_level() {
     assert_eq!(published["replay_id"], record["replay_id"], "{published}");
     assert_eq!(published["task_id"], "logged", "{published}");
     let md5 = hex::encode(<md5::Md5 as md5::Digest>::digest(&body));
-    assert_eq!(published["span"]["body_md5"], md5.as_str(), "{published}");
+    let span = &published["span"];
+    assert_eq!(span["body_md5"], md5.as_str(), "{published}");
+    // The lesson's fields, recorded on the span once decided, and TIC's
+    // request id from the message's headers.
+    assert_eq!(span["replay_id"], record["replay_id"], "{published}");
+    assert_eq!(span["room_id"], record["room_id"], "{published}");
+    assert!(record["sdkappid"].is_i64(), "{record}");
+    assert_eq!(span["sdkappid"], record["sdkappid"], "{published}");
+    assert_eq!(span["task_id"], "logged", "{published}");
+    assert_eq!(span["tic_random"], "8675309", "{published}");
     broker.cleanup().await;
 }

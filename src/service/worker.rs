@@ -373,6 +373,7 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery, kind: Kind) 
     let attempt = header_text(delivery.properties.headers().as_ref(), headers::ATTEMPT)
         .and_then(|a| a.parse::<u32>().ok())
         .unwrap_or(0);
+    let tic_random = header_text(delivery.properties.headers().as_ref(), headers::TIC_RANDOM);
     let span = info_span!(
         "delivery",
         replay_id = Empty,
@@ -386,11 +387,8 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery, kind: Kind) 
         body_md5 = %amqp::body_md5(&delivery.data),
         message_id = delivery.properties.message_id().as_ref().map(|m| m.as_str()),
         // TIC's per-request `random`, which its support asks for.
-        tic_random = Empty
+        tic_random = tic_random.as_deref()
     );
-    if let Some(random) = header_text(delivery.properties.headers().as_ref(), headers::TIC_RANDOM) {
-        span.record("tic_random", random.as_str());
-    }
     let handling = async move {
         let metrics = &context.metrics;
         let _in_flight = metrics.in_flight_guard();
@@ -489,15 +487,14 @@ async fn publish_normalized(
     delivery: &Delivery,
 ) -> Outcome {
     let record = &normalized.record;
-    let span = tracing::Span::current();
-    span.record("replay_id", record.replay_id.as_str());
-    span.record("room_id", record.room_id);
-    if let Some(task) = &record.task_id {
-        span.record("task_id", task.as_str());
-    }
-    if let Some(app) = record.sdkappid {
-        span.record("sdkappid", app);
-    }
+    // One call: a JSON log layer re-renders the span's fields on each.
+    tracing::record_all!(
+        tracing::Span::current(),
+        replay_id = record.replay_id.as_str(),
+        room_id = record.room_id,
+        task_id = record.task_id.as_deref(),
+        sdkappid = record.sdkappid
+    );
     remember_lesson(&record.replay_id, record.task_id.as_deref());
     match context.media.enrich(normalized).await {
         Ok(()) => {}
@@ -544,9 +541,11 @@ async fn check_watch(context: &Context, delivery: &Delivery) -> Outcome {
             ));
         }
     };
-    let span = tracing::Span::current();
-    span.record("task_id", watch.task_id.as_str());
-    span.record("sdkappid", watch.sdkappid);
+    tracing::record_all!(
+        tracing::Span::current(),
+        task_id = watch.task_id.as_str(),
+        sdkappid = watch.sdkappid
+    );
     let retry = watch.clone();
     match context.watcher.check(watch, now().unix_timestamp()).await {
         WatchCheck::Again(watch, delay) => Outcome::Watch(watch, delay),
