@@ -21,6 +21,8 @@ pub(crate) struct Plan {
     pub(crate) archive_file_bytes: u64,
     pub(crate) probe_file_bytes: u64,
     pub(crate) latency_seconds: f64,
+    /// How long scenario 8 runs at the model's peak.
+    pub(crate) model_seconds: f64,
     pub(crate) concurrency: u16,
     pub(crate) archive_concurrency: u16,
     /// Alternating rounds of the archive scenario and its plain copy.
@@ -38,6 +40,7 @@ impl Plan {
             archive_file_bytes: 256 * MIB,
             probe_file_bytes: 1024 * MIB,
             latency_seconds: 10.0,
+            model_seconds: 60.0,
             concurrency: 16,
             archive_concurrency: 4,
             archive_rounds: 3,
@@ -53,6 +56,7 @@ impl Plan {
             archive_file_bytes: 12 * MIB,
             probe_file_bytes: 64 * MIB,
             latency_seconds: 1.0,
+            model_seconds: 5.0,
             concurrency: 16,
             archive_concurrency: 2,
             archive_rounds: 1,

@@ -1,5 +1,6 @@
 //! Scenario 5: publish → record latency at half the measured maximum rate,
-//! the worker against the bare loop.
+//! the worker against the bare loop; and scenario 8, the worker at the
+//! sizing model's peak load (BENCHMARKS.md), for its CPU per record there.
 
 use futures_util::StreamExt;
 use lapin::options::BasicConsumeOptions;
@@ -14,7 +15,8 @@ use crate::common::Broker;
 use crate::common::messages::MOOV_AT_END;
 use crate::common::origin::{Faults, Origin};
 use crate::harness::{
-    Plan, lesson, preload, publish_unconfirmed, records_config, scrape, serve_metrics, start_worker,
+    Plan, cpu_seconds, lesson, preload, publish_unconfirmed, records_config, scrape, serve_metrics,
+    start_worker,
 };
 use crate::records::bare_loop;
 
@@ -27,13 +29,24 @@ pub(crate) enum Processor {
 
 // Long on purpose: one scenario, publisher and receiver side by side, so
 // that what is timed stays visible in one place.
-/// Scenario 5: publish → record latency at `rate` messages/s.
+/// What one paced run measured.
+pub(crate) struct Paced {
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    /// The worker's CPU time per record from the first paced message to the
+    /// last record, idle time included, ms; 0 for the bare loop.
+    pub(crate) worker_cpu_ms_per_record: f64,
+}
+
+/// Scenarios 5 and 8: publish → record latency at `rate` messages/s for
+/// `seconds`.
 pub(crate) async fn latency(
     plan: &Plan,
     origin: &Origin,
     rate: f64,
+    seconds: f64,
     processor: Processor,
-) -> (f64, f64) {
+) -> Paced {
     let mut config = records_config(plan);
     let port = serve_metrics(&mut config);
     let broker = Broker::new(config).await;
@@ -77,7 +90,8 @@ pub(crate) async fn latency(
         )
         .await
         .unwrap();
-    let total = ((rate * plan.latency_seconds) as usize).max(20);
+    let total = ((rate * seconds) as usize).max(20);
+    let cpu_before = worker.as_ref().map(|w| cpu_seconds(w.pid()));
     let sent: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
     let publisher = {
         let (sent, broker_channel, exchange) = (
@@ -112,6 +126,10 @@ pub(crate) async fn latency(
         }
     }
     publisher.await.unwrap();
+    let worker_cpu_ms_per_record = match (&worker, cpu_before) {
+        (Some(w), Some(before)) => (cpu_seconds(w.pid()) - before) * 1e3 / total as f64,
+        _ => 0.0,
+    };
     if std::env::var("BENCH_DEBUG").is_ok() && worker.is_some() {
         let text = scrape(port).await;
         for line in text.lines().filter(|l| {
@@ -134,5 +152,9 @@ pub(crate) async fn latency(
     broker.cleanup().await;
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-    (pct(0.50), pct(0.99))
+    Paced {
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        worker_cpu_ms_per_record,
+    }
 }

@@ -10,7 +10,9 @@
 //! 5. publish → record latency at half the measured maximum rate ([`latency`]);
 //! 6. two worker processes vs one ([`records`]);
 //! 7. TIC callbacks through the ingress at 64 concurrent clients vs the
-//!    broker's bare publish-confirm rate from one process ([`ingress`]).
+//!    broker's bare publish-confirm rate from one process ([`ingress`]);
+//! 8. the worker at the sizing model's peak, 4.6 recordings/s: its CPU per
+//!    record there, idle time included ([`latency`]).
 //!
 //! Writes `target/bench/summary.json` and prints a table ([`report`]).
 //! `--smoke` runs tiny sizes (CI), so the benchmark cannot rot; there, a missed
@@ -32,6 +34,10 @@ use harness::{MIB, Plan, median, medians};
 use latency::Processor;
 use report::Results;
 use serde_json::json;
+
+/// The sizing model's peak (BENCHMARKS.md): 100 000 lessons a day, the peak
+/// hour 4× the mean.
+const MODEL_PEAK_PER_S: f64 = 100_000.0 / 24.0 * 4.0 / 3600.0;
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
@@ -96,6 +102,19 @@ async fn main() {
             results.publish_baseline_p99_ms,
         ) = ingress::publish_baseline(&plan).await;
     }
+    if wanted('8') {
+        eprintln!("8. the sizing model's peak load ...");
+        let run = latency::latency(
+            &plan,
+            &origin,
+            MODEL_PEAK_PER_S,
+            plan.model_seconds,
+            Processor::Worker,
+        )
+        .await;
+        results.model_cpu_ms_per_record = run.worker_cpu_ms_per_record;
+        (results.model_p50_ms, results.model_p99_ms) = (run.p50_ms, run.p99_ms);
+    }
     let missed = report::write(&plan, smoke, &results);
     if smoke && !missed.is_empty() {
         eprintln!("hard bounds missed: {missed:?}");
@@ -148,8 +167,11 @@ async fn run_latency(plan: &Plan, origin: &Origin, results: &mut Results) {
     let rate = results.records_per_s / 2.0;
     let (mut worker_rounds, mut loop_rounds) = (Vec::new(), Vec::new());
     for _ in 0..3 {
-        worker_rounds.push(latency::latency(plan, origin, rate, Processor::Worker).await);
-        loop_rounds.push(latency::latency(plan, origin, rate, Processor::BareLoop).await);
+        let seconds = plan.latency_seconds;
+        let worker = latency::latency(plan, origin, rate, seconds, Processor::Worker).await;
+        let bare = latency::latency(plan, origin, rate, seconds, Processor::BareLoop).await;
+        worker_rounds.push((worker.p50_ms, worker.p99_ms));
+        loop_rounds.push((bare.p50_ms, bare.p99_ms));
     }
     eprintln!("   latency rounds (p50, p99 ms): worker {worker_rounds:?}, loop {loop_rounds:?}");
     (results.latency_p50_ms, results.latency_p99_ms) = medians(&worker_rounds);

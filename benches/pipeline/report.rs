@@ -35,6 +35,10 @@ pub(crate) struct Results {
     pub(crate) publish_baseline_per_s: f64,
     pub(crate) publish_baseline_p50_ms: f64,
     pub(crate) publish_baseline_p99_ms: f64,
+    /// Scenario 8: the worker at the sizing model's peak load.
+    pub(crate) model_cpu_ms_per_record: f64,
+    pub(crate) model_p50_ms: f64,
+    pub(crate) model_p99_ms: f64,
 }
 
 impl Results {
@@ -125,6 +129,10 @@ pub(crate) fn write(plan: &Plan, smoke: bool, r: &Results) -> Vec<&'static str> 
         "publish_baseline_p50_ms": round(r.publish_baseline_p50_ms, 2),
         "publish_baseline_p99_ms": round(r.publish_baseline_p99_ms, 2),
         "ingress_ratio": round(ingress_ratio, 3),
+        "model_peak_per_s": round(crate::MODEL_PEAK_PER_S, 2),
+        "model_cpu_ms_per_record": round(r.model_cpu_ms_per_record, 3),
+        "model_p50_ms": round(r.model_p50_ms, 2),
+        "model_p99_ms": round(r.model_p99_ms, 2),
         "targets": targets,
     });
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
@@ -218,6 +226,12 @@ fn print_table(plan: &Plan, r: &Results, records_ratio: f64, archive_ratio: f64,
                 r.publish_baseline_p50_ms, r.publish_baseline_p99_ms
             ),
             "target p99 <= 2x".to_owned(),
+        ),
+        (
+            "model peak: CPU ms/record",
+            format!("{:.3}", r.model_cpu_ms_per_record),
+            format!("at {:.1} recordings/s", crate::MODEL_PEAK_PER_S),
+            format!("p50 / p99 {:.1} / {:.1} ms", r.model_p50_ms, r.model_p99_ms),
         ),
     ];
     println!(
