@@ -440,7 +440,9 @@ struct RangeReader<'a> {
 impl RangeReader<'_> {
     /// Make sure `[offset, offset + len)` (clipped to the file) is in the buffer.
     async fn ensure(&mut self, offset: u64, len: u64) -> Result<(), RangeError> {
-        let end = self.total.map_or(offset + len, |t| (offset + len).min(t));
+        // Saturating: box sizes come from the file, a hostile one is 2^64 - 1.
+        let wanted = offset.saturating_add(len);
+        let end = self.total.map_or(wanted, |t| wanted.min(t));
         let have_end = self.start + self.buf.len() as u64;
         if offset >= self.start && end <= have_end {
             return Ok(());
@@ -457,7 +459,7 @@ impl RangeReader<'_> {
         }
         let request = self.fetcher.client.get(self.url.clone()).header(
             header::RANGE,
-            format!("bytes={from}-{}", end.max(from + 1) - 1),
+            format!("bytes={from}-{}", end.max(from.saturating_add(1)) - 1),
         );
         let response = self.fetcher.send(request).await?;
         self.requests += 1;
@@ -526,7 +528,10 @@ impl RangeReader<'_> {
                     });
                 }
             }
-            offset += size;
+            let Some(next) = offset.checked_add(size) else {
+                return Ok(Err("a box size runs past any file".into()));
+            };
+            offset = next;
         }
         Ok(Err("no moov box found".into()))
     }

@@ -80,8 +80,11 @@ fn any_box_header(bytes: &[u8]) -> Result<Option<BoxHeader>, String> {
 /// Only the boxes a probe needs are read — `mvhd`, and in each `trak` its
 /// `tkhd` and its `mdia`'s `mdhd` and `hdlr` — never the sample tables, which
 /// in a long lesson's `moov` are hundreds of KB. Every read is bounds-checked;
-/// the nesting is fixed (no recursion). The tests check it against Mozilla's
-/// `mp4parse` on real and mutated files.
+/// the nesting is fixed (no recursion). The first of each box counts; a
+/// duration of all ones is "unknown" (a track's `tkhd` duration is used
+/// instead of its `mdhd`'s). It does not judge the rest of the `moov`: a
+/// broken sample table does not stop a probe. The tests check it against
+/// Mozilla's `mp4parse` on real, mutated and hand-built files.
 pub fn parse_moov(ftyp: &[u8], moov: &[u8]) -> Result<Probe, String> {
     let (kind, brands) = only_box(ftyp)?;
     if &kind != b"ftyp" || brands.len() < 8 {
@@ -91,35 +94,33 @@ pub fn parse_moov(ftyp: &[u8], moov: &[u8]) -> Result<Probe, String> {
     if &kind != b"moov" {
         return Err("no moov box".into());
     }
+    // The first of each box counts; `mvhd` may come after the tracks.
     let mut movie_scale = None;
-    let mut duration_ms: Option<u64> = None;
-    let mut picture = None;
+    let mut tracks = Vec::new();
     for child in boxes(moov) {
         let (kind, body) = child?;
         match &kind {
-            b"mvhd" if movie_scale.is_none() => {
-                movie_scale = Some(movie_header(body)?.0).filter(|t| *t > 0);
-            }
-            b"trak" => {
-                let track = track(body)?;
-                let from_media = match track.media {
-                    Some((scale, Some(d))) if scale > 0 => Some(d.saturating_mul(1000) / scale),
-                    _ => None,
-                };
-                let from_header = match (track.duration, movie_scale) {
-                    (Some(d), Some(scale)) => Some(d.saturating_mul(1000) / scale),
-                    _ => None,
-                };
-                if let Some(ms) = from_media.or(from_header) {
-                    duration_ms = Some(duration_ms.map_or(ms, |d| d.max(ms)));
-                }
-                if picture.is_none() && track.video {
-                    picture = track.picture;
-                }
-            }
+            b"mvhd" if movie_scale.is_none() => movie_scale = Some(movie_header(body)?.0),
+            b"trak" => tracks.push(track(body)?),
             _ => {}
         }
     }
+    let movie_scale = movie_scale.filter(|t| *t > 0);
+    let mut duration_ms: Option<u64> = None;
+    for track in &tracks {
+        let from_media = match track.media {
+            Some((scale, Some(d))) if scale > 0 => Some(d.saturating_mul(1000) / scale),
+            _ => None,
+        };
+        let from_header = match (track.duration, movie_scale) {
+            (Some(d), Some(scale)) => Some(d.saturating_mul(1000) / scale),
+            _ => None,
+        };
+        if let Some(ms) = from_media.or(from_header) {
+            duration_ms = Some(duration_ms.map_or(ms, |d| d.max(ms)));
+        }
+    }
+    let picture = tracks.iter().find(|t| t.video).and_then(|t| t.picture);
     let duration_ms = duration_ms.ok_or("the moov box declares no track duration")?;
     Ok(Probe {
         duration_ms: i64::try_from(duration_ms).map_err(|_| "duration out of range")?,
@@ -174,29 +175,37 @@ fn track(trak: &[u8]) -> Result<TrackFacts, String> {
     Ok(facts)
 }
 
-/// `mvhd` and `mdhd` share their start: (timescale, duration). An all-ones
-/// duration means "unknown".
+/// `mvhd` and `mdhd` share their start: (timescale, duration). A duration of
+/// all ones (in its version's width) means "unknown".
 fn movie_header(body: &[u8]) -> Result<(u64, Option<u64>), String> {
     let (scale, duration) = match version(body)? {
-        0 => (u32_at(body, 12)?, u64::from(u32_at(body, 16)?)),
-        1 => (u32_at(body, 20)?, u64_at(body, 24)?),
+        0 => (u32_at(body, 12)?, known_u32(u32_at(body, 16)?)),
+        1 => (u32_at(body, 20)?, known_u64(u64_at(body, 24)?)),
         v => return Err(format!("unsupported header box version {v}")),
     };
-    let unknown = duration == u64::MAX || duration == u64::from(u32::MAX);
-    Ok((u64::from(scale), (!unknown).then_some(duration)))
+    Ok((u64::from(scale), duration))
 }
 
 /// `tkhd`: (duration, (width, height)); the sizes are 16.16 fixed point.
 fn track_header(body: &[u8]) -> Result<(Option<u64>, (u32, u32)), String> {
     let (duration, size_at) = match version(body)? {
-        0 => (u64::from(u32_at(body, 20)?), 76),
-        1 => (u64_at(body, 28)?, 88),
+        0 => (known_u32(u32_at(body, 20)?), 76),
+        1 => (known_u64(u64_at(body, 28)?), 88),
         v => return Err(format!("unsupported tkhd version {v}")),
     };
-    let unknown = duration == u64::MAX || duration == u64::from(u32::MAX);
     let width = u32_at(body, size_at)? >> 16;
     let height = u32_at(body, size_at + 4)? >> 16;
-    Ok(((!unknown).then_some(duration), (width, height)))
+    Ok((duration, (width, height)))
+}
+
+/// A 32-bit duration, `None` when all ones ("unknown").
+fn known_u32(duration: u32) -> Option<u64> {
+    (duration != u32::MAX).then_some(u64::from(duration))
+}
+
+/// A 64-bit duration, `None` when all ones ("unknown").
+fn known_u64(duration: u64) -> Option<u64> {
+    (duration != u64::MAX).then_some(duration)
 }
 
 fn version(body: &[u8]) -> Result<u8, String> {
@@ -490,6 +499,137 @@ mod tests {
             }
         }
         assert!(compared > 1000, "only {compared} mutated files compared");
+    }
+
+    fn mp4_box(kind: &[u8; 4], body: &[u8]) -> Vec<u8> {
+        let mut out = ((body.len() + 8) as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(kind);
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// A full box's contents: version, flags, then `fields`.
+    fn full(version: u8, fields: &[&[u8]]) -> Vec<u8> {
+        let mut out = vec![version, 0, 0, 0];
+        for f in fields {
+            out.extend_from_slice(f);
+        }
+        out
+    }
+
+    /// `mvhd` (as `mvhd`) or `mdhd` (as `mdhd`), version 1: 64-bit times.
+    fn header_v1(kind: &[u8; 4], scale: u32, duration: u64) -> Vec<u8> {
+        let tail: &[u8] = if kind == b"mvhd" { &[0; 80] } else { &[0; 4] };
+        let fields = [
+            &[0; 16][..],
+            &scale.to_be_bytes(),
+            &duration.to_be_bytes(),
+            tail,
+        ];
+        mp4_box(kind, &full(1, &fields))
+    }
+
+    fn mdhd_v0(scale: u32, duration: u32) -> Vec<u8> {
+        let fields = [
+            &[0; 8][..],
+            &scale.to_be_bytes(),
+            &duration.to_be_bytes(),
+            &[0; 4],
+        ];
+        mp4_box(b"mdhd", &full(0, &fields))
+    }
+
+    /// `tkhd` of `version` with `duration` and a picture of `size` pixels.
+    fn tkhd(version: u8, duration: u64, size: (u32, u32)) -> Vec<u8> {
+        let (w, h) = ((size.0 << 16).to_be_bytes(), (size.1 << 16).to_be_bytes());
+        let (times, id, reserved) = (
+            vec![0u8; if version == 1 { 16 } else { 8 }],
+            1u32.to_be_bytes(),
+            [0u8; 4],
+        );
+        let duration = if version == 1 {
+            duration.to_be_bytes().to_vec()
+        } else {
+            (duration as u32).to_be_bytes().to_vec()
+        };
+        let fields = [
+            &times[..],
+            &id,
+            &reserved,
+            &duration,
+            &[0; 16],
+            &[0; 36],
+            &w,
+            &h,
+        ];
+        mp4_box(b"tkhd", &full(version, &fields))
+    }
+
+    fn trak(tkhd: Vec<u8>, mdhd: Vec<u8>, handler: &[u8; 4]) -> Vec<u8> {
+        let hdlr = mp4_box(b"hdlr", &full(0, &[&[0; 4], handler, &[0; 12], b"\0"]));
+        let mdia = mp4_box(b"mdia", &[mdhd, hdlr].concat());
+        mp4_box(b"trak", &[tkhd, mdia].concat())
+    }
+
+    fn ftyp() -> Vec<u8> {
+        mp4_box(b"ftyp", b"isom\0\0\x02\0isomiso2mp41")
+    }
+
+    #[test]
+    fn version_1_boxes_several_tracks_and_box_order_are_read() {
+        // Audio first (no picture), mvhd last, everything version 1 but
+        // the video's tkhd: 8 s of audio, 10 s of 640x360 video.
+        let audio = trak(
+            tkhd(1, 9000, (0, 0)),
+            header_v1(b"mdhd", 48_000, 48_000 * 8),
+            b"soun",
+        );
+        let video = trak(
+            tkhd(0, 9000, (640, 360)),
+            header_v1(b"mdhd", 90_000, 90_000 * 10),
+            b"vide",
+        );
+        let moov = mp4_box(
+            b"moov",
+            &[audio, video, header_v1(b"mvhd", 1000, 9000)].concat(),
+        );
+        let expected = Probe {
+            duration_ms: 10_000,
+            width: Some(640),
+            height: Some(360),
+        };
+        assert_eq!(parse_moov(&ftyp(), &moov), Ok(expected.clone()));
+        assert_eq!(mp4parse_probe(&ftyp(), &moov), Ok(expected));
+    }
+
+    #[test]
+    fn unknown_durations_fall_back_to_the_track_header_in_either_version() {
+        // The video's media duration is unknown (all ones, 32-bit): its tkhd
+        // says 12 s in the movie's timescale, which mvhd gives after it.
+        let video = trak(
+            tkhd(1, 12_000, (320, 240)),
+            mdhd_v0(90_000, u32::MAX),
+            b"vide",
+        );
+        let moov = mp4_box(b"moov", &[video, header_v1(b"mvhd", 1000, 12_000)].concat());
+        let probe = parse_moov(&ftyp(), &moov).unwrap();
+        assert_eq!((probe.duration_ms, probe.width), (12_000, Some(320)));
+        // The same with a 64-bit unknown media duration.
+        let video = trak(
+            tkhd(1, 12_000, (320, 240)),
+            header_v1(b"mdhd", 90_000, u64::MAX),
+            b"vide",
+        );
+        let moov = mp4_box(b"moov", &[header_v1(b"mvhd", 1000, 0), video].concat());
+        assert_eq!(parse_moov(&ftyp(), &moov).unwrap().duration_ms, 12_000);
+        // Nothing known at all: an error, not a made-up duration.
+        let video = trak(
+            tkhd(0, u64::from(u32::MAX), (320, 240)),
+            mdhd_v0(90_000, u32::MAX),
+            b"vide",
+        );
+        let moov = mp4_box(b"moov", &[header_v1(b"mvhd", 1000, 0), video].concat());
+        assert!(parse_moov(&ftyp(), &moov).is_err());
     }
 
     #[test]

@@ -488,8 +488,9 @@ async fn publish_normalized(
 ) -> Outcome {
     let record = &normalized.record;
     // One call: a JSON log layer re-renders the span's fields on each.
+    let span = tracing::Span::current();
     tracing::record_all!(
-        tracing::Span::current(),
+        span,
         replay_id = record.replay_id.as_str(),
         room_id = record.room_id,
         task_id = record.task_id.as_deref(),
@@ -541,8 +542,9 @@ async fn check_watch(context: &Context, delivery: &Delivery) -> Outcome {
             ));
         }
     };
+    let span = tracing::Span::current();
     tracing::record_all!(
-        tracing::Span::current(),
+        span,
         task_id = watch.task_id.as_str(),
         sdkappid = watch.sdkappid
     );
