@@ -686,15 +686,16 @@ impl Upload<'_> {
             .key(&self.key)
             .upload_id(upload_id)
             .part_number(number)
-            .body(ByteStream::from(part));
-        let timer = a.metrics.s3_timer(S3Op::UploadPart);
-        let sent = if a.unsigned_payload {
-            request.customize().disable_payload_signing().send().await
-        } else {
-            request.send().await
-        };
-        timer.observe_duration();
-        let answer = sent.observed(&a.metrics, || format!("part {number} of {}", self.key))?;
+            .body(ByteStream::from(part))
+            .customize();
+        let answer = match a.unsigned_payload {
+            true => request.disable_payload_signing(),
+            false => request,
+        }
+        .send()
+        .timed(a.metrics.s3_timer(S3Op::UploadPart))
+        .await
+        .observed(&a.metrics, || format!("part {number} of {}", self.key))?;
         self.parts.push(
             CompletedPart::builder()
                 .part_number(number)
@@ -723,15 +724,16 @@ impl Upload<'_> {
                     .set_metadata(Some(meta))
                     .set_storage_class(a.storage_class.clone())
                     .set_server_side_encryption(a.sse.clone())
-                    .body(ByteStream::from(body));
-                let timer = a.metrics.s3_timer(S3Op::Put);
-                let sent = if a.unsigned_payload {
-                    request.customize().disable_payload_signing().send().await
-                } else {
-                    request.send().await
-                };
-                timer.observe_duration();
-                let put = sent.observed(&a.metrics, || format!("PUT {}", self.key))?;
+                    .body(ByteStream::from(body))
+                    .customize();
+                let put = match a.unsigned_payload {
+                    true => request.disable_payload_signing(),
+                    false => request,
+                }
+                .send()
+                .timed(a.metrics.s3_timer(S3Op::Put))
+                .await
+                .observed(&a.metrics, || format!("PUT {}", self.key))?;
                 self.uploaded = size;
                 a.metrics.uploaded(size);
                 put.e_tag().map(str::to_owned)

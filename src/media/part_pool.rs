@@ -57,7 +57,8 @@ impl PartPool {
     }
 
     /// Free buffers held now.
-    pub fn free(&self) -> usize {
+    #[cfg(test)]
+    fn free(&self) -> usize {
         self.lock().len()
     }
 

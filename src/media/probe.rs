@@ -120,12 +120,16 @@ pub fn parse_moov(ftyp: &[u8], moov: &[u8]) -> Result<Probe, String> {
             duration_ms = Some(duration_ms.map_or(ms, |d| d.max(ms)));
         }
     }
-    let picture = tracks.iter().find(|t| t.video).and_then(|t| t.picture);
+    let (width, height) = tracks
+        .iter()
+        .find(|t| t.video)
+        .and_then(|t| t.picture)
+        .unzip();
     let duration_ms = duration_ms.ok_or("the moov box declares no track duration")?;
     Ok(Probe {
         duration_ms: i64::try_from(duration_ms).map_err(|_| "duration out of range")?,
-        width: picture.map(|p: (u32, u32)| p.0),
-        height: picture.map(|p: (u32, u32)| p.1),
+        width,
+        height,
     })
 }
 

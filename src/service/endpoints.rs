@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -13,6 +14,10 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 
 use crate::telemetry::metrics::Metrics;
+
+/// How often a service blocked by a refused topology quietly tries again (an
+/// operator's fix then needs no restart).
+pub const REFUSED_RECHECK: Duration = Duration::from_secs(60);
 
 /// Readiness, for `/readyz` (and the `broker_connected` gauge), with why
 /// the service is not ready when only an operator can fix it.
@@ -44,16 +49,22 @@ impl Health {
     }
 
     /// Not ready for a reason only an operator can fix; `/readyz` says it.
-    pub fn block(&self, reason: &str, metrics: &Metrics) {
-        self.block_reason(reason);
+    /// `true` when the reason is new: the caller says it once, not at every
+    /// recheck.
+    pub fn block(&self, reason: &str, metrics: &Metrics) -> bool {
         metrics.set_broker_connected(false);
+        self.block_reason(reason)
     }
 
     /// [`Health::block`] for a service that reports its broker session
     /// elsewhere (the ingress).
-    pub fn block_reason(&self, reason: &str) {
-        *self.blocked.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_owned());
+    pub fn block_reason(&self, reason: &str) -> bool {
+        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        let new = blocked.as_deref() != Some(reason);
+        *blocked = Some(reason.to_owned());
+        drop(blocked);
         self.set(false);
+        new
     }
 
     /// Why the service is blocked, if it is.
@@ -109,5 +120,22 @@ async fn ready_endpoint(State(endpoints): State<Arc<Endpoints>>) -> impl IntoRes
         )
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_block_is_new_once_per_reason_and_readiness_clears_it() {
+        let (health, metrics) = (Health::default(), Metrics::default());
+        assert!(health.block("classic parking queue", &metrics));
+        assert!(!health.block("classic parking queue", &metrics));
+        assert!(!health.is_ready());
+        assert!(health.block_reason("access refused"), "another reason");
+        health.set_ready(true, &metrics);
+        assert_eq!(health.blocked(), None);
+        assert!(health.block_reason("access refused"), "new again after a session");
     }
 }

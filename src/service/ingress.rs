@@ -40,7 +40,7 @@ use crate::config::settings::Config;
 use crate::decision::callback::{CallbackBody, CallbackFacts, check_signature, classify};
 use crate::decision::reason::ReasonCode;
 use crate::decision::verify::{SignatureMode, TicKeys};
-use crate::service::endpoints::Health;
+use crate::service::endpoints::{Health, REFUSED_RECHECK};
 use crate::telemetry::metrics::{IngressOutcome, Metrics};
 
 /// The longest wait between two attempts to reach the broker.
@@ -48,8 +48,6 @@ const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(5);
 /// The longest wait for the broker to accept a connection and the topology
 /// (each address of a list gets its own, shorter limit in `amqp::connect`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
-/// When the broker refuses the topology, how often it is quietly tried again.
-const REFUSED_RECHECK: Duration = Duration::from_secs(60);
 /// A session that lived this long resets the reconnect backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(5);
 /// With `ingress_signature` on, a callback whose own `timestamp` is further
@@ -197,9 +195,8 @@ async fn keep_channel(
                 // Only an operator can fix it: said once, shown in /readyz,
                 // looked at again now and then.
                 let why = e.to_string();
-                if health.blocked().as_deref() != Some(why.as_str()) {
+                if health.block_reason(&why) {
                     error!(error = %why, "not ready: the broker refuses the topology; an operator must act (docs/operations.md)");
-                    health.block_reason(&why);
                 }
                 tokio::select! {
                     () = stop.cancelled() => {},

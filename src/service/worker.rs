@@ -43,7 +43,7 @@ use crate::decision::reason::{ReasonCode, Rejection};
 use crate::decision::record::Record;
 use crate::decision::watch::{WATCH_TYPE, Watch, delay_queue, due_queue};
 use crate::media::enrich::{Media, MediaError};
-use crate::service::endpoints::Health;
+use crate::service::endpoints::{Health, REFUSED_RECHECK};
 use crate::service::watches::{WatchCheck, Watcher};
 use crate::telemetry::metrics::{Metrics, Stage, WatchEvent};
 use crate::tic::client::TicError;
@@ -56,10 +56,6 @@ const ABORT_CLEANUP: Duration = Duration::from_secs(5);
 /// of `amqp_url` is tried at each): readiness returns within about this long
 /// of any node being usable again.
 const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(5);
-
-/// When the broker refuses the topology, how often it is quietly tried again
-/// (an operator's fix then needs no restart).
-const REFUSED_RECHECK: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -169,11 +165,11 @@ async fn supervise(shared: &Shared) -> Result<(), WorkerError> {
     };
     let mut delays = reconnect();
     let mut sessions = 0u64;
-    let mut refused: Option<String> = None;
+    let mut refused = false;
     loop {
         let on_connected = || {
             delays = reconnect();
-            if refused.take().is_some() {
+            if std::mem::take(&mut refused) {
                 info!("the broker accepts the topology now");
             }
             if sessions > 0 {
@@ -193,12 +189,11 @@ async fn supervise(shared: &Shared) -> Result<(), WorkerError> {
             }
             Err(WorkerError::Topology(e)) if e.is_permanent() => {
                 let why = e.to_string();
-                if refused.as_deref() != Some(why.as_str()) {
+                if shared.health.block(&why, &shared.metrics) {
                     error!(error = %why, recheck_secs = REFUSED_RECHECK.as_secs(),
                         "not ready: the broker refuses the topology; an operator must act (docs/operations.md)");
-                    shared.health.block(&why, &shared.metrics);
-                    refused = Some(why);
                 }
+                refused = true;
                 tokio::select! {
                     () = tokio::time::sleep(REFUSED_RECHECK) => {},
                     () = shared.stop.cancelled() => return Ok(()),
