@@ -136,6 +136,9 @@ mod tests {
         assert!(health.block_reason("access refused"), "another reason");
         health.set_ready(true, &metrics);
         assert_eq!(health.blocked(), None);
-        assert!(health.block_reason("access refused"), "new again after a session");
+        assert!(
+            health.block_reason("access refused"),
+            "new again after a session"
+        );
     }
 }
