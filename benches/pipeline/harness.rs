@@ -182,6 +182,8 @@ pub(crate) fn serve_metrics(config: &mut Config) -> u16 {
     port
 }
 
+/// The records path's settings: the defaults, probing every track, with the
+/// plan's concurrency.
 pub(crate) fn records_config(plan: &Plan) -> Config {
     let mut config = isolated_config("bench");
     config.probe = true;
@@ -311,4 +313,42 @@ pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     // SAFETY: sysconf only reads a system constant.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     (ticks(11) + ticks(12)) / per_second.max(1.0)
+}
+
+/// The machine's CPU counters (`/proc/stat`, all cores): busy and total ticks.
+#[derive(Clone, Copy)]
+pub(crate) struct CpuTicks {
+    busy: u64,
+    total: u64,
+}
+
+impl CpuTicks {
+    pub(crate) fn now() -> CpuTicks {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        let total: u64 = ticks.iter().sum();
+        // idle + iowait: waiting, not working.
+        let waiting = ticks.get(3).unwrap_or(&0) + ticks.get(4).unwrap_or(&0);
+        CpuTicks {
+            busy: total - waiting,
+            total,
+        }
+    }
+
+    /// The share of all cores' time that was busy since `self`, 0 to 1.
+    pub(crate) fn busy_share_since(self) -> f64 {
+        let now = CpuTicks::now();
+        let total = now.total.saturating_sub(self.total);
+        if total == 0 {
+            return 0.0;
+        }
+        now.busy.saturating_sub(self.busy) as f64 / total as f64
+    }
 }

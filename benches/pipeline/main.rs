@@ -67,7 +67,7 @@ async fn main() {
     }
     if wanted('6') {
         eprintln!("6. two workers ...");
-        results.two_workers_per_s = records::records_rate(&plan, &origin, 2).await.0;
+        results.two_workers_per_s = records::records_rate(&plan, &origin, 2, true).await.per_s;
     }
     if wanted('5') {
         run_latency(&plan, &origin, &mut results).await;
@@ -122,17 +122,24 @@ async fn main() {
     }
 }
 
-/// Scenario 1: the records path and its baseline.
+/// Scenario 1: the records path and its baseline; then the same path with
+/// probing off, which shows what the three probes per record cost.
 async fn run_records(plan: &Plan, origin: &Origin, results: &mut Results) {
     eprintln!("1. records path ...");
-    let (rate, record_bytes, stages, cpu_ms) = records::records_rate(plan, origin, 1).await;
-    results.records_per_s = rate;
-    results.worker_cpu_ms_per_record = cpu_ms;
-    results.records_mean_ms = stages;
+    let run = records::records_rate(plan, origin, 1, true).await;
+    results.records_per_s = run.per_s;
+    results.worker_cpu_ms_per_record = run.cpu_ms_per_record;
+    results.records_mean_ms = run.stages;
+    results.records_machine_busy = run.machine_busy;
     (
         results.broker_baseline_per_s,
         results.loop_cpu_ms_per_message,
-    ) = records::broker_baseline(plan, record_bytes).await;
+        results.loop_machine_busy,
+    ) = records::broker_baseline(plan, run.record_bytes).await;
+    let unprobed = records::records_rate(plan, origin, 1, false).await;
+    results.unprobed_per_s = unprobed.per_s;
+    results.unprobed_cpu_ms_per_record = unprobed.cpu_ms_per_record;
+    results.unprobed_machine_busy = unprobed.machine_busy;
 }
 
 /// Scenarios 2 and 3 (256 MiB files). Throughput on a shared machine swings

@@ -16,20 +16,36 @@ use crate::common::messages::{FASTSTART, MOOV_AT_END};
 use crate::common::origin::{Faults, Origin};
 use crate::common::{Broker, WorkerProcess};
 use crate::harness::{
-    Plan, cpu_seconds, lesson, mean_durations, preload, records_config, scrape, serve_metrics,
-    start_worker, wait_for_depth,
+    CpuTicks, Plan, cpu_seconds, lesson, mean_durations, preload, records_config, scrape,
+    serve_metrics, start_worker, wait_for_depth,
 };
 
-/// Scenario 1 (and 6): records/s of `workers` worker processes over the
-/// plan's preloaded recordings, the record's size, the mean stage durations
-/// (one worker), and the workers' CPU time per record, ms (user + system,
-/// from `/proc`, start-up included).
+/// What one run of the records path measured.
+pub(crate) struct RecordsRun {
+    pub(crate) per_s: f64,
+    /// Bytes of one published record.
+    pub(crate) record_bytes: usize,
+    /// Mean stage durations (one worker only, else null).
+    pub(crate) stages: Value,
+    /// The workers' CPU time per record, ms (user + system, from `/proc`,
+    /// start-up included).
+    pub(crate) cpu_ms_per_record: f64,
+    /// The share of the machine's two cores busy meanwhile (broker, origin,
+    /// workers), 0 to 1: below 1, the run waited rather than worked.
+    pub(crate) machine_busy: f64,
+}
+
+/// Scenario 1 (and 6): `workers` worker processes over the plan's preloaded
+/// recordings, probing every track or (`probe` false, to show what the
+/// probes cost) none.
 pub(crate) async fn records_rate(
     plan: &Plan,
     origin: &Origin,
     workers: usize,
-) -> (f64, usize, Value, f64) {
+    probe: bool,
+) -> RecordsRun {
     let mut config = records_config(plan);
+    config.probe = probe;
     // One worker exposes its metrics; two would compete for the port.
     let port = if workers == 1 {
         serve_metrics(&mut config)
@@ -53,6 +69,7 @@ pub(crate) async fn records_rate(
     )
     .await;
     let started = Instant::now();
+    let ticks = CpuTicks::now();
     let mut running: Vec<WorkerProcess> =
         (0..workers).map(|_| start_worker(&broker.config)).collect();
     wait_for_depth(
@@ -62,7 +79,8 @@ pub(crate) async fn records_rate(
         Duration::from_secs(600),
     )
     .await;
-    let rate = plan.records as f64 / started.elapsed().as_secs_f64();
+    let per_s = plan.records as f64 / started.elapsed().as_secs_f64();
+    let machine_busy = ticks.busy_share_since();
     let cpu: f64 = running.iter().map(|w| cpu_seconds(w.pid())).sum();
     let cpu_ms_per_record = cpu * 1e3 / plan.records as f64;
     let (sample, _) = broker
@@ -83,7 +101,13 @@ pub(crate) async fn records_rate(
         w.wait_exit(Duration::from_secs(30));
     }
     broker.cleanup().await;
-    (rate, record_bytes, stages, cpu_ms_per_record)
+    RecordsRun {
+        per_s,
+        record_bytes,
+        stages,
+        cpu_ms_per_record,
+        machine_busy,
+    }
 }
 
 /// The bare loop on the broker: consume (same prefetch), publish with
@@ -152,10 +176,10 @@ pub(crate) async fn bare_loop(
 }
 
 /// Scenario 1 baseline: the bare loop over the same number of same-sized
-/// messages; its rate, and the CPU time per message of this process while it
+/// messages; its rate, the CPU time per message of this process while it
 /// runs, ms (the loop's broker client, lapin as in the worker: the origin
-/// in this process is idle meanwhile).
-pub(crate) async fn broker_baseline(plan: &Plan, record_bytes: usize) -> (f64, f64) {
+/// in this process is idle meanwhile), and the machine's busy share.
+pub(crate) async fn broker_baseline(plan: &Plan, record_bytes: usize) -> (f64, f64, f64) {
     let broker = Broker::new(records_config(plan)).await;
     // Same size as the records path's inbound messages.
     let video = (
@@ -166,6 +190,7 @@ pub(crate) async fn broker_baseline(plan: &Plan, record_bytes: usize) -> (f64, f
     let inbound = lesson("rec-1-00000", &[video.clone(), video.clone(), video]);
     preload(&broker, (0..plan.records).map(|_| inbound.clone())).await;
     let started = Instant::now();
+    let ticks = CpuTicks::now();
     let cpu_before = cpu_seconds(std::process::id());
     let record = Some(Arc::new(vec![b'x'; record_bytes]));
     bare_loop(
@@ -177,7 +202,8 @@ pub(crate) async fn broker_baseline(plan: &Plan, record_bytes: usize) -> (f64, f
     )
     .await;
     let rate = plan.records as f64 / started.elapsed().as_secs_f64();
+    let busy = ticks.busy_share_since();
     let cpu_ms = (cpu_seconds(std::process::id()) - cpu_before) * 1e3 / plan.records as f64;
     broker.cleanup().await;
-    (rate, cpu_ms)
+    (rate, cpu_ms, busy)
 }
