@@ -131,11 +131,11 @@ async fn run_records(plan: &Plan, origin: &Origin, results: &mut Results) {
     results.worker_cpu_ms_per_record = run.cpu_ms_per_record;
     results.records_mean_ms = run.stages;
     results.records_machine_busy = run.machine_busy;
-    (
-        results.broker_baseline_per_s,
-        results.loop_cpu_ms_per_message,
-        results.loop_machine_busy,
-    ) = records::broker_baseline(plan, run.record_bytes).await;
+    let bare = records::broker_baseline(plan, run.record_bytes).await;
+    results.broker_baseline_per_s = bare.per_s;
+    results.loop_cpu_ms_per_message = bare.cpu_ms_per_message;
+    results.loop_confirm_ms = bare.confirm_ms;
+    results.loop_machine_busy = bare.machine_busy;
     let unprobed = records::records_rate(plan, origin, 1, false).await;
     results.unprobed_per_s = unprobed.per_s;
     results.unprobed_cpu_ms_per_record = unprobed.cpu_ms_per_record;

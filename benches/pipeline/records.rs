@@ -9,7 +9,7 @@ use lesson_replay::broker::amqp;
 use lesson_replay::config::settings::Config;
 use serde_json::Value;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::messages::{FASTSTART, MOOV_AT_END};
@@ -112,14 +112,15 @@ pub(crate) async fn records_rate(
 
 /// The bare loop on the broker: consume (same prefetch), publish with
 /// confirm, ack — `record` as the published body, or each inbound body again.
-/// Runs until `count` messages are done or `stop` is cancelled.
+/// Runs until `count` messages are done or `stop` is cancelled; returns the
+/// mean time of a publish with confirm, ms.
 pub(crate) async fn bare_loop(
     config: Config,
     prefetch: u16,
     record: Option<Arc<Vec<u8>>>,
     count: Option<usize>,
     stop: tokio_util::sync::CancellationToken,
-) {
+) -> f64 {
     let connection = amqp::connect(&config.broker_settings(), "bench baseline")
         .await
         .unwrap();
@@ -139,6 +140,8 @@ pub(crate) async fn bare_loop(
         .await
         .unwrap();
     let done = Arc::new(AtomicUsize::new(0));
+    // Nanoseconds spent publishing with confirm, over all messages.
+    let confirm_ns = Arc::new(AtomicU64::new(0));
     let tasks = tokio_util::task::TaskTracker::new();
     while count.is_none_or(|c| done.load(Ordering::SeqCst) + tasks.len() < c) {
         let delivery = tokio::select! {
@@ -151,7 +154,9 @@ pub(crate) async fn bare_loop(
             done.clone(),
             config.records_exchange.clone(),
         );
+        let confirm_ns = confirm_ns.clone();
         tasks.spawn(async move {
+            let publishing = Instant::now();
             let body = record.as_deref().unwrap_or(&delivery.data);
             amqp::publish_confirmed(
                 &publisher,
@@ -162,6 +167,7 @@ pub(crate) async fn bare_loop(
             )
             .await
             .unwrap();
+            confirm_ns.fetch_add(publishing.elapsed().as_nanos() as u64, Ordering::SeqCst);
             delivery
                 .acker
                 .ack(BasicAckOptions::default())
@@ -173,13 +179,25 @@ pub(crate) async fn bare_loop(
     tasks.close();
     tasks.wait().await;
     let _ = connection.close(200, "done".into()).await;
+    confirm_ns.load(Ordering::SeqCst) as f64 / 1e6 / done.load(Ordering::SeqCst).max(1) as f64
+}
+
+/// What the bare loop measured.
+pub(crate) struct LoopRun {
+    pub(crate) per_s: f64,
+    /// The CPU time per message of this process while the loop runs, ms:
+    /// the loop's broker client, lapin as in the worker (the origin in this
+    /// process is idle meanwhile).
+    pub(crate) cpu_ms_per_message: f64,
+    /// Mean time of a publish with confirm, ms.
+    pub(crate) confirm_ms: f64,
+    /// The share of the machine's two cores busy meanwhile, 0 to 1.
+    pub(crate) machine_busy: f64,
 }
 
 /// Scenario 1 baseline: the bare loop over the same number of same-sized
-/// messages; its rate, the CPU time per message of this process while it
-/// runs, ms (the loop's broker client, lapin as in the worker: the origin
-/// in this process is idle meanwhile), and the machine's busy share.
-pub(crate) async fn broker_baseline(plan: &Plan, record_bytes: usize) -> (f64, f64, f64) {
+/// messages.
+pub(crate) async fn broker_baseline(plan: &Plan, record_bytes: usize) -> LoopRun {
     let broker = Broker::new(records_config(plan)).await;
     // Same size as the records path's inbound messages.
     let video = (
@@ -193,7 +211,7 @@ pub(crate) async fn broker_baseline(plan: &Plan, record_bytes: usize) -> (f64, f
     let ticks = CpuTicks::now();
     let cpu_before = cpu_seconds(std::process::id());
     let record = Some(Arc::new(vec![b'x'; record_bytes]));
-    bare_loop(
+    let confirm_ms = bare_loop(
         broker.config.clone(),
         plan.concurrency,
         record,
@@ -201,9 +219,14 @@ pub(crate) async fn broker_baseline(plan: &Plan, record_bytes: usize) -> (f64, f
         Default::default(),
     )
     .await;
-    let rate = plan.records as f64 / started.elapsed().as_secs_f64();
-    let busy = ticks.busy_share_since();
+    let per_s = plan.records as f64 / started.elapsed().as_secs_f64();
+    let machine_busy = ticks.busy_share_since();
     let cpu_ms = (cpu_seconds(std::process::id()) - cpu_before) * 1e3 / plan.records as f64;
     broker.cleanup().await;
-    (rate, cpu_ms, busy)
+    LoopRun {
+        per_s,
+        cpu_ms_per_message: cpu_ms,
+        confirm_ms,
+        machine_busy,
+    }
 }

@@ -18,6 +18,9 @@ pub(crate) struct Results {
     /// during the bare loop, 0 to 1.
     pub(crate) records_machine_busy: f64,
     pub(crate) loop_machine_busy: f64,
+    /// The bare loop's mean publish with confirm, ms (the worker's is in
+    /// `records_mean_ms`).
+    pub(crate) loop_confirm_ms: f64,
     /// The records path with probing off: what the probes cost.
     pub(crate) unprobed_per_s: f64,
     pub(crate) unprobed_cpu_ms_per_record: f64,
@@ -148,6 +151,7 @@ pub(crate) fn write(plan: &Plan, smoke: bool, r: &Results) -> Vec<&'static str> 
     summary["records_breakdown"] = json!({
         "records_machine_busy": round(r.records_machine_busy, 2),
         "loop_machine_busy": round(r.loop_machine_busy, 2),
+        "loop_publish_confirm_ms": round(r.loop_confirm_ms, 3),
         "unprobed_per_s": round(r.unprobed_per_s, 1),
         "unprobed_ratio": round(r.unprobed_per_s / r.broker_baseline_per_s, 3),
         "unprobed_cpu_ms_per_record": round(r.unprobed_cpu_ms_per_record, 3),
@@ -164,6 +168,11 @@ pub(crate) fn write(plan: &Plan, smoke: bool, r: &Results) -> Vec<&'static str> 
         .filter(|(_, met)| !met)
         .map(|(name, _)| name)
         .collect()
+}
+
+/// A mean duration of the records path (one worker), ms; 0 when not run.
+fn mean_ms(r: &Results, key: &str) -> f64 {
+    r.records_mean_ms[key].as_f64().unwrap_or(0.0)
 }
 
 fn print_table(plan: &Plan, r: &Results, records_ratio: f64, archive_ratio: f64, two: f64) {
@@ -183,6 +192,16 @@ fn print_table(plan: &Plan, r: &Results, records_ratio: f64, archive_ratio: f64,
                 r.unprobed_per_s / r.broker_baseline_per_s,
                 r.unprobed_cpu_ms_per_record
             ),
+        ),
+        (
+            "mean probe / confirm ms",
+            format!(
+                "{:.2} / {:.2}",
+                mean_ms(r, "stage{stage=\"probe\"}"),
+                mean_ms(r, "publish_confirm")
+            ),
+            format!("loop confirm {:.2}", r.loop_confirm_ms),
+            "the handler's two waits".to_owned(),
         ),
         (
             "machine busy, 2 cores",
