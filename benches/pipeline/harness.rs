@@ -150,13 +150,23 @@ pub(crate) fn quiet() -> std::process::Stdio {
 }
 
 /// A worker process logging as in production: JSON lines at `info` (the
-/// tests' harness asks for text), to nowhere.
+/// tests' harness asks for text), to nowhere — or appended to the file
+/// `BENCH_WORKER_LOG` names, to follow records in time.
 pub(crate) fn start_worker(config: &Config) -> WorkerProcess {
+    let log = match std::env::var("BENCH_WORKER_LOG") {
+        Ok(path) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("BENCH_WORKER_LOG: cannot open the file")
+            .into(),
+        Err(_) => quiet(),
+    };
     WorkerProcess::start_with_env(
         "worker",
         config,
         "info",
-        quiet(),
+        log,
         &[("LESSON_REPLAY_LOG_FORMAT", "json")],
     )
 }

@@ -113,6 +113,7 @@ pub(crate) async fn latency(
         })
     };
     let mut latencies = Vec::with_capacity(total);
+    let trace = std::env::var("BENCH_TRACE").is_ok();
     while latencies.len() < total {
         let delivery = tokio::time::timeout(Duration::from_secs(60), records.next())
             .await
@@ -123,6 +124,18 @@ pub(crate) async fn latency(
         let task = record["task_id"].as_str().unwrap();
         if let Some(at) = sent.lock().unwrap().get(task) {
             latencies.push(at.elapsed().as_secs_f64() * 1000.0);
+            if trace {
+                // To set beside the worker's `published` log lines
+                // (BENCH_WORKER_LOG): which leg a slow record lost its time on.
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                let ms = latencies.last().copied().unwrap_or_default();
+                eprintln!(
+                    "latency {task} received_unix_s {:.6} ms {ms:.3}",
+                    now.as_secs_f64()
+                );
+            }
         }
     }
     publisher.await.unwrap();
