@@ -238,3 +238,55 @@ async fn json_log_lines_carry_the_lesson_at_the_top_level() {
     assert_eq!(span["tic_random"], "8675309", "{published}");
     broker.cleanup().await;
 }
+
+/// The `published` line says how long the handler took: a record held up by
+/// a slow origin is found in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_published_line_says_how_long_the_record_took() {
+    const PAUSE: std::time::Duration = std::time::Duration::from_millis(400);
+    let mut config = isolated_config("json-elapsed");
+    config.probe = true;
+    let broker = Broker::new(config.clone()).await;
+    let origin = Origin::start().await;
+    // The probe's first window (32 KiB) comes in two chunks with a pause
+    // between them.
+    let file = [FASTSTART, &[0u8; 40 * 1024][..]].concat();
+    let size = file.len();
+    let slow = Faults {
+        chunk_delay: Some(PAUSE),
+        ..Faults::default()
+    };
+    let url = origin.add("/slow.mp4", file, slow);
+    let mut worker = common::WorkerProcess::start_with_env(
+        "worker",
+        &config,
+        "info",
+        std::process::Stdio::piped(),
+        &[("LESSON_REPLAY_LOG_FORMAT", "json")],
+    );
+    let lines = worker.log_lines();
+    broker
+        .publish(&one_camera("slow", 5, &url, size), FieldTable::default())
+        .await;
+    let (record, _) = broker.take(&config.records_queue, 1).await.remove(0);
+    worker.terminate();
+    worker.wait_exit(std::time::Duration::from_secs(30));
+    assert!(
+        record["tracks"][0]["probe"]["duration_ms"].is_i64(),
+        "the slow file was probed: {record}"
+    );
+    let published = lines
+        .try_iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+        .find(|l| l["message"] == "published")
+        .expect("a published line");
+    let elapsed = published["elapsed_ms"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no elapsed_ms: {published}"));
+    assert!(
+        elapsed >= PAUSE.as_millis() as f64,
+        "the handler waited {PAUSE:?} for the origin, the line says {elapsed} ms: {published}"
+    );
+    assert!(elapsed < 30_000.0, "{published}");
+    broker.cleanup().await;
+}

@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::{FutureExt, StreamExt};
@@ -420,31 +420,50 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery, kind: Kind) 
         settle(&context, &delivery, outcome, attempt, kind).await;
         timer.observe_duration();
     };
-    LESSON
-        .scope(RefCell::new(None), handling.instrument(span))
+    let handling_state = Handling {
+        started: Instant::now(),
+        lesson: None,
+    };
+    HANDLING
+        .scope(RefCell::new(handling_state), handling.instrument(span))
         .await
 }
 
+/// The delivery being handled, for its log lines.
+struct Handling {
+    /// When its handler started: the `published` line says how long it took.
+    started: Instant,
+    /// The lesson it is about, once known: its outcome's log line carries
+    /// `replay_id` and `task_id` as top-level fields, where log tools index
+    /// them (JSON lines nest span fields).
+    lesson: Option<(String, Option<String>)>,
+}
+
 tokio::task_local! {
-    /// The lesson a delivery is about, once known: its outcome's log line
-    /// carries `replay_id` and `task_id` as top-level fields, where log tools
-    /// index them (JSON lines nest span fields).
-    static LESSON: RefCell<Option<(String, Option<String>)>>;
+    static HANDLING: RefCell<Handling>;
 }
 
 fn remember_lesson(replay_id: &str, task_id: Option<&str>) {
-    let _ = LESSON.try_with(|lesson| {
-        *lesson.borrow_mut() = Some((replay_id.to_owned(), task_id.map(str::to_owned)));
+    let _ = HANDLING.try_with(|handling| {
+        handling.borrow_mut().lesson = Some((replay_id.to_owned(), task_id.map(str::to_owned)));
     });
 }
 
 /// The `replay_id` and `task_id` of the delivery being handled, when known.
 fn lesson_ids() -> (Option<String>, Option<String>) {
-    LESSON
-        .try_with(|lesson| lesson.borrow().clone())
+    HANDLING
+        .try_with(|handling| handling.borrow().lesson.clone())
         .ok()
         .flatten()
         .map_or((None, None), |(replay, task)| (Some(replay), task))
+}
+
+/// Milliseconds since the handler of the current delivery started (to 0.01).
+fn handling_ms() -> Option<f64> {
+    HANDLING
+        .try_with(|handling| handling.borrow().started.elapsed())
+        .ok()
+        .map(|elapsed| (elapsed.as_secs_f64() * 1e5).round() / 100.0)
 }
 
 async fn process(context: &Context, delivery: &Delivery) -> Outcome {
@@ -512,6 +531,9 @@ async fn publish_normalized(
                 task_id,
                 tracks = record.tracks.len(),
                 warnings = record.warnings.len(),
+                // From the handler's start to the record's confirm: a slow
+                // record is found in the log, beside the stage histograms.
+                elapsed_ms = handling_ms(),
                 "published"
             );
             context.metrics.published();
