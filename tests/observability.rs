@@ -197,32 +197,12 @@ fn the_dashboard_is_provisioned_and_refers_to_its_datasource() {
 /// delivery carries its span: `body_md5`, the lesson and TIC's `random`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_log_lines_carry_the_lesson_at_the_top_level() {
-    let config = isolated_config("json-logs");
-    let broker = Broker::new(config.clone()).await;
-    let mut worker = common::WorkerProcess::start_with_env(
-        "worker",
-        &config,
-        "info",
-        std::process::Stdio::piped(),
-        &[("LESSON_REPLAY_LOG_FORMAT", "json")],
-    );
-    let lines = worker.log_lines();
+    let broker = Broker::new(isolated_config("json-logs")).await;
     let body = common::messages::one_camera("logged", 5, "http://1.vod2.myqcloud.com/a.mp4", 1000);
     let mut headers = FieldTable::default();
     set_header(&mut headers, "x-tic-random", "8675309");
     set_header(&mut headers, "x-tic-sdkappid", "1400042982");
-    broker.publish(&body, headers).await;
-    let (record, _) = broker.take(&config.records_queue, 1).await.remove(0);
-    worker.terminate();
-    worker.wait_exit(std::time::Duration::from_secs(30));
-    let logged: Vec<serde_json::Value> = lines
-        .try_iter()
-        .filter_map(|l| serde_json::from_str(&l).ok())
-        .collect();
-    let published = logged
-        .iter()
-        .find(|l| l["message"] == "published")
-        .expect("a published line");
+    let (record, published) = through_json_logging_worker(&broker, &body, headers).await;
     assert_eq!(published["replay_id"], record["replay_id"], "{published}");
     assert_eq!(published["task_id"], "logged", "{published}");
     let md5 = hex::encode(<md5::Md5 as md5::Digest>::digest(&body));
@@ -246,7 +226,7 @@ async fn the_published_line_says_how_long_the_record_took() {
     const PAUSE: std::time::Duration = std::time::Duration::from_millis(400);
     let mut config = isolated_config("json-elapsed");
     config.probe = true;
-    let broker = Broker::new(config.clone()).await;
+    let broker = Broker::new(config).await;
     let origin = Origin::start().await;
     // The probe's first window (32 KiB) comes in two chunks with a pause
     // between them.
@@ -257,29 +237,13 @@ async fn the_published_line_says_how_long_the_record_took() {
         ..Faults::default()
     };
     let url = origin.add("/slow.mp4", file, slow);
-    let mut worker = common::WorkerProcess::start_with_env(
-        "worker",
-        &config,
-        "info",
-        std::process::Stdio::piped(),
-        &[("LESSON_REPLAY_LOG_FORMAT", "json")],
-    );
-    let lines = worker.log_lines();
-    broker
-        .publish(&one_camera("slow", 5, &url, size), FieldTable::default())
-        .await;
-    let (record, _) = broker.take(&config.records_queue, 1).await.remove(0);
-    worker.terminate();
-    worker.wait_exit(std::time::Duration::from_secs(30));
+    let body = one_camera("slow", 5, &url, size);
+    let (record, published) =
+        through_json_logging_worker(&broker, &body, FieldTable::default()).await;
     assert!(
         record["tracks"][0]["probe"]["duration_ms"].is_i64(),
         "the slow file was probed: {record}"
     );
-    let published = lines
-        .try_iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
-        .find(|l| l["message"] == "published")
-        .expect("a published line");
     let elapsed = published["elapsed_ms"]
         .as_f64()
         .unwrap_or_else(|| panic!("no elapsed_ms: {published}"));
@@ -289,4 +253,31 @@ async fn the_published_line_says_how_long_the_record_took() {
     );
     assert!(elapsed < 30_000.0, "{published}");
     broker.cleanup().await;
+}
+
+/// Run one message through a worker process that logs JSON lines, as in
+/// production: the record, and the worker's `published` line.
+async fn through_json_logging_worker(
+    broker: &Broker,
+    body: &[u8],
+    headers: FieldTable,
+) -> (serde_json::Value, serde_json::Value) {
+    let mut worker = common::WorkerProcess::start_with_env(
+        "worker",
+        &broker.config,
+        "info",
+        std::process::Stdio::piped(),
+        &[("LESSON_REPLAY_LOG_FORMAT", "json")],
+    );
+    let lines = worker.log_lines();
+    broker.publish(body, headers).await;
+    let (record, _) = broker.take(&broker.config.records_queue, 1).await.remove(0);
+    worker.terminate();
+    worker.wait_exit(std::time::Duration::from_secs(30));
+    let published = lines
+        .try_iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+        .find(|l| l["message"] == "published")
+        .expect("a published line");
+    (record, published)
 }
