@@ -281,8 +281,7 @@ pub(crate) fn machine() -> Value {
 
 /// The median of `values` (the upper one of an even count); 0 when empty.
 pub(crate) fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
+    percentile(&mut values, 0.5)
 }
 
 /// The medians of (p50, p99) pairs.

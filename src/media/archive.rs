@@ -609,19 +609,17 @@ impl ChunkSink for Upload<'_> {
     async fn write(&mut self, chunk: Bytes) -> Result<(), S3Error> {
         // Fill the part buffer exactly to its capacity: it never reallocates.
         let mut rest = &chunk[..];
-        if self.buf.capacity() == 0 && !rest.is_empty() {
-            self.buf = self.archiver.parts.take();
-        }
         while !rest.is_empty() {
+            // A part handed to the store leaves no buffer: the next byte takes one.
+            if self.buf.capacity() == 0 {
+                self.buf = self.archiver.parts.take();
+            }
             let room = self.archiver.part_size - self.buf.len();
             let (now, later) = rest.split_at(room.min(rest.len()));
             self.buf.extend_from_slice(now);
             rest = later;
             if self.buf.len() == self.archiver.part_size {
                 self.upload_part().await?;
-                if !rest.is_empty() {
-                    self.buf = self.archiver.parts.take();
-                }
             }
         }
         Ok(())

@@ -148,12 +148,11 @@ struct TrackFacts {
 
 fn track(trak: &[u8]) -> Result<TrackFacts, String> {
     let mut facts = TrackFacts::default();
-    let mut seen_tkhd = false;
     for child in boxes(trak) {
         let (kind, body) = child?;
         match &kind {
-            b"tkhd" if !seen_tkhd => {
-                seen_tkhd = true;
+            // The first `tkhd` counts: it always sets the picture.
+            b"tkhd" if facts.picture.is_none() => {
                 let (duration, picture) = track_header(body)?;
                 (facts.duration, facts.picture) = (duration, Some(picture));
             }
