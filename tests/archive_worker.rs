@@ -338,9 +338,11 @@ async fn the_worker_aborts_the_upload_of_a_failed_download() {
     let worker =
         common::spawn_worker_with(broker.config.clone(), Default::default(), metrics.clone()).await;
     // Cut after 7 MiB, without a validator to resume with: a transient failure.
+    // Two cut responses: the first range answer (5 MiB, not cut) has no
+    // validator, so the file is asked again whole, and that answer is cut.
     let cut = Faults {
         cut_after: Some(7 * 1024 * 1024),
-        cuts: 1,
+        cuts: 2,
         no_validator: true,
         ..Faults::default()
     };
@@ -368,11 +370,16 @@ async fn the_worker_aborts_the_upload_of_a_failed_download() {
     )
     .await;
     worker.stop().await;
-    let uploaded = common::metric(&metrics, "lesson_replay_uploaded_bytes_total");
-    assert!(
-        uploaded >= 5 * 1024 * 1024,
-        "a part was uploaded first ({uploaded} bytes)"
-    );
+    // The control: the upload had begun (its parts in flight are stopped
+    // with it), and was aborted.
+    let count = |op: &str| {
+        common::metric(
+            &metrics,
+            &format!(r#"lesson_replay_s3_request_duration_seconds_count{{operation="{op}"}}"#),
+        )
+    };
+    assert!(count("create_upload") >= 1, "an upload had begun");
+    assert!(count("abort") >= 1, "and was aborted");
     let leftovers = s3.incomplete_uploads();
     assert!(
         leftovers.is_empty(),
@@ -426,5 +433,66 @@ async fn unsigned_payloads_store_the_same_bytes() {
         assert!(stored == *bytes, "{key}: the stored bytes differ");
         assert_eq!(track["archive"]["md5"], hex::encode(Md5::digest(bytes)));
     }
+    broker.cleanup().await;
+}
+
+/// A lesson one of whose tracks is gone for good is parked; the copies of
+/// its other tracks, archived first, are deleted with their records: no
+/// manifest would ever name them. One track at a time, so the good track is
+/// archived whole before the gone one fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_track_gone_for_good_parks_the_lesson_and_deletes_its_other_copies() {
+    let s3 = S3Server::start("school");
+    let origin = Origin::start().await;
+    let mut config = isolated_config("track-gone");
+    s3.configure(&mut config, "school");
+    config.s3_part_size_bytes = 5 * 1024 * 1024;
+    config.archive_parallel_tracks = 1;
+    let broker = Broker::new(config).await;
+    let metrics = lesson_replay::telemetry::metrics::Metrics::default();
+    let worker =
+        common::spawn_worker_with(broker.config.clone(), Default::default(), metrics.clone()).await;
+    let big = common::origin::noise(11 * 1024 * 1024);
+    let good = origin.add("/good.mp4", big.clone(), Faults::default());
+    let small = origin.add("/small.mp4", FASTSTART.to_vec(), Faults::default());
+    let gone = format!("{}/gone.mp4", origin.base);
+    let body = finished(
+        "t-gone",
+        42,
+        vec![
+            video(&good, "good", 0, "u1", big.len(), 5000, 0),
+            video(&small, "small", 0, "u2", FASTSTART.len(), 2000, 0),
+            video(&gone, "gone", 0, "u3", 100, 1000, 0),
+        ],
+    );
+    broker.publish(&body, Default::default()).await;
+    let (_, parked) = broker.take(&broker.config.parking_queue, 1).await.remove(0);
+    assert_eq!(
+        header(&parked, "x-lesson-replay-reason").as_deref(),
+        Some("vod_not_found")
+    );
+    worker.stop().await;
+    assert!(
+        common::metric(&metrics, "lesson_replay_uploaded_bytes_total") >= big.len() as u64,
+        "the good track was archived before the gone one failed"
+    );
+    let client = s3.client();
+    let listed = client
+        .list_objects_v2()
+        .bucket("school")
+        .send()
+        .await
+        .unwrap();
+    let left: Vec<&str> = listed
+        .contents()
+        .iter()
+        .filter_map(|o| o.key())
+        .filter(|k| !k.contains("/.lesson-replay-uploads/"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "copies of a parked lesson remain: {left:?}"
+    );
+    assert!(s3.incomplete_uploads().is_empty());
     broker.cleanup().await;
 }

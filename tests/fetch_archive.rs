@@ -350,17 +350,18 @@ async fn a_large_file_streams_into_a_multipart_upload() {
         .send()
         .await
         .unwrap();
-    assert_eq!(object.metadata().unwrap().get("md5"), Some(&md5_hex(&file)));
     let bytes = object.body.collect().await.unwrap().into_bytes();
     assert!(bytes == file, "the archived bytes equal the source");
 
-    // A redelivery finds it with a HEAD, probe included.
+    assert!(archive.etag.is_some(), "the completion's ETag is kept");
+    // A redelivery finds it (its HEAD and its object record), probe included.
     let (found, found_probe) = archiver
         .existing("p/big.mp4", Some(file.len() as i64))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(found.md5, archive.md5);
+    assert_eq!(found.etag, archive.etag);
     assert_eq!(found_probe, Some(probe));
     assert!(
         archiver

@@ -105,8 +105,14 @@ async fn a_killed_workers_uploads_are_aborted_when_its_lessons_come_back() {
         Vec::<String>::new(),
         "the journal is empty"
     );
-    // Exactly each lesson's track, page and manifest: nothing else in the bucket.
-    assert_eq!(left.len(), 3 * lessons, "{left:?}");
+    // Exactly each lesson's track, page and manifest, and the track's object
+    // record: nothing else in the bucket.
+    let records = left
+        .iter()
+        .filter(|k| k.contains("/.lesson-replay-objects/"))
+        .count();
+    assert_eq!(records, lessons, "{left:?}");
+    assert_eq!(left.len(), 4 * lessons, "{left:?}");
     broker.assert_settled().await;
     broker.cleanup().await;
 }

@@ -99,6 +99,7 @@ impl Config {
             },
             archive: self.archive.then(|| self.archive_settings()),
             probe: self.probe,
+            parallel_tracks: self.archive_parallel_tracks,
             attempts: self.fetch_attempts,
             budget: Duration::from_secs(self.stage_budget_secs),
         }
@@ -129,6 +130,10 @@ impl Config {
             storage_class: self.s3_storage_class.clone(),
             sse: self.s3_sse.clone(),
             part_size: self.s3_part_size_bytes,
+            concurrency: self.s3_upload_concurrency,
+            memory_bytes: self.archive_memory_bytes,
+            request_timeout: Duration::from_secs(self.s3_request_timeout_secs),
+            part_timeout: Duration::from_secs(self.s3_part_timeout_secs),
             unsigned_payload: match self.s3_payload_signing {
                 PayloadSigning::Signed => false,
                 PayloadSigning::Unsigned => true,

@@ -143,6 +143,26 @@ pub const SETTINGS: &[Setting] = &[
         "`auto` (unsigned over HTTPS, where TLS protects the bytes; signed over plain HTTP), `signed` or `unsigned`: whether uploads hash every byte for SigV4 (SHA-256, about a CPU-second per GB) or send `UNSIGNED-PAYLOAD`",
     ),
     setting(
+        "s3_upload_concurrency",
+        "parts of one file in flight at once: range requests to the VOD origin and part uploads to the store, side by side (one file is not capped by one connection)",
+    ),
+    setting(
+        "archive_memory_bytes",
+        "all part buffers of all uploads of the worker together, at most (at least one part); an upload waits for room before it reads its next part, so one lesson gets the whole budget and many share it",
+    ),
+    setting(
+        "archive_parallel_tracks",
+        "tracks of one lesson archived side by side, within the same memory budget",
+    ),
+    setting(
+        "s3_request_timeout_secs",
+        "longest wait for one S3 request without a large body (HEAD, create, complete, manifest, list, abort), per attempt",
+    ),
+    setting(
+        "s3_part_timeout_secs",
+        "longest wait for one part upload (or a small file's single PUT), per attempt",
+    ),
+    setting(
         "retry_delays_secs",
         "delay tiers of broker-level retries, comma-separated (changing them adds tier queues)",
     ),

@@ -27,6 +27,8 @@ pub fn env_var(name: &str) -> String {
 
 /// S3's limits on a multipart part.
 const MIN_PART_BYTES: usize = 5 * 1024 * 1024;
+/// Parts of one multipart upload, at most (S3's limit).
+const MAX_PARTS: u64 = 10_000;
 const MAX_PART_BYTES: usize = 5 * 1024 * 1024 * 1024;
 
 /// Every setting of the product. Each field is described once, in
@@ -69,6 +71,11 @@ pub struct Config {
     pub s3_sse: Option<String>,
     pub s3_part_size_bytes: usize,
     pub s3_payload_signing: PayloadSigning,
+    pub s3_upload_concurrency: usize,
+    pub archive_memory_bytes: u64,
+    pub archive_parallel_tracks: usize,
+    pub s3_request_timeout_secs: u64,
+    pub s3_part_timeout_secs: u64,
     #[serde(deserialize_with = "list")]
     pub retry_delays_secs: Vec<u64>,
     pub retry_max_age_secs: u64,
@@ -191,6 +198,11 @@ impl Default for Config {
             s3_sse: None,
             s3_part_size_bytes: 8 * 1024 * 1024,
             s3_payload_signing: PayloadSigning::Auto,
+            s3_upload_concurrency: 4,
+            archive_memory_bytes: 128 * 1024 * 1024,
+            archive_parallel_tracks: 4,
+            s3_request_timeout_secs: 120,
+            s3_part_timeout_secs: 300,
             retry_delays_secs: vec![10, 60, 300, 1800, 7200],
             retry_max_age_secs: 12 * 3600,
             stage_budget_secs: 60,
@@ -410,6 +422,13 @@ impl Config {
             ),
             ("fetch_idle_timeout_secs", self.fetch_idle_timeout_secs),
             ("max_file_bytes", self.max_file_bytes),
+            ("s3_upload_concurrency", self.s3_upload_concurrency as u64),
+            (
+                "archive_parallel_tracks",
+                self.archive_parallel_tracks as u64,
+            ),
+            ("s3_request_timeout_secs", self.s3_request_timeout_secs),
+            ("s3_part_timeout_secs", self.s3_part_timeout_secs),
             ("max_body_bytes", self.max_body_bytes as u64),
             ("max_tracks", self.max_tracks as u64),
             ("max_string_bytes", self.max_string_bytes as u64),
@@ -487,6 +506,22 @@ impl Config {
                 "s3_part_size_bytes must be between 5 MiB and 5 GiB (S3's part limits)",
             );
         }
+        // S3 allows 10 000 parts: a larger file would fail at part 10 001,
+        // after the transfer of 10 000 parts.
+        let largest = self.s3_part_size_bytes as u64 * MAX_PARTS;
+        if self.archive && self.max_file_bytes > largest {
+            return invalid(format!(
+                "max_file_bytes ({}) is more than s3_part_size_bytes x 10 000 ({largest}), \
+                 the largest object a multipart upload can hold: raise s3_part_size_bytes \
+                 or lower max_file_bytes",
+                self.max_file_bytes
+            ));
+        }
+        if (self.archive_memory_bytes as u128) < self.s3_part_size_bytes as u128 {
+            return invalid(
+                "archive_memory_bytes must hold at least one part of s3_part_size_bytes",
+            );
+        }
         if self.s3_access_key_id.is_some() != self.s3_secret_access_key.is_some() {
             return invalid("set both s3_access_key_id and s3_secret_access_key, or neither");
         }
@@ -560,6 +595,32 @@ fn env_text(value: &serde_json::Value) -> Option<String> {
 #[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error.
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_limit_beyond_ten_thousand_parts_is_refused_when_archiving() {
+        let mut config = Config {
+            archive: true,
+            s3_bucket: Some("b".into()),
+            s3_part_size_bytes: 5 * 1024 * 1024,
+            max_file_bytes: 5 * 1024 * 1024 * 10_000,
+            ..Config::default()
+        };
+        assert!(config.validate().is_ok(), "exactly 10 000 parts fit");
+        config.max_file_bytes += 1;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("max_file_bytes") && err.contains("s3_part_size_bytes"),
+            "{err}"
+        );
+        config.archive = false;
+        assert!(config.validate().is_ok(), "only archiving has the limit");
+        config.archive = true;
+        config.s3_part_size_bytes = 8 * 1024 * 1024;
+        assert!(config.validate().is_ok(), "larger parts hold the file");
+        config.archive_memory_bytes = 1024;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("archive_memory_bytes"), "{err}");
+    }
 
     #[test]
     fn file_then_environment_override_defaults() {

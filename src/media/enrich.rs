@@ -14,7 +14,7 @@ use crate::decision::normalize::Normalized;
 use crate::decision::reason::Rejection;
 use crate::decision::record::{Archive, Probe, Record, Track, Warning};
 use crate::decision::warning::WarningCode;
-use crate::media::archive::{ArchiveSettings, Archiver};
+use crate::media::archive::{ArchiveSettings, Archiver, transfer};
 use crate::media::fetch::{Download, FetchError, FetchSettings, Fetcher};
 use crate::media::s3_error::S3Error;
 use crate::telemetry::metrics::{Metrics, Stage};
@@ -28,6 +28,8 @@ struct Checked {
     archive: Option<Archive>,
     probe: Option<Result<Probe, String>>,
     warning: Option<Warning>,
+    /// This attempt uploaded the copy (it was not in the bucket already).
+    uploaded: bool,
 }
 
 /// How tracks are checked: built from the settings by `config::parts`.
@@ -38,6 +40,8 @@ pub struct MediaSettings {
     pub archive: Option<ArchiveSettings>,
     /// Probe every track's MP4 for its real duration and picture size.
     pub probe: bool,
+    /// Tracks of one lesson archived side by side.
+    pub parallel_tracks: usize,
     /// Attempts per file within one delivery.
     pub attempts: usize,
     /// Longest total backoff of one stage's in-process retries.
@@ -57,6 +61,7 @@ pub struct Media {
     fetcher: Fetcher,
     archiver: Option<Archiver>,
     probe: bool,
+    parallel_tracks: usize,
     attempts: usize,
     /// Longest total backoff of one stage's in-process retries.
     budget: Duration,
@@ -81,6 +86,7 @@ impl Media {
             fetcher,
             archiver,
             probe: settings.probe,
+            parallel_tracks: settings.parallel_tracks.max(1),
             attempts: settings.attempts,
             budget: settings.budget,
             metrics,
@@ -126,20 +132,16 @@ impl Media {
         if self.archiver.is_none() && !self.probe {
             return Ok(());
         }
-        // Probes of one recording's tracks run side by side; archives one at a
-        // time, so that memory stays at about one upload part per message.
+        // The tracks of one recording are checked side by side: probes, or
+        // archives within the worker's memory budget of part buffers.
         let tracks = normalized.record.tracks.clone();
         let checked: Vec<Result<Checked, FetchError>> = match &self.archiver {
             Some(archiver) => {
-                let mut out = Vec::with_capacity(tracks.len());
-                for track in &tracks {
-                    let stage = self.metrics.stage_timer(Stage::Archive);
-                    out.push(
-                        self.archive_track(archiver, &normalized.record, track)
-                            .await,
-                    );
-                    stage.observe_duration();
-                }
+                let stage = self.metrics.stage_timer(Stage::Archive);
+                let out = self
+                    .archive_tracks(archiver, &normalized.record, &tracks)
+                    .await;
+                stage.observe_duration();
                 out
             }
             None => {
@@ -153,6 +155,14 @@ impl Media {
                 out
             }
         };
+        // A failure for good decides the lesson's reason before any other.
+        let permanent = checked
+            .iter()
+            .position(|r| r.as_ref().is_err_and(|e| !e.is_transient()));
+        if let Some(Err(e)) = permanent.map(|i| &checked[i]) {
+            let track = &tracks[permanent.expect("found")].track_id;
+            return Err(Rejection::new(e.reason(), format!("track {track}: {e}")));
+        }
         for (index, (track, result)) in tracks.iter().zip(checked).enumerate() {
             let checked = result.map_err(|e| {
                 Rejection::new(e.reason(), format!("track {}: {e}", track.track_id))
@@ -213,7 +223,74 @@ impl Media {
             archive: None,
             probe: Some(read.probe),
             warning,
+            uploaded: false,
         })
+    }
+
+    /// Archive the tracks side by side. The first that fails for good stops
+    /// the others (their uploads aborted as they drop) and deletes what this
+    /// attempt uploaded: the lesson is parked, and nothing would name those
+    /// copies. A transient failure lets the others finish: the next attempt
+    /// finds them archived.
+    async fn archive_tracks(
+        &self,
+        archiver: &Archiver,
+        record: &Record,
+        tracks: &[Track],
+    ) -> Vec<Result<Checked, FetchError>> {
+        let each: Vec<_> = (0..tracks.len())
+            .map(|index| self.archive_nth(archiver, record, tracks, index))
+            .collect();
+        let mut running = futures_util::stream::iter(each).buffer_unordered(self.parallel_tracks);
+        let mut out: Vec<Option<Result<Checked, FetchError>>> =
+            tracks.iter().map(|_| None).collect();
+        let mut failed = None;
+        while let Some((index, result)) = running.next().await {
+            if let Err(e) = &result
+                && !e.is_transient()
+            {
+                failed = Some(index);
+                out[index] = Some(result);
+                break;
+            }
+            out[index] = Some(result);
+        }
+        drop(running);
+        if let Some(index) = failed {
+            let track = &tracks[index].track_id;
+            for checked in out.iter().flatten().flatten().filter(|c| c.uploaded) {
+                let key = &checked.archive.as_ref().expect("uploaded").key;
+                match archiver.delete_archived(key).await {
+                    Ok(()) => info!(%key, %track, "deleted: the lesson failed for good"),
+                    Err(e) => warn!(%key, error = %e, "could not delete a copy of a failed lesson"),
+                }
+            }
+        }
+        out.into_iter()
+            .zip(tracks)
+            .map(|(result, track)| {
+                result.unwrap_or_else(|| {
+                    Err(FetchError::Cancelled(format!(
+                        "track {}: stopped, another track failed",
+                        track.track_id
+                    )))
+                })
+            })
+            .collect()
+    }
+
+    /// Track `index`, archived, with its index (they finish in any order).
+    async fn archive_nth(
+        &self,
+        archiver: &Archiver,
+        record: &Record,
+        tracks: &[Track],
+        index: usize,
+    ) -> (usize, Result<Checked, FetchError>) {
+        (
+            index,
+            self.archive_track(archiver, record, &tracks[index]).await,
+        )
     }
 
     /// Archive one track (or find it archived already), with retries.
@@ -240,10 +317,13 @@ impl Media {
         }
         let archive_once = || async {
             let mut upload = archiver.upload(key.clone());
-            match self
-                .fetcher
-                .download(&track.source_url, track.size_bytes, &mut upload)
-                .await
+            match transfer::copy(
+                &self.fetcher,
+                &track.source_url,
+                track.size_bytes,
+                &mut upload,
+            )
+            .await
             {
                 Ok(download) => {
                     let probe = download.probe.as_ref().ok();
@@ -271,6 +351,7 @@ impl Media {
             archive: Some(archive),
             probe: Some(download.probe),
             warning: None,
+            uploaded: true,
         })
     }
 }

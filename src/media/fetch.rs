@@ -67,6 +67,9 @@ pub enum FetchError {
     Sink(#[from] S3Error),
     #[error("URL not allowed: {0}")]
     NotAllowed(String),
+    /// Stopped because another track of the lesson failed.
+    #[error("{0}")]
+    Cancelled(String),
 }
 
 impl FetchError {
@@ -81,7 +84,8 @@ impl FetchError {
             FetchError::Status(_)
             | FetchError::Interrupted { .. }
             | FetchError::IdleTimeout(_)
-            | FetchError::Transport(_) => ReasonCode::FetchFailed,
+            | FetchError::Transport(_)
+            | FetchError::Cancelled(_) => ReasonCode::FetchFailed,
         }
     }
 
@@ -97,6 +101,9 @@ fn retryable_status(status: u16) -> bool {
 
 /// Where downloaded bytes go, in order: an archive upload, or nowhere.
 pub trait ChunkSink: Send {
+    /// The file's size, when the origin announced it (before any byte).
+    fn expect(&mut self, _size: Option<u64>) {}
+
     fn write(&mut self, chunk: Bytes) -> impl Future<Output = Result<(), S3Error>> + Send;
 }
 
@@ -233,6 +240,20 @@ impl Fetcher {
         sink: &mut S,
     ) -> Result<Download, FetchError> {
         let url = self.check_url(url)?;
+        let first = self.send(self.client.get(url.clone())).await?;
+        self.stream(&url, declared_size, sink, first).await
+    }
+
+    /// [`Fetcher::download`] from its first response, `first` (a whole-file
+    /// answer: 200, or a 206 covering the whole file).
+    pub async fn stream<S: ChunkSink>(
+        &self,
+        url: &url::Url,
+        declared_size: Option<i64>,
+        sink: &mut S,
+        first: reqwest::Response,
+    ) -> Result<Download, FetchError> {
+        let mut first = Some(first);
         let mut md5 = Md5::new();
         let mut scanner = MoovScanner::new();
         let mut received: u64 = 0;
@@ -248,7 +269,10 @@ impl Fetcher {
                     .header(header::RANGE, format!("bytes={received}-"))
                     .header(header::IF_RANGE, guard);
             }
-            let response = self.send(request).await?;
+            let response = match first.take() {
+                Some(first) => first,
+                None => self.send(request).await?,
+            };
             // Bytes of this response to drop: the origin ignored our Range.
             let mut skip: u64 = 0;
             if received == 0 {
@@ -257,6 +281,7 @@ impl Fetcher {
                 if let Some(size) = total {
                     check_size(size, declared_size, self.settings.max_file_bytes)?;
                 }
+                sink.expect(total);
             } else if response.status() == StatusCode::PARTIAL_CONTENT {
                 let start = content_range(response.headers()).map(|r| r.0);
                 if start != Some(received) {
@@ -409,6 +434,168 @@ impl Fetcher {
             requests: requests + 1,
             total_size,
         })
+    }
+}
+
+/// A file that can be read by ranges: its size and the validator every
+/// range must match (the same file, not one replaced half-way).
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub url: url::Url,
+    pub total: u64,
+    pub validator: String,
+}
+
+/// The first answer of a transfer.
+pub enum Opened {
+    /// 206 for the first range, from an origin with ranges and a validator:
+    /// the rest can be read by ranges, several at once.
+    Ranged {
+        response: reqwest::Response,
+        source: Source,
+    },
+    /// The whole file in one stream (200: the origin ignores ranges, or a
+    /// range answer without a size or a validator, asked again whole).
+    Whole(reqwest::Response),
+}
+
+impl Fetcher {
+    /// Open `url` for a transfer: ask for its first `first_len` bytes by
+    /// range. One request either way when the origin has ranges or ignores
+    /// them; two when it answers a range without a size or a validator.
+    pub async fn open(&self, url: &url::Url, first_len: u64) -> Result<Opened, FetchError> {
+        let request = self
+            .client
+            .get(url.clone())
+            .header(header::RANGE, format!("bytes=0-{}", first_len.max(1) - 1));
+        let response = self.send(request).await?;
+        if response.status() != StatusCode::PARTIAL_CONTENT {
+            return Ok(Opened::Whole(response));
+        }
+        let total = content_range(response.headers()).and_then(|(start, total)| match start {
+            0 => total,
+            _ => None,
+        });
+        match (total, resume_validator(response.headers())) {
+            (Some(total), Some(validator)) => Ok(Opened::Ranged {
+                response,
+                source: Source {
+                    url: url.clone(),
+                    total,
+                    validator,
+                },
+            }),
+            _ => {
+                drop(response);
+                let whole = self.send(self.client.get(url.clone())).await?;
+                Ok(Opened::Whole(whole))
+            }
+        }
+    }
+
+    /// Read bytes `[start, start + len)` of `source` into `buf` (whose
+    /// capacity holds them), from `first` when given (the answer that opened
+    /// the file), resuming a cut range with a range of what is left. Every
+    /// answer must be a 206 at the asked offset with the file's size and
+    /// validator: a changed file is a transient failure (the next attempt
+    /// starts over). Returns the bytes received over the network.
+    pub async fn read_range(
+        &self,
+        source: &Source,
+        start: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+        first: Option<reqwest::Response>,
+        resumes: &std::sync::atomic::AtomicU32,
+    ) -> Result<u64, FetchError> {
+        let mut first = first;
+        let mut transferred = 0u64;
+        let end = start + len;
+        loop {
+            let at = start + buf.len() as u64;
+            let response = match first.take() {
+                Some(response) => response,
+                None => {
+                    // If-Match, not If-Range: a changed file must fail the
+                    // range, not answer 200 with the whole new file.
+                    let condition = match source.validator.starts_with('"') {
+                        true => header::IF_MATCH,
+                        false => header::IF_UNMODIFIED_SINCE,
+                    };
+                    let request = self
+                        .client
+                        .get(source.url.clone())
+                        .header(header::RANGE, format!("bytes={at}-{}", end - 1))
+                        .header(condition, source.validator.clone());
+                    match self.send(request).await {
+                        Err(FetchError::Status(412)) => {
+                            return Err(FetchError::Interrupted {
+                                received: at,
+                                why: "the file changed on the origin (412)".into(),
+                            });
+                        }
+                        other => other?,
+                    }
+                }
+            };
+            let range = content_range(response.headers());
+            if response.status() != StatusCode::PARTIAL_CONTENT
+                || range.map(|r| r.0) != Some(at)
+                || range.and_then(|r| r.1) != Some(source.total)
+            {
+                return Err(FetchError::Interrupted {
+                    received: at,
+                    why: format!(
+                        "the origin answered the range at {at} with HTTP {} {:?}",
+                        response.status().as_u16(),
+                        response.headers().get(header::CONTENT_RANGE)
+                    ),
+                });
+            }
+            if resume_validator(response.headers()).as_deref() != Some(&source.validator) {
+                return Err(FetchError::Interrupted {
+                    received: at,
+                    why: "the file changed on the origin".into(),
+                });
+            }
+            let mut body = response.bytes_stream();
+            let cut = loop {
+                let next = tokio::time::timeout(self.settings.idle_timeout, body.next()).await;
+                let chunk = match next {
+                    Err(_) => break Some(format!("no data for {:?}", self.settings.idle_timeout)),
+                    Ok(None) => break None,
+                    Ok(Some(Err(e))) => break Some(error_chain(&e)),
+                    Ok(Some(Ok(chunk))) => chunk,
+                };
+                transferred += chunk.len() as u64;
+                self.metrics.downloaded(chunk.len() as u64);
+                if buf.len() as u64 + chunk.len() as u64 > len {
+                    return Err(FetchError::SizeMismatch(format!(
+                        "the origin sent more than the {len} bytes asked at {start}"
+                    )));
+                }
+                buf.extend_from_slice(&chunk);
+            };
+            if buf.len() as u64 == len {
+                return Ok(transferred);
+            }
+            let why = cut
+                .unwrap_or_else(|| format!("range ended at {} of {end}", start + buf.len() as u64));
+            let so_far = resumes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if so_far >= self.settings.max_resumes {
+                return Err(FetchError::Interrupted {
+                    received: start + buf.len() as u64,
+                    why,
+                });
+            }
+            self.metrics.range_resumed();
+            tracing::info!(at = start + buf.len() as u64, %why, "range cut mid-body: resuming");
+        }
+    }
+
+    /// Refuse a file larger than allowed, or than its message declares.
+    pub fn check_size(&self, size: u64, declared: Option<i64>) -> Result<(), FetchError> {
+        check_size(size, declared, self.settings.max_file_bytes)
     }
 }
 

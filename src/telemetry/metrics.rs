@@ -161,6 +161,7 @@ pub struct Metrics {
     range_resumes: IntCounter,
     probe_bytes: IntCounter,
     in_flight: IntGauge,
+    archive_memory: IntGauge,
     concurrency: IntGauge,
     retries: IntCounterVec,
     broker_connected: IntGauge,
@@ -450,6 +451,11 @@ impl Metrics {
                 "lesson_replay_probe_bytes_total",
                 "Bytes read by range-read probes of MP4 files.",
             ),
+            archive_memory: gauge(
+                &r,
+                "lesson_replay_archive_memory_bytes",
+                "Bytes of part buffers in use by uploads now (at most archive_memory_bytes).",
+            ),
             in_flight: gauge(
                 &r,
                 "lesson_replay_in_flight_messages",
@@ -684,6 +690,12 @@ impl Metrics {
     /// Bytes uploaded to the store.
     pub fn uploaded(&self, bytes: u64) {
         self.uploaded_bytes.inc_by(bytes);
+    }
+
+    /// Bytes of part buffers in use now.
+    pub fn archive_memory_in_use(&self, bytes: u64) {
+        self.archive_memory
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// A track was found already archived.

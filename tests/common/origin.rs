@@ -125,6 +125,18 @@ pub struct Origin {
     state: Arc<Mutex<State>>,
     served: Arc<AtomicU64>,
     requests: Arc<AtomicU64>,
+    /// Responses being sent now, and the most at once.
+    sending: Arc<AtomicU64>,
+    peak_sending: Arc<AtomicU64>,
+}
+
+/// One response being sent: counted while it lives.
+struct Sending(Arc<AtomicU64>);
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Origin {
@@ -136,6 +148,8 @@ impl Origin {
             state: Arc::default(),
             served: Arc::default(),
             requests: Arc::default(),
+            sending: Arc::default(),
+            peak_sending: Arc::default(),
         };
         let server = origin.clone();
         tokio::spawn(async move {
@@ -188,6 +202,11 @@ impl Origin {
 
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// The most file bodies this origin was sending at once.
+    pub fn peak_concurrent(&self) -> u64 {
+        self.peak_sending.load(Ordering::SeqCst)
     }
 
     /// One connection, kept alive across requests (HTTP/1.1) until a fault cuts it.
@@ -292,6 +311,9 @@ impl Origin {
         } else {
             None
         };
+        let now = self.sending.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak_sending.fetch_max(now, Ordering::SeqCst);
+        let _sending = Sending(self.sending.clone());
         let mut sent = 0u64;
         let mut buf = vec![0u8; 64 * 1024];
         let mut offset = start;
