@@ -189,7 +189,6 @@ pub enum S3Op {
     CreateUpload,
     UploadPart,
     Complete,
-    Copy,
     Abort,
     List,
     Delete,
@@ -197,13 +196,12 @@ pub enum S3Op {
 }
 
 impl S3Op {
-    pub const ALL: [S3Op; 10] = [
+    pub const ALL: [S3Op; 9] = [
         S3Op::Head,
         S3Op::Put,
         S3Op::CreateUpload,
         S3Op::UploadPart,
         S3Op::Complete,
-        S3Op::Copy,
         S3Op::Abort,
         S3Op::List,
         S3Op::Delete,
@@ -217,7 +215,6 @@ impl S3Op {
             S3Op::CreateUpload => "create_upload",
             S3Op::UploadPart => "upload_part",
             S3Op::Complete => "complete",
-            S3Op::Copy => "copy",
             S3Op::Abort => "abort",
             S3Op::List => "list",
             S3Op::Delete => "delete",
@@ -527,7 +524,7 @@ impl Metrics {
                 let h = HistogramVec::new(
                     HistogramOpts::new(
                         "lesson_replay_s3_request_duration_seconds",
-                        "Time of one request to the S3-compatible store, by operation (head, put, create_upload, upload_part, complete, copy, abort).",
+                        "Time of one request to the S3-compatible store, by operation (head, put, create_upload, upload_part, complete, abort, list, delete, get).",
                     )
                     .buckets(DURATION_BUCKETS.to_vec()),
                     &["operation"],

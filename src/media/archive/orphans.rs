@@ -60,16 +60,13 @@ impl Archiver {
     /// an upload killed before its journal entry was written). Failures are
     /// logged, never fatal: the bucket's lifecycle rule is the backstop.
     pub async fn abort_orphans(&self, key: &str) -> usize {
+        // The journal and the store's listing, read side by side (one round trip).
+        let (journaled, listed) =
+            tokio::join!(self.journaled_uploads(key), self.listed_uploads(key));
         let mut seen = std::collections::HashSet::new();
         let mut aborted = 0;
-        for upload_id in self.journaled_uploads(key).await {
-            if abort_upload(self.job(key, &upload_id)).await {
-                aborted += 1;
-            }
-            seen.insert(upload_id);
-        }
-        for upload_id in self.listed_uploads(key).await {
-            if !seen.contains(&upload_id) && abort_upload(self.job(key, &upload_id)).await {
+        for upload_id in journaled.into_iter().chain(listed) {
+            if seen.insert(upload_id.clone()) && abort_upload(self.job(key, &upload_id)).await {
                 aborted += 1;
             }
         }
