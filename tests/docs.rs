@@ -17,22 +17,28 @@ fn mapped_files() -> BTreeSet<String> {
         .and_then(|rest| rest.split("```").next())
         .expect("the README has a code map in a text block");
     let mut files = BTreeSet::new();
-    let mut folder = String::new();
+    // The folders open at each depth (two spaces per level under `src/`).
+    let mut folders: Vec<String> = Vec::new();
     for line in map.lines() {
         let Some(entry) = line.split_whitespace().next() else {
             continue;
         };
-        match line.len() - line.trim_start().len() {
-            0 if entry != "src/" => break,
-            2 if entry.ends_with('/') => folder = entry.to_owned(),
-            2 => {
-                folder.clear();
-                files.insert(entry.to_owned());
+        let indent = line.len() - line.trim_start().len();
+        if indent == 0 {
+            if entry != "src/" {
+                break;
             }
-            4 => {
-                files.insert(format!("{folder}{entry}"));
-            }
-            _ => {}
+            continue;
+        }
+        // A description lines up in a column far to the right: not an entry.
+        if indent % 2 != 0 || indent > 2 * (folders.len() + 1) {
+            continue;
+        }
+        folders.truncate(indent / 2 - 1);
+        if entry.ends_with('/') {
+            folders.push(entry.to_owned());
+        } else {
+            files.insert(format!("{}{entry}", folders.concat()));
         }
     }
     files
