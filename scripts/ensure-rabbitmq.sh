@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# Make sure a RabbitMQ broker answers on 127.0.0.1:5672 (or $LESSON_REPLAY_TEST_AMQP_URL's
-# host): start the local one with `rabbitmq-server -detached` when it is down.
+# Make sure a RabbitMQ broker answers on 127.0.0.1:5672 (unless $TEST_AMQP_URL
+# names another): install Debian's package when it is missing, start it with
+# `rabbitmq-server -detached` when it is down.
 set -euo pipefail
 
 port_open() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
 
-if [ -n "${LESSON_REPLAY_TEST_AMQP_URL:-}" ]; then
+if [ -n "${TEST_AMQP_URL:-}" ]; then
   exit 0 # an external broker was given; nothing to start
 fi
 if port_open && rabbitmqctl -q await_startup >/dev/null 2>&1; then
   exit 0
 fi
 if ! command -v rabbitmq-server >/dev/null 2>&1; then
-  echo "RabbitMQ is not running and not installed. Install it (Debian: apt-get install rabbitmq-server)" >&2
-  echo "or point LESSON_REPLAY_TEST_AMQP_URL at a broker." >&2
-  exit 1
+  # A fresh machine: Debian's package (it starts the broker where systemd
+  # runs; here it is started below either way).
+  echo "installing RabbitMQ (Debian's rabbitmq-server, once per machine)" >&2
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
 fi
 echo "starting RabbitMQ (rabbitmq-server -detached)" >&2
 rabbitmq-server -detached >/dev/null 2>&1 || true

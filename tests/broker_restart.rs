@@ -36,9 +36,9 @@ fn rabbitmqctl(args: &[&str]) -> String {
 
 fn local_broker_only() {
     assert!(
-        std::env::var("LESSON_REPLAY_TEST_AMQP_URL").is_err(),
+        std::env::var("TEST_AMQP_URL").is_err(),
         "this test restarts the local RabbitMQ with rabbitmqctl and cannot run against \
-         LESSON_REPLAY_TEST_AMQP_URL: unset it, or run the other tests with --skip broker_"
+         TEST_AMQP_URL: unset it, or run the other tests with --skip broker_"
     );
 }
 

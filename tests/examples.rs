@@ -234,3 +234,22 @@ fn normalize_command_applies_the_configured_input_policy() {
     assert_eq!(code, 1);
     assert!(stderr.contains("max_tracks"), "{stderr}");
 }
+
+/// The variable that points the tests at another broker is inherited by every
+/// process a test starts: the settings loader must not take it for one of
+/// its own (it refuses unknown `LESSON_REPLAY_*` names).
+#[test]
+fn the_tests_broker_variable_is_not_a_setting() {
+    let out = Command::new(env!("CARGO_BIN_EXE_lesson-replay"))
+        .arg("config")
+        .env_clear()
+        .env(common::AMQP_URL_VAR, "amqp://guest:guest@127.0.0.1:5682/%2f")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} set, the settings do not load: {}",
+        common::AMQP_URL_VAR,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -31,7 +31,7 @@ fn rabbitmqctl(args: &[&str]) {
 /// A broker user with a password to look for.
 fn broker_user() {
     assert!(
-        std::env::var("LESSON_REPLAY_TEST_AMQP_URL").is_err(),
+        std::env::var("TEST_AMQP_URL").is_err(),
         "this test makes a broker user with rabbitmqctl: it needs the local broker"
     );
     let _ = std::process::Command::new("rabbitmqctl")

@@ -468,7 +468,13 @@ impl Fetcher {
             .client
             .get(url.clone())
             .header(header::RANGE, format!("bytes=0-{}", first_len.max(1) - 1));
-        let response = self.send(request).await?;
+        let response = match self.send(request).await {
+            // An empty file has no first byte to ask for: read it whole.
+            Err(FetchError::Status(416)) => {
+                return Ok(Opened::Whole(self.send(self.client.get(url.clone())).await?));
+            }
+            other => other?,
+        };
         if response.status() != StatusCode::PARTIAL_CONTENT {
             return Ok(Opened::Whole(response));
         }

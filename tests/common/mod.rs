@@ -36,9 +36,14 @@ pub const SCHEMA: &str = concat!(
     "/proto/lesson-replay.v1.schema.json"
 );
 
-/// The broker the tests use: `LESSON_REPLAY_TEST_AMQP_URL`, else the local one.
+/// The variable naming another broker for the tests. Outside the settings'
+/// `LESSON_REPLAY_*` namespace: the settings loader refuses unknown names
+/// there, and every process a test starts inherits the environment.
+pub const AMQP_URL_VAR: &str = "TEST_AMQP_URL";
+
+/// The broker the tests use: `TEST_AMQP_URL`, else the local one.
 pub fn amqp_url() -> String {
-    std::env::var("LESSON_REPLAY_TEST_AMQP_URL")
+    std::env::var(AMQP_URL_VAR)
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
