@@ -142,6 +142,22 @@ pub(crate) fn write(plan: &Plan, smoke: bool, r: &Results) -> Vec<&'static str> 
         "d0_lesson_ratio_ge_0_9".into(),
         json!(local.lesson.ratio() >= 0.9),
     );
+    // The proxy reaching its caps (it never passes them: a hard bound).
+    let check = &r.wan.check;
+    let link = crate::wan::WAN;
+    let reaches =
+        |measured: f64, cap: Option<u64>| cap.is_some_and(|c| measured >= 0.9 * c as f64 / 1e6);
+    targets.insert(
+        "wan_proxy_one_connection_ge_0_9_b".into(),
+        json!(
+            reaches(check.one_up_mb_per_s, link.per_connection)
+                && reaches(check.one_down_mb_per_s, link.per_connection)
+        ),
+    );
+    targets.insert(
+        "wan_proxy_all_connections_ge_0_9_t".into(),
+        json!(reaches(check.all_up_mb_per_s, link.total)),
+    );
     for (name, met) in &bounds {
         targets.insert((*name).into(), json!(met));
     }

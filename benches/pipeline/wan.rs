@@ -396,8 +396,10 @@ fn reap(mut child: std::process::Child) -> Exit {
         let _ = pipe.read_to_string(&mut stderr);
     }
     let mut status = 0;
-    // SAFETY: plain system call on our own child's pid; `usage` is written by it.
+    // SAFETY: rusage is plain integers, for which all zeroes is a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child (not reaped elsewhere: `Child::wait` is
+    // never called); both pointers are to live locals the call fills.
     let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
     assert!(pid > 0, "wait4 on rclone failed");
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
