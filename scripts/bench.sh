@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 
 scripts/ensure-rabbitmq.sh
 scripts/ensure-s3s-fs.sh
+scripts/ensure-rclone.sh # scenario 9's baseline
 
 if [ "${1:-}" = "--smoke" ]; then
   cargo bench --locked --profile dev --bench pipeline -- --smoke

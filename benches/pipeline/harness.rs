@@ -30,6 +30,11 @@ pub(crate) struct Plan {
     pub(crate) part_size: usize,
     /// Callbacks sent to the ingress (scenario 7).
     pub(crate) callbacks: usize,
+    /// Scenario 9: the one-file lesson's file, each of the 3-track lesson's
+    /// files, and what each connection streams in the proxy's self-check.
+    pub(crate) wan_file_bytes: u64,
+    pub(crate) wan_track_bytes: u64,
+    pub(crate) wan_check_bytes: u64,
 }
 
 impl Plan {
@@ -46,6 +51,9 @@ impl Plan {
             archive_rounds: 3,
             part_size: 8 * MIB as usize,
             callbacks: 20_000,
+            wan_file_bytes: 512 * MIB,
+            wan_track_bytes: 256 * MIB,
+            wan_check_bytes: 64 * MIB,
         }
     }
 
@@ -62,6 +70,9 @@ impl Plan {
             archive_rounds: 1,
             part_size: 5 * MIB as usize,
             callbacks: 500,
+            wan_file_bytes: 12 * MIB,
+            wan_track_bytes: 6 * MIB,
+            wan_check_bytes: 8 * MIB,
         }
     }
 }

@@ -28,6 +28,8 @@ mod latency;
 mod probe;
 mod records;
 mod report;
+mod wan;
+mod wan_proxy;
 
 use common::origin::Origin;
 use harness::{MIB, Plan, median, medians};
@@ -114,6 +116,10 @@ async fn main() {
         .await;
         results.model_cpu_ms_per_record = run.worker_cpu_ms_per_record;
         (results.model_p50_ms, results.model_p99_ms) = (run.p50_ms, run.p99_ms);
+    }
+    if wanted('9') {
+        eprintln!("9. archive over a WAN ...");
+        results.wan = wan::run(&plan, &origin).await;
     }
     let missed = report::write(&plan, smoke, &results);
     if smoke && !missed.is_empty() {

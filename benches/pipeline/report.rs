@@ -50,6 +50,8 @@ pub(crate) struct Results {
     pub(crate) model_cpu_ms_per_record: f64,
     pub(crate) model_p50_ms: f64,
     pub(crate) model_p99_ms: f64,
+    /// Scenario 9: archiving over a WAN, and the proxy's self-check.
+    pub(crate) wan: crate::wan::WanResults,
 }
 
 impl Results {
@@ -65,7 +67,32 @@ impl Results {
                 "probe_bytes_le_256_kib",
                 self.probe_bytes_per_track <= 256 * 1024,
             ),
+            ("wan_proxy_delay_is_2d", self.wan_proxy_delay_holds()),
+            ("wan_proxy_caps_hold", self.wan_proxy_caps_hold()),
         ]
+    }
+}
+
+impl Results {
+    /// Scenario 9's proxy: a 1-byte round trip takes 2 × the delay, give or
+    /// take timer granularity and scheduling (−5 %, +15 ms). True when
+    /// scenario 9 did not run.
+    fn wan_proxy_delay_holds(&self) -> bool {
+        let rtt = self.wan.check.rtt_ms;
+        let two_d = 2.0 * crate::wan::WAN.delay.as_secs_f64() * 1000.0;
+        rtt == 0.0 || (rtt >= 0.95 * two_d && rtt <= two_d + 15.0)
+    }
+
+    /// Scenario 9's proxy never lets more through than its caps (+10 %: the
+    /// buckets' burst of 128 KiB and the measurement's edges). Reaching the
+    /// caps depends on the machine's spare CPU: reported, not a bound.
+    fn wan_proxy_caps_hold(&self) -> bool {
+        let c = &self.wan.check;
+        let cap = |rate: Option<u64>| rate.map_or(f64::INFINITY, |r| 1.1 * r as f64 / 1e6);
+        let link = crate::wan::WAN;
+        c.one_up_mb_per_s <= cap(link.per_connection)
+            && c.one_down_mb_per_s <= cap(link.per_connection)
+            && c.all_up_mb_per_s <= cap(link.total)
     }
 }
 
@@ -96,6 +123,40 @@ pub(crate) fn write(plan: &Plan, smoke: bool, r: &Results) -> Vec<&'static str> 
     targets.insert(
         "ingress_p99_within_2x".into(),
         json!(r.ingress_p99_ms <= 2.0 * r.publish_baseline_p99_ms),
+    );
+    // Scenario 9: the worker against rclone through the same links.
+    let (wan, local) = (&r.wan.wan, &r.wan.local);
+    targets.insert(
+        "wan_one_file_ratio_ge_2".into(),
+        json!(wan.one_file.ratio() >= 2.0),
+    );
+    targets.insert(
+        "wan_lesson_ratio_ge_1_2".into(),
+        json!(wan.lesson.ratio() >= 1.2),
+    );
+    targets.insert(
+        "d0_one_file_ratio_ge_0_9".into(),
+        json!(local.one_file.ratio() >= 0.9),
+    );
+    targets.insert(
+        "d0_lesson_ratio_ge_0_9".into(),
+        json!(local.lesson.ratio() >= 0.9),
+    );
+    // The proxy reaching its caps (it never passes them: a hard bound).
+    let check = &r.wan.check;
+    let link = crate::wan::WAN;
+    let reaches =
+        |measured: f64, cap: Option<u64>| cap.is_some_and(|c| measured >= 0.9 * c as f64 / 1e6);
+    targets.insert(
+        "wan_proxy_one_connection_ge_0_9_b".into(),
+        json!(
+            reaches(check.one_up_mb_per_s, link.per_connection)
+                && reaches(check.one_down_mb_per_s, link.per_connection)
+        ),
+    );
+    targets.insert(
+        "wan_proxy_all_connections_ge_0_9_t".into(),
+        json!(reaches(check.all_up_mb_per_s, link.total)),
     );
     for (name, met) in &bounds {
         targets.insert((*name).into(), json!(met));
@@ -157,6 +218,7 @@ pub(crate) fn write(plan: &Plan, smoke: bool, r: &Results) -> Vec<&'static str> 
         "unprobed_cpu_ms_per_record": round(r.unprobed_cpu_ms_per_record, 3),
         "unprobed_machine_busy": round(r.unprobed_machine_busy, 2),
     });
+    summary["wan"] = crate::wan::summary(&r.wan);
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("summary.json");
@@ -291,7 +353,73 @@ fn print_table(plan: &Plan, r: &Results, records_ratio: f64, archive_ratio: f64,
         "\n{:<24} {:>16}   {:<26} target",
         "measure", "worker", "baseline"
     );
-    for (name, value, baseline, note) in rows {
+    for (name, value, baseline, note) in rows.into_iter().chain(wan_rows(&r.wan)) {
         println!("{name:<24} {value:>16}   {baseline:<26} {note}");
     }
+}
+
+/// Scenario 9's rows: the proxy's self-check, then each workload's MB/s
+/// (10⁶ bytes/s) beside rclone's, then the worker's cost over the WAN.
+fn wan_rows(w: &crate::wan::WanResults) -> Vec<(&'static str, String, String, String)> {
+    use crate::wan::{Measure, WAN};
+    let c = &w.check;
+    let mb = |rate: Option<u64>| rate.map_or(0, |r| r / 1_000_000);
+    let pair = |name, p: &crate::wan::Pair, baseline: &str, target: &str| {
+        (
+            name,
+            format!("{:.1}", p.worker.mb_per_s),
+            format!("{baseline} {:.1}", p.rclone.mb_per_s),
+            format!("ratio {:.2} ({target})", p.ratio()),
+        )
+    };
+    let cost = |m: &Measure| format!("{:.0} MiB, {:.2} s/GB", m.peak_rss_mib, m.cpu_s_per_gb);
+    vec![
+        (
+            "WAN proxy: rtt ms",
+            format!("{:.1}", c.rtt_ms),
+            format!("2D = {} ms", 2 * WAN.delay.as_millis()),
+            "bound: 2D -5 % .. +15 ms".to_owned(),
+        ),
+        (
+            "WAN proxy: MB/s",
+            format!("{:.1} / {:.1}", c.one_up_mb_per_s, c.one_down_mb_per_s),
+            format!("{} conns {:.1}", c.connections, c.all_up_mb_per_s),
+            format!(
+                "1 conn up/down ~ B {}, all ~ T {}",
+                mb(WAN.per_connection),
+                mb(WAN.total)
+            ),
+        ),
+        pair("WAN 1 file MB/s", &w.wan.one_file, "rclone", "target >= 2"),
+        pair(
+            "WAN 3-track lesson MB/s",
+            &w.wan.lesson,
+            "3 rclone",
+            "target >= 1.2",
+        ),
+        pair(
+            "D=0 1 file MB/s",
+            &w.local.one_file,
+            "rclone",
+            "target >= 0.9",
+        ),
+        pair(
+            "D=0 3-track lesson MB/s",
+            &w.local.lesson,
+            "3 rclone",
+            "target >= 0.9",
+        ),
+        (
+            "WAN RSS, CPU (1 file)",
+            cost(&w.wan.one_file.worker),
+            format!("rclone {}", cost(&w.wan.one_file.rclone)),
+            String::new(),
+        ),
+        (
+            "WAN RSS, CPU (3 tracks)",
+            cost(&w.wan.lesson.worker),
+            format!("rclone {}", cost(&w.wan.lesson.rclone)),
+            String::new(),
+        ),
+    ]
 }
