@@ -52,7 +52,14 @@ fn archive_settings(config: &mut Config, plan: &Plan) {
     // As archive.rs: production's `auto` sends UNSIGNED-PAYLOAD over HTTPS;
     // this s3s-fs speaks plain HTTP, where `auto` would sign every byte.
     config.s3_payload_signing = PayloadSigning::Unsigned;
-    // pipeline settings: s3_upload_concurrency, archive_memory_bytes
+    // The pipeline at its defaults (parts in flight per file, the worker's
+    // memory budget); BENCH_UPLOAD_CONCURRENCY tries another value.
+    if let Some(n) = std::env::var("BENCH_UPLOAD_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.s3_upload_concurrency = n;
+    }
 }
 
 /// One copy's figures: throughput and the copying process's cost.
