@@ -32,6 +32,9 @@ use crate::tic::client::{StartRequest, TicClient, TicError};
 pub const EXIT_DATA_ERROR: u8 = 65;
 /// Exit code when an input file cannot be read (sysexits EX_NOINPUT).
 pub const EXIT_NO_INPUT: u8 = 66;
+/// Exit code when a remote answers outside its protocol, e.g. TIC's answer
+/// too large (sysexits EX_PROTOCOL).
+pub const EXIT_PROTOCOL: u8 = 76;
 /// Exit code for configuration and broker failures.
 pub const EXIT_FAILURE: u8 = 1;
 
@@ -292,7 +295,10 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(EXIT_FAILURE)
+            match e {
+                CliError::Tic(TicError::TooLarge { .. }) => ExitCode::from(EXIT_PROTOCOL),
+                _ => ExitCode::from(EXIT_FAILURE),
+            }
         }
     }
 }

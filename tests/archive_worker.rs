@@ -496,3 +496,133 @@ async fn a_track_gone_for_good_parks_the_lesson_and_deletes_its_other_copies() {
     assert!(s3.incomplete_uploads().is_empty());
     broker.cleanup().await;
 }
+
+/// A duplicate delivery of a lesson finishes its key first and, sweeping
+/// orphans, aborts the other delivery's upload: that upload's next part is
+/// refused (`403` on s3s-fs, `NoSuchUpload` on S3, MinIO and moto). The
+/// overtaken delivery finds the copy in place, whole, and publishes the
+/// record: it is neither parked nor uploaded again. Here the test plays the duplicate, with the
+/// worker's own library, while the worker's upload is under way.
+async fn overtaken_upload_still_publishes(
+    store: &str,
+    endpoint: &str,
+    uploads_under_way: impl Fn() -> bool,
+) {
+    use lesson_replay::decision::decide::{Decision, decide};
+    use lesson_replay::media::archive::{Archiver, transfer};
+    use lesson_replay::media::fetch::Fetcher;
+    use lesson_replay::telemetry::metrics::Metrics;
+    let origin = Origin::start().await;
+    let mut config = isolated_config(&format!("overtaken-{store}"));
+    common::s3::configure_store(&mut config, endpoint, "school");
+    config.s3_part_size_bytes = 5 * 1024 * 1024;
+    config.s3_upload_concurrency = 1;
+    let file = common::origin::noise(20 * 1024 * 1024);
+    let slow = Faults {
+        chunk_delay: Some(Duration::from_millis(2)),
+        ..Faults::default()
+    };
+    let url = origin.add("/lesson.mp4", file.clone(), slow);
+    let fast = origin.add("/same-bytes.mp4", file.clone(), Faults::default());
+    let body = finished(
+        "t-overtaken",
+        42,
+        vec![video(&url, "cam", 0, "u1", file.len(), 5000, 0)],
+    );
+    // The key the worker uploads to, as it computes it.
+    let Decision::Publish(normalized) = decide(&body, &Default::default(), &config.input_policy())
+    else {
+        panic!("the lesson is publishable");
+    };
+    let media = config.media_settings();
+    let archiver = Archiver::new(&media.archive.clone().unwrap(), Metrics::default()).await;
+    let key = archiver.track_key(&normalized.record, &normalized.record.tracks[0]);
+
+    let broker = Broker::new(config.clone()).await;
+    let worker = spawn_worker(broker.config.clone()).await;
+    broker.publish(&body, Default::default()).await;
+    common::wait_until(
+        "the worker's upload is under way",
+        Duration::from_secs(30),
+        uploads_under_way,
+    )
+    .await;
+    // The duplicate: the same bytes, archived to the same key, then the sweep.
+    let fetcher = Fetcher::new(media.fetch, Metrics::default()).unwrap();
+    let mut upload = archiver.upload(key.clone());
+    let copied = transfer::copy(&fetcher, &fast, Some(file.len() as i64), &mut upload)
+        .await
+        .unwrap();
+    upload
+        .finish(&copied.md5, copied.probe.as_ref().ok())
+        .await
+        .unwrap();
+    assert!(
+        archiver.abort_orphans(&key).await >= 1,
+        "the worker's upload was aborted"
+    );
+
+    let (record, _) = broker.take(&broker.config.records_queue, 1).await.remove(0);
+    assert_eq!(record["tracks"][0]["archive"]["key"], key.as_str());
+    assert_eq!(
+        record["tracks"][0]["archive"]["md5"],
+        hex::encode(Md5::digest(&file))
+    );
+    worker.stop().await;
+    assert_eq!(
+        broker.depth(&broker.config.parking_queue).await,
+        0,
+        "not parked"
+    );
+    // The duplicate's copy, and at most one (partial) read by the worker:
+    // it found the copy in place instead of downloading it again.
+    assert!(
+        origin.served() <= 2 * file.len() as u64,
+        "the overtaken delivery uploaded again: {} bytes served",
+        origin.served()
+    );
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_overtaken_by_a_duplicate_delivery_still_publishes_on_s3s_fs() {
+    let s3 = S3Server::start("school");
+    let root = s3.root.clone();
+    overtaken_upload_still_publishes("s3s", &s3.endpoint, move || {
+        std::fs::read_dir(&root).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".upload")
+        })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_overtaken_by_a_duplicate_delivery_still_publishes_on_moto() {
+    let moto = common::moto::MotoServer::start("school").await;
+    let client = moto.client();
+    let under_way = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watch = under_way.clone();
+    let watcher = tokio::spawn(async move {
+        loop {
+            let listed = client
+                .list_multipart_uploads()
+                .bucket("school")
+                .send()
+                .await;
+            if listed.is_ok_and(|l| !l.uploads().is_empty()) {
+                watch.store(true, std::sync::atomic::Ordering::SeqCst);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let seen = under_way.clone();
+    overtaken_upload_still_publishes("moto", &moto.endpoint, move || {
+        seen.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    watcher.abort();
+}

@@ -126,3 +126,28 @@ fn the_tests_named_in_the_docs_exist() {
     }
     assert!(named >= 30, "only {named} tests named");
 }
+
+/// The alert rules match the queues by name (RabbitMQ's exporter labels them
+/// so): each name they use is the default of its setting, and each queue an
+/// alert watches is named. A renamed default fails here until the rules
+/// follow; deployments that rename a queue edit the rules (docs/metrics.md).
+#[test]
+fn the_alert_rules_name_the_default_queues() {
+    let rules = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/rules/lesson-replay.yml"),
+    )
+    .unwrap();
+    let named: BTreeSet<&str> = rules
+        .split("queue=\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    let defaults = lesson_replay::config::settings::Config::default();
+    let watched: BTreeSet<&str> = [
+        defaults.work_queue.as_str(),
+        defaults.parking_queue.as_str(),
+        defaults.records_queue.as_str(),
+    ]
+    .into();
+    assert_eq!(named, watched);
+}

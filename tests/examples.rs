@@ -243,7 +243,10 @@ fn the_tests_broker_variable_is_not_a_setting() {
     let out = Command::new(env!("CARGO_BIN_EXE_lesson-replay"))
         .arg("config")
         .env_clear()
-        .env(common::AMQP_URL_VAR, "amqp://guest:guest@127.0.0.1:5682/%2f")
+        .env(
+            common::AMQP_URL_VAR,
+            "amqp://guest:guest@127.0.0.1:5682/%2f",
+        )
         .output()
         .unwrap();
     assert!(

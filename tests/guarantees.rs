@@ -489,9 +489,11 @@ async fn a_parking_the_broker_does_not_confirm_waits_and_keeps_its_reason() {
 /// ready and does not spin on the declaration.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topology_the_broker_refuses_blocks_readiness_with_its_reason() {
-    use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
     let mut config = isolated_config("refused");
     config.metrics_addr = "127.0.0.1:0".into();
+    // Declared again every second while refused (`topology_recheck_secs`).
+    config.topology_recheck_secs = 1;
     let connection = lapin::Connection::connect(&common::amqp_url(), Default::default())
         .await
         .unwrap();
@@ -550,6 +552,14 @@ async fn a_topology_the_broker_refuses_blocks_readiness_with_its_reason() {
     assert_eq!(answer.status(), 503, "TIC is told to retry");
     ingress.stop().await;
 
+    // The operator's fix (the classic queue deleted): a blocked worker sees it
+    // at its next recheck and becomes ready, with no restart.
+    let health = Health::default();
+    let worker = spawn_worker_with(config.clone(), health.clone(), Metrics::default()).await;
+    wait_until("blocked again", Duration::from_secs(20), || {
+        health.blocked().is_some()
+    })
+    .await;
     channel
         .queue_delete(
             config.parking_queue.as_str().into(),
@@ -557,10 +567,68 @@ async fn a_topology_the_broker_refuses_blocks_readiness_with_its_reason() {
         )
         .await
         .unwrap();
-    for exchange in [&config.inbound_exchange, &config.records_exchange] {
-        channel
-            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-            .await
-            .unwrap();
+    wait_until(
+        "ready at the next recheck, seconds later",
+        Duration::from_secs(15),
+        || health.is_ready(),
+    )
+    .await;
+    assert!(health.blocked().is_none());
+    worker.stop().await;
+    common::delete_topology(&channel, &config).await;
+}
+
+/// What the worker hands on stays until its consumer takes it, however often
+/// that consumer puts it back: a record, and a parked message (whose listing
+/// puts it back each time). RabbitMQ 4 gives a quorum queue declared without
+/// a delivery limit one of 20, and drops a message redelivered more often
+/// (3.x has none): every queue a consumer outside the worker reads declares
+/// a limit out of reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_and_parked_messages_survive_their_consumers_putting_them_back() {
+    use lapin::options::{BasicGetOptions, BasicNackOptions};
+    let broker = Broker::new(isolated_config("requeues")).await;
+    let worker =
+        spawn_worker_with(broker.config.clone(), Health::default(), Metrics::default()).await;
+    broker
+        .publish(&lesson("requeued-record"), FieldTable::default())
+        .await;
+    broker.publish(b"{not json", FieldTable::default()).await;
+    let (records, parking) = (
+        broker.config.records_queue.clone(),
+        broker.config.parking_queue.clone(),
+    );
+    for queue in [&records, &parking] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while broker.depth(queue).await < 1 {
+            assert!(std::time::Instant::now() < deadline, "{queue} stays empty");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
+    worker.stop().await;
+    for queue in [&records, &parking] {
+        for round in 0..25 {
+            let got = broker
+                .channel
+                .basic_get(queue.as_str().into(), BasicGetOptions::default())
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("{queue}: gone after {round} deliveries"));
+            got.delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+                .unwrap();
+        }
+        // Still there after 25 returns (taken and acknowledged now).
+        let kept = broker.next_raw(queue, Duration::from_secs(5)).await;
+        assert!(
+            kept.is_some(),
+            "{queue} dropped its message after 25 returns"
+        );
+    }
+    broker.cleanup().await;
 }

@@ -218,3 +218,46 @@ async fn transport_errors_do_not_show_the_signature() {
         "{shown}"
     );
 }
+
+/// An answer far larger than any of the contract's is refused unread — not
+/// held in memory, not printed — with its own exit code; one just under the
+/// limit still passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_answer_is_refused_with_a_clear_error_and_exit_code() {
+    use lesson_replay::tic::client::MAX_ANSWER_BYTES;
+    let mock = TicMock::start().await;
+    let padded = |len: usize| {
+        let answer = json!({"error_code": 0, "task_id": "t", "status": "recording", "pad": ""});
+        let bare = answer.to_string().len();
+        let mut answer = answer;
+        answer["pad"] = json!("x".repeat(len - bare));
+        answer.to_string()
+    };
+    for (task, len) in [
+        ("huge", 50 * MAX_ANSWER_BYTES),
+        ("just-over", MAX_ANSWER_BYTES + 1),
+        ("just-under", MAX_ANSWER_BYTES),
+    ] {
+        mock.script(
+            task,
+            TaskScript {
+                finished: Some(padded(len)),
+                ..TaskScript::default()
+            },
+        );
+    }
+    let answer = client(&mock.api_base).query("just-under").await.unwrap();
+    assert_eq!(answer.len(), MAX_ANSWER_BYTES);
+    for task in ["huge", "just-over"] {
+        let err = client(&mock.api_base).query(task).await.unwrap_err();
+        assert!(matches!(err, TicError::TooLarge { .. }), "{task}: {err}");
+        assert!(!err.is_transient(), "not asked again");
+        assert_eq!(mock.queries(task), 1);
+    }
+    let keys = format!("{APP}={KEY}");
+    let (code, stdout, stderr) = tic_command(&mock.api_base, &["query", "huge"], &keys).await;
+    assert_eq!(code, 76, "EX_PROTOCOL: {stderr}");
+    assert!(stdout.is_empty(), "nothing of it printed");
+    assert!(stderr.contains("larger than 1048576 bytes"), "{stderr}");
+    assert!(stderr.len() < 1000, "the answer is not echoed");
+}

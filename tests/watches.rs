@@ -32,6 +32,8 @@ fn watching(test: &str, mock: &TicMock, first_check_secs: u64) -> Config {
     config.watch_first_check_secs = first_check_secs;
     config.watch_delays_secs = vec![1];
     config.watch_retry_secs = 1;
+    // Two calls per check: two 500s exhaust a check, which is retried later.
+    config.tic_api_attempts = 2;
     config.watch_max_age_secs = 600;
     // The mock's lessons stop as the test starts: no wait for late callbacks.
     config.watch_callback_grace_secs = 0;
@@ -263,5 +265,54 @@ async fn a_watch_survives_a_killed_worker() {
     assert!(origin.requests() >= 2, "the kill hit the watch mid-way");
     assert!(mock.queries("killed") >= 2, "the watch was checked again");
     broker.assert_settled().await;
+    broker.cleanup().await;
+}
+
+/// An app without a TicKey: its unsigned `record_started` is skipped and its
+/// signed callback parked, both under reason `no_key` (counted, so an alert
+/// can fire), naming the app — not hidden as a plain skip or a bad signature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lessons_of_an_app_without_a_key_are_counted_and_parked_as_no_key() {
+    let mock = TicMock::start().await;
+    let config = watching("no-key", &mock, 1);
+    let broker = Broker::new(config.clone()).await;
+    let metrics = Metrics::default();
+    let worker = spawn_worker_with(config.clone(), Health::default(), metrics.clone()).await;
+    let other_app = APP + 1;
+    let start = now();
+    let mut headers = FieldTable::default();
+    headers.insert("x-tic-sdkappid".into(), AMQPValue::LongLongInt(other_app));
+    let started = serde_json::to_vec(&record_started("keyless", 9, start)).unwrap();
+    broker.publish(&started, headers.clone()).await;
+    // Signed (as TIC signs every callback), by a key the workers do not have.
+    let mut signed = headers.clone();
+    let sign = lesson_replay::decision::verify::compute_sign(KEY, start + 600);
+    signed.insert(
+        "x-tic-sign".into(),
+        AMQPValue::LongString(sign.as_str().into()),
+    );
+    broker.publish(&started, signed).await;
+
+    let (_, parked) = broker.take(&config.parking_queue, 1).await.remove(0);
+    assert_eq!(
+        header(&parked, "x-lesson-replay-reason").as_deref(),
+        Some("no_key")
+    );
+    let error = header(&parked, "x-lesson-replay-error").unwrap();
+    assert!(error.contains(&other_app.to_string()), "{error}");
+    let skipped = r#"lesson_replay_messages_total{outcome="skipped",reason="no_key"}"#;
+    wait_until(
+        "the unsigned one is counted",
+        Duration::from_secs(30),
+        || common::metric(&metrics, skipped) == 1,
+    )
+    .await;
+    worker.stop().await;
+    assert_eq!(
+        watch_events(&metrics, "scheduled"),
+        0,
+        "no watch for an app TIC cannot be asked about"
+    );
+    assert_eq!(mock.queries("keyless"), 0);
     broker.cleanup().await;
 }

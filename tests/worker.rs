@@ -10,7 +10,7 @@ use common::{Broker, EXAMPLES, assert_valid_record, header, isolated_config, spa
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicNackOptions};
 use lapin::types::FieldTable;
-use lesson_replay::broker::headers::callback_headers;
+use lesson_replay::broker::headers::{callback_headers, header_text};
 use lesson_replay::decision::verify::{SignatureMode, compute_sign};
 use secrecy::SecretString;
 use serde_json::Value;
@@ -217,8 +217,24 @@ async fn required_signatures_are_enforced_over_the_broker() {
         )
         .await;
 
-    let (record, _) = broker.take(&broker.config.records_queue, 1).await.remove(0);
-    assert_eq!(record["sdkappid"], 1400000001);
+    // The same signed callback from a publisher that sends its text headers
+    // as AMQP byte arrays (Go's amqp091 does for []byte).
+    let mut as_bytes = callback_headers(Some(&sign), Some("526919"), Some("1400000001"));
+    for name in [
+        lesson_replay::broker::headers::TIC_SIGN,
+        lesson_replay::broker::headers::TIC_SDKAPPID,
+    ] {
+        let text = header_text(Some(&as_bytes), name).unwrap();
+        as_bytes.insert(
+            name.into(),
+            lapin::types::AMQPValue::ByteArray(text.into_bytes().into()),
+        );
+    }
+    broker.publish(GOOD.as_bytes(), as_bytes).await;
+
+    for (record, _) in broker.take(&broker.config.records_queue, 2).await {
+        assert_eq!(record["sdkappid"], 1400000001);
+    }
     let parked = broker.take(&broker.config.parking_queue, 2).await;
     let mut reasons: Vec<String> = parked
         .iter()

@@ -37,6 +37,7 @@ pub(crate) async fn archive_rate(
     s3.configure(&mut config, "bench");
     config.concurrency = plan.archive_concurrency;
     config.s3_part_size_bytes = plan.part_size;
+    config.archive_memory_bytes = plan.archive_memory_bytes;
     config.fetch_idle_timeout_secs = 120;
     // As production runs against HTTPS stores (`auto`); s3s-fs here speaks
     // plain HTTP, where `auto` would sign every byte.

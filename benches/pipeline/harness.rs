@@ -28,6 +28,10 @@ pub(crate) struct Plan {
     /// Alternating rounds of the archive scenario and its plain copy.
     pub(crate) archive_rounds: usize,
     pub(crate) part_size: usize,
+    /// The worker's `archive_memory_bytes` in scenarios 2 and 3: the default
+    /// in a full run; in a smoke run small enough that the tiny files fill it
+    /// too (memory is flat only once the files outgrow the budget).
+    pub(crate) archive_memory_bytes: u64,
     /// Callbacks sent to the ingress (scenario 7).
     pub(crate) callbacks: usize,
     /// Scenario 9: the one-file lesson's file, each of the 3-track lesson's
@@ -50,6 +54,7 @@ impl Plan {
             archive_concurrency: 4,
             archive_rounds: 3,
             part_size: 8 * MIB as usize,
+            archive_memory_bytes: Config::default().archive_memory_bytes,
             callbacks: 20_000,
             wan_file_bytes: 512 * MIB,
             wan_track_bytes: 256 * MIB,
@@ -69,6 +74,7 @@ impl Plan {
             archive_concurrency: 2,
             archive_rounds: 1,
             part_size: 5 * MIB as usize,
+            archive_memory_bytes: 4 * 5 * MIB,
             callbacks: 500,
             wan_file_bytes: 12 * MIB,
             wan_track_bytes: 6 * MIB,

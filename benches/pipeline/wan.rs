@@ -24,8 +24,8 @@ use crate::common::Broker;
 use crate::common::origin::{Body, Faults, Origin};
 use crate::common::s3::{ACCESS_KEY, S3Server, SECRET_KEY, configure_store};
 use crate::harness::{
-    MIB, Plan, cpu_seconds, lesson, peak_rss_mib, preload, records_config, round, start_worker,
-    wait_for_depth,
+    CpuTicks, MIB, Plan, cpu_seconds, lesson, peak_rss_mib, preload, records_config, round,
+    start_worker, wait_for_depth,
 };
 use crate::wan_proxy::{Link, SelfCheck, WanProxy, self_check};
 
@@ -53,12 +53,14 @@ fn archive_settings(config: &mut Config, plan: &Plan) {
     // this s3s-fs speaks plain HTTP, where `auto` would sign every byte.
     config.s3_payload_signing = PayloadSigning::Unsigned;
     // The pipeline at its defaults (parts in flight per file, the worker's
-    // memory budget); BENCH_UPLOAD_CONCURRENCY tries another value.
-    if let Some(n) = std::env::var("BENCH_UPLOAD_CONCURRENCY")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        config.s3_upload_concurrency = n;
+    // memory budget); BENCH_UPLOAD_CONCURRENCY and BENCH_ARCHIVE_MEMORY_BYTES
+    // try other values.
+    let number = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
+    if let Some(n) = number("BENCH_UPLOAD_CONCURRENCY") {
+        config.s3_upload_concurrency = n as usize;
+    }
+    if let Some(n) = number("BENCH_ARCHIVE_MEMORY_BYTES") {
+        config.archive_memory_bytes = n;
     }
 }
 
@@ -72,6 +74,10 @@ pub(crate) struct Measure {
     /// CPU time (user + system, start-up included) per GB (10⁹ bytes) copied,
     /// all the run's processes together.
     pub(crate) cpu_s_per_gb: f64,
+    /// The machine's busy share (both cores, 0 to 1) during the copy: the
+    /// proxies, origin and S3 server run here too. Near 1, the copy waited
+    /// for CPU, not for the link.
+    pub(crate) machine_busy: f64,
 }
 
 /// The worker and rclone on one workload.
@@ -165,7 +171,8 @@ pub(crate) async fn run(plan: &Plan, origin: &Origin) -> WanResults {
 pub(crate) fn summary(r: &WanResults) -> serde_json::Value {
     let measure = |m: &Measure| {
         serde_json::json!({"mb_per_s": round(m.mb_per_s, 1),
-            "peak_rss_mib": round(m.peak_rss_mib, 1), "cpu_s_per_gb": round(m.cpu_s_per_gb, 2)})
+            "peak_rss_mib": round(m.peak_rss_mib, 1), "cpu_s_per_gb": round(m.cpu_s_per_gb, 2),
+            "machine_busy": round(m.machine_busy, 2)})
     };
     let pair = |p: &Pair| {
         serde_json::json!({"worker": measure(&p.worker), "rclone": measure(&p.rclone),
@@ -269,10 +276,12 @@ async fn worker_run(plan: &Plan, source: &Source<'_>, link: Link, tracks: usize)
         .collect();
     preload(&broker, std::iter::once(lesson(&task, &videos))).await;
     let started = Instant::now();
+    let ticks = CpuTicks::now();
     let mut worker = start_worker(&broker.config);
     let records = &broker.config.records_queue;
     wait_for_depth(&broker, records, 1, Duration::from_secs(1800)).await;
     let seconds = started.elapsed().as_secs_f64();
+    let machine_busy = ticks.busy_share_since();
     let (rss, cpu) = (peak_rss_mib(worker.pid()), cpu_seconds(worker.pid()));
     worker.terminate();
     worker.wait_exit(Duration::from_secs(30));
@@ -306,6 +315,7 @@ async fn worker_run(plan: &Plan, source: &Source<'_>, link: Link, tracks: usize)
         mb_per_s: total / 1e6 / seconds,
         peak_rss_mib: rss,
         cpu_s_per_gb: cpu / (total / 1e9),
+        machine_busy,
     }
 }
 
@@ -322,6 +332,7 @@ async fn rclone_run(source: &Source<'_>, link: Link, copies: usize) -> Measure {
         .collect();
     let endpoint = format!("http://{}", s3_proxy.addr);
     let started = Instant::now();
+    let ticks = CpuTicks::now();
     let runs: Vec<_> = jobs
         .iter()
         .map(|(url, key)| {
@@ -343,6 +354,7 @@ async fn rclone_run(source: &Source<'_>, link: Link, copies: usize) -> Measure {
         rss = rss.max(exit.peak_rss_mib);
     }
     let seconds = started.elapsed().as_secs_f64();
+    let machine_busy = ticks.busy_share_since();
     // Read every copy back (straight from the server, not through the link).
     let client = s3.client();
     for (_, key) in &jobs {
@@ -357,6 +369,7 @@ async fn rclone_run(source: &Source<'_>, link: Link, copies: usize) -> Measure {
         mb_per_s: total / 1e6 / seconds,
         peak_rss_mib: rss,
         cpu_s_per_gb: cpu / (total / 1e9),
+        machine_busy,
     }
 }
 

@@ -32,6 +32,9 @@ pub struct BrokerSettings {
     /// May contain a password: never logged.
     pub amqp_url: SecretString,
     pub topology: TopologySettings,
+    /// How often a service blocked by a refused topology quietly tries again
+    /// (an operator's fix then needs no restart).
+    pub refused_recheck: Duration,
     /// The address the next connection tries first: random per process, so
     /// a fleet spreads over the nodes; after a connection, the one after it,
     /// so a lost node is not the first one tried again.
@@ -44,6 +47,7 @@ impl BrokerSettings {
         BrokerSettings {
             amqp_url,
             topology,
+            refused_recheck: Duration::from_secs(60),
             next_address: Arc::new(AtomicUsize::new(start)),
         }
     }
@@ -334,5 +338,29 @@ mod tests {
         assert_eq!(envelope.sdkappid.as_deref(), Some(UNREADABLE));
         let absent = envelope_of(&BasicProperties::default());
         assert_eq!((absent.sign, absent.sdkappid), (None, None));
+        // A byte array is read as text only when it is UTF-8.
+        let mut table = FieldTable::default();
+        table.insert(
+            headers::TIC_SIGN.into(),
+            AMQPValue::ByteArray(b"\xff\xfe".to_vec().into()),
+        );
+        let envelope = envelope_of(&BasicProperties::default().with_headers(table));
+        assert_eq!(envelope.sign.as_deref(), Some(UNREADABLE));
+    }
+
+    #[test]
+    fn byte_array_headers_holding_text_are_that_text() {
+        let mut table = FieldTable::default();
+        table.insert(
+            headers::TIC_SIGN.into(),
+            AMQPValue::ByteArray(b"0123abcd".to_vec().into()),
+        );
+        table.insert(
+            headers::TIC_SDKAPPID.into(),
+            AMQPValue::ByteArray(b"1400000001".to_vec().into()),
+        );
+        let envelope = envelope_of(&BasicProperties::default().with_headers(table));
+        assert_eq!(envelope.sign.as_deref(), Some("0123abcd"));
+        assert_eq!(envelope.sdkappid.as_deref(), Some("1400000001"));
     }
 }

@@ -58,6 +58,9 @@ pub fn header_text(headers: Option<&FieldTable>, name: &str) -> Option<String> {
     match value {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        // Go's amqp091 sends a []byte as a byte array (`x`): text when it is
+        // UTF-8, unreadable otherwise.
+        AMQPValue::ByteArray(b) => std::str::from_utf8(b.as_slice()).ok().map(str::to_owned),
         AMQPValue::ShortShortInt(v) => Some(v.to_string()),
         AMQPValue::ShortShortUInt(v) => Some(v.to_string()),
         AMQPValue::ShortInt(v) => Some(v.to_string()),

@@ -161,9 +161,14 @@ pub fn plan(config: &TopologySettings) -> Topology {
             arguments: waiting,
         });
     }
+    // Read by consumers outside the worker: no delivery limit may drop a
+    // record they put back (RabbitMQ 4 gives quorum queues one of 20).
     queues.push(QueueSpec {
         name: config.records_queue.clone(),
-        arguments: vec![("x-queue-type", text("quorum"))],
+        arguments: vec![
+            ("x-queue-type", text("quorum")),
+            (DELIVERY_LIMIT, Arg::Int(PARKING_DELIVERY_LIMIT)),
+        ],
     });
     Topology {
         exchanges: vec![
@@ -258,12 +263,15 @@ mod tests {
             text("lesson-replay.recordings")
         )));
         assert_eq!(topology.queues.len(), 1 + 1 + 5 + 1 + 2 + 1);
-        // No queue lives on one node, and only the parking queue is unlimited.
+        // No queue lives on one node; the queues consumers outside the
+        // worker read (parking, records) are unlimited.
         for queue in &topology.queues {
             assert!(queue.arguments.contains(&("x-queue-type", text("quorum"))));
             assert_eq!(
                 queue.unlimited_delivery(),
-                queue.name == settings.parking_queue
+                queue.name == settings.parking_queue || queue.name == settings.records_queue,
+                "{}",
+                queue.name
             );
         }
         let waiting = topology

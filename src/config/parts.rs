@@ -61,7 +61,7 @@ impl Config {
 
     /// The broker address and every name of the topology.
     pub fn broker_settings(&self) -> BrokerSettings {
-        BrokerSettings::new(
+        let mut settings = BrokerSettings::new(
             self.amqp_url.clone(),
             TopologySettings {
                 inbound_exchange: self.inbound_exchange.clone(),
@@ -73,7 +73,9 @@ impl Config {
                 retry_tiers: self.retry_policy().tiers,
                 watch_delays: self.watch_schedule().delays(),
             },
-        )
+        );
+        settings.refused_recheck = Duration::from_secs(self.topology_recheck_secs);
+        settings
     }
 
     pub fn retry_policy(&self) -> RetryPolicy {
@@ -177,7 +179,7 @@ impl Config {
             key,
             sign_ttl: Duration::from_secs(self.tic_sign_ttl_secs),
             timeout: Duration::from_secs(self.tic_api_timeout_secs),
-            attempts: self.fetch_attempts,
+            attempts: self.tic_api_attempts,
         })
     }
 

@@ -62,6 +62,10 @@ pub const SETTINGS: &[Setting] = &[
         "deliveries of one message before the broker parks it (`delivery_limit` in `dlq list`)",
     ),
     setting(
+        "topology_recheck_secs",
+        "how often a worker or ingress whose topology the broker refuses (not ready, the reason in `/readyz`) declares it again, so an operator's fix needs no restart",
+    ),
+    setting(
         "concurrency",
         "messages in flight per worker (the consumer prefetch)",
     ),
@@ -250,6 +254,10 @@ pub const SETTINGS: &[Setting] = &[
     setting(
         "tic_api_timeout_secs",
         "longest wait for one answer of TIC's API",
+    ),
+    setting(
+        "tic_api_attempts",
+        "attempts of one call to TIC's API (commands and watches), transient failures retried with backoff; answers larger than 1 MiB are refused unread",
     ),
 ];
 

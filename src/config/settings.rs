@@ -27,6 +27,8 @@ pub fn env_var(name: &str) -> String {
 
 /// S3's limits on a multipart part.
 const MIN_PART_BYTES: usize = 5 * 1024 * 1024;
+/// Delay tiers, at most: each is a queue and a value of a metric label.
+const MAX_RETRY_TIERS: usize = 10;
 /// Parts of one multipart upload, at most (S3's limit).
 const MAX_PARTS: u64 = 10_000;
 const MAX_PART_BYTES: usize = 5 * 1024 * 1024 * 1024;
@@ -45,6 +47,7 @@ pub struct Config {
     pub records_exchange: String,
     pub records_queue: String,
     pub delivery_limit: u32,
+    pub topology_recheck_secs: u64,
     pub concurrency: u16,
     pub signature: SignatureMode,
     pub tic_keys: TicKeysSetting,
@@ -95,6 +98,7 @@ pub struct Config {
     pub tic_api_base: String,
     pub tic_sign_ttl_secs: u64,
     pub tic_api_timeout_secs: u64,
+    pub tic_api_attempts: usize,
     pub watch_lessons: bool,
     pub watch_first_check_secs: u64,
     #[serde(deserialize_with = "list")]
@@ -174,6 +178,7 @@ impl Default for Config {
             records_exchange: "lesson-replay.records".into(),
             records_queue: "lesson-replay.records".into(),
             delivery_limit: 20,
+            topology_recheck_secs: 60,
             concurrency: 16,
             signature: SignatureMode::IfPresent,
             tic_keys: TicKeysSetting::default(),
@@ -198,7 +203,7 @@ impl Default for Config {
             s3_sse: None,
             s3_part_size_bytes: 8 * 1024 * 1024,
             s3_payload_signing: PayloadSigning::Auto,
-            s3_upload_concurrency: 4,
+            s3_upload_concurrency: 8,
             archive_memory_bytes: 128 * 1024 * 1024,
             archive_parallel_tracks: 4,
             s3_request_timeout_secs: 120,
@@ -220,6 +225,7 @@ impl Default for Config {
             tic_api_base: DEFAULT_API_BASE.into(),
             tic_sign_ttl_secs: 300,
             tic_api_timeout_secs: 10,
+            tic_api_attempts: 3,
             watch_lessons: true,
             watch_first_check_secs: 3600,
             watch_delays_secs: vec![1800, 3600, 7200, 14400],
@@ -415,6 +421,7 @@ impl Config {
         for (name, value) in [
             ("concurrency", u64::from(self.concurrency)),
             ("delivery_limit", u64::from(self.delivery_limit)),
+            ("topology_recheck_secs", self.topology_recheck_secs),
             ("fetch_attempts", self.fetch_attempts as u64),
             (
                 "fetch_connect_timeout_secs",
@@ -444,6 +451,7 @@ impl Config {
             ("ingress_max_in_flight", self.ingress_max_in_flight as u64),
             ("tic_sign_ttl_secs", self.tic_sign_ttl_secs),
             ("tic_api_timeout_secs", self.tic_api_timeout_secs),
+            ("tic_api_attempts", self.tic_api_attempts as u64),
             ("watch_first_check_secs", self.watch_first_check_secs),
             ("watch_retry_secs", self.watch_retry_secs),
             ("watch_max_age_secs", self.watch_max_age_secs),
@@ -451,6 +459,13 @@ impl Config {
             if value == 0 {
                 return invalid(format!("{name} must be at least 1"));
             }
+        }
+        // Each delay is a queue and a value of the `tier` metric label.
+        if self.retry_delays_secs.len() > MAX_RETRY_TIERS {
+            return invalid(format!(
+                "retry_delays_secs has {} delays: at most {MAX_RETRY_TIERS}",
+                self.retry_delays_secs.len()
+            ));
         }
         if self.retry_delays_secs.contains(&0) {
             return invalid("retry_delays_secs must all be at least 1");

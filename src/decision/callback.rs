@@ -221,7 +221,7 @@ mod tests {
             code(Some("forged"), Some(1400000001)),
             ReasonCode::SignatureInvalid
         );
-        assert_eq!(code(Some(&good), Some(99)), ReasonCode::SignatureInvalid);
+        assert_eq!(code(Some(&good), Some(99)), ReasonCode::NoKey);
         let mut late = facts.clone();
         late.sent_at = Some(expire + 1);
         assert_eq!(

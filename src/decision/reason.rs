@@ -15,8 +15,11 @@ pub enum ReasonCode {
     InvalidField,
     /// `signature=required` and the message carries no `x-tic-sign`.
     SignatureMissing,
-    /// The signature does not match, or cannot be checked (no key, no `expire_time`).
+    /// The signature does not match, or cannot be checked (no `expire_time`).
     SignatureInvalid,
+    /// The message's app (sdkappid) has no TicKey in `tic_keys`: its
+    /// signature cannot be checked, its recording under way cannot be watched.
+    NoKey,
     /// `expire_time` is earlier than the time the callback was sent.
     SignatureExpired,
     /// TIC reported a failed recording (`error_code` other than 0).
@@ -65,13 +68,14 @@ pub enum ReasonCode {
 
 impl ReasonCode {
     /// Every code, in documentation order.
-    pub const ALL: [ReasonCode; 27] = [
+    pub const ALL: [ReasonCode; 28] = [
         ReasonCode::InvalidJson,
         ReasonCode::UnknownFormat,
         ReasonCode::InvalidField,
         ReasonCode::SignatureMissing,
         ReasonCode::SignatureInvalid,
         ReasonCode::SignatureExpired,
+        ReasonCode::NoKey,
         ReasonCode::UpstreamError,
         ReasonCode::VodNotFound,
         ReasonCode::VodUnavailable,
@@ -104,6 +108,7 @@ impl ReasonCode {
             ReasonCode::SignatureMissing => "signature_missing",
             ReasonCode::SignatureInvalid => "signature_invalid",
             ReasonCode::SignatureExpired => "signature_expired",
+            ReasonCode::NoKey => "no_key",
             ReasonCode::UpstreamError => "upstream_error",
             ReasonCode::VodNotFound => "vod_not_found",
             ReasonCode::VodUnavailable => "vod_unavailable",

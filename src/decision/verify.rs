@@ -142,7 +142,12 @@ pub fn verify(mode: SignatureMode, keys: &TicKeys, fields: SignedFields) -> Resu
         return invalid("sdkappid unknown (neither in the body nor in x-tic-sdkappid)".into());
     };
     let Some(key) = keys.0.get(&sdkappid) else {
-        return invalid(format!("no TicKey configured for sdkappid {sdkappid}"));
+        return Err(Rejection::new(
+            ReasonCode::NoKey,
+            format!(
+                "signed, but sdkappid {sdkappid} has no TicKey in tic_keys: the signature cannot be checked"
+            ),
+        ));
     };
     let Some(expire_time) = fields.expire_time else {
         return invalid("x-tic-sign present but the body has no expire_time".into());
@@ -246,13 +251,15 @@ mod tests {
 
     #[test]
     fn unknown_key_or_missing_expire_time_cannot_verify() {
+        // An app without a key: a reason of its own, naming the app.
         let mut other = signed(Some("00"), 1, None);
         other.sdkappid = Some(1);
-        assert_eq!(
-            verify(SignatureMode::IfPresent, &keys(), other)
-                .unwrap_err()
-                .code,
-            ReasonCode::SignatureInvalid
+        let refused = verify(SignatureMode::IfPresent, &keys(), other).unwrap_err();
+        assert_eq!(refused.code, ReasonCode::NoKey);
+        assert!(
+            refused.message.contains("sdkappid 1 "),
+            "{}",
+            refused.message
         );
         let mut no_expiry = signed(Some("00"), 1, None);
         no_expiry.expire_time = None;

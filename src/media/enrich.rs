@@ -32,6 +32,14 @@ struct Checked {
     uploaded: bool,
 }
 
+/// What one attempt at archiving a track came to.
+enum Copied {
+    /// This attempt uploaded the copy.
+    Uploaded(Archive, Download),
+    /// The copy was already in place (another delivery finished it first).
+    Found(Checked),
+}
+
 /// How tracks are checked: built from the settings by `config::parts`.
 #[derive(Debug, Clone)]
 pub struct MediaSettings {
@@ -279,6 +287,39 @@ impl Media {
             .collect()
     }
 
+    /// The store refused this attempt's upload: was it overtaken? A duplicate
+    /// delivery of the same lesson that finished the key first aborts every
+    /// other open upload of it (the orphan sweep), and the next part or
+    /// completion of this one is refused — `NoSuchUpload` on S3 and MinIO,
+    /// `403` on some stores, a connection cut mid-part on others. When the
+    /// copy is in place, whole (its size and its MD5 known), the track is
+    /// archived: the lesson goes on, with neither a parking nor a second
+    /// upload. Otherwise the refusal stands (retried or parked by its kind).
+    async fn overtaken(
+        &self,
+        archiver: &Archiver,
+        key: &str,
+        track: &Track,
+        refused: S3Error,
+    ) -> Result<Copied, FetchError> {
+        match archiver.existing(key, track.size_bytes).await {
+            Ok(Some((archive, probe))) => {
+                info!(track = %track.track_id, %key, refused = %refused,
+                    "the upload was refused, but the copy is in place (another delivery finished it first)");
+                let mut checked = match probe {
+                    Some(p) => Checked {
+                        probe: Some(Ok(p)),
+                        ..Checked::default()
+                    },
+                    None => self.probe_track(track).await?,
+                };
+                checked.archive = Some(archive);
+                Ok(Copied::Found(checked))
+            }
+            _ => Err(FetchError::Sink(refused)),
+        }
+    }
+
     /// Track `index`, archived, with its index (they finish in any order).
     async fn archive_nth(
         &self,
@@ -327,8 +368,14 @@ impl Media {
             {
                 Ok(download) => {
                     let probe = download.probe.as_ref().ok();
-                    let archive = upload.finish(&download.md5, probe).await?;
-                    Ok((archive, download))
+                    match upload.finish(&download.md5, probe).await {
+                        Ok(archive) => Ok(Copied::Uploaded(archive, download)),
+                        Err(refused) => self.overtaken(archiver, &key, track, refused).await,
+                    }
+                }
+                Err(FetchError::Sink(refused)) => {
+                    upload.abort().await;
+                    self.overtaken(archiver, &key, track, refused).await
                 }
                 Err(e) => {
                     upload.abort().await;
@@ -336,12 +383,16 @@ impl Media {
                 }
             }
         };
-        let (archive, download): (Archive, Download) = archive_once
+        let copied = archive_once
             .retry(self.backoff())
             .sleep(tokio::time::sleep)
             .when(FetchError::is_transient)
             .notify(|e, wait| warn!(track = %track.track_id, error = %e, ?wait, "archive failed, retrying"))
             .await?;
+        let (archive, download) = match copied {
+            Copied::Uploaded(archive, download) => (archive, download),
+            Copied::Found(checked) => return Ok(checked),
+        };
         archiver.abort_orphans(&key).await;
         info!(
             track = %track.track_id, %key, bytes = download.size, transferred = download.transferred,

@@ -471,7 +471,9 @@ impl Fetcher {
         let response = match self.send(request).await {
             // An empty file has no first byte to ask for: read it whole.
             Err(FetchError::Status(416)) => {
-                return Ok(Opened::Whole(self.send(self.client.get(url.clone())).await?));
+                return Ok(Opened::Whole(
+                    self.send(self.client.get(url.clone())).await?,
+                ));
             }
             other => other?,
         };

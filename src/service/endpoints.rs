@@ -5,7 +5,6 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -14,10 +13,6 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 
 use crate::telemetry::metrics::Metrics;
-
-/// How often a service blocked by a refused topology quietly tries again (an
-/// operator's fix then needs no restart).
-pub const REFUSED_RECHECK: Duration = Duration::from_secs(60);
 
 /// Readiness, for `/readyz` (and the `broker_connected` gauge), with why
 /// the service is not ready when only an operator can fix it.

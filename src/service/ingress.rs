@@ -40,7 +40,7 @@ use crate::config::settings::Config;
 use crate::decision::callback::{CallbackBody, CallbackFacts, check_signature, classify};
 use crate::decision::reason::ReasonCode;
 use crate::decision::verify::{SignatureMode, TicKeys};
-use crate::service::endpoints::{Health, REFUSED_RECHECK};
+use crate::service::endpoints::Health;
 use crate::telemetry::metrics::{IngressOutcome, Metrics};
 
 /// The longest wait between two attempts to reach the broker.
@@ -200,7 +200,7 @@ async fn keep_channel(
                 }
                 tokio::select! {
                     () = stop.cancelled() => {},
-                    () = tokio::time::sleep(REFUSED_RECHECK) => {},
+                    () = tokio::time::sleep(broker.refused_recheck) => {},
                 }
             }
             Err(e) => {

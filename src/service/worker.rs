@@ -43,7 +43,7 @@ use crate::decision::reason::{ReasonCode, Rejection};
 use crate::decision::record::Record;
 use crate::decision::watch::{WATCH_TYPE, Watch, delay_queue, due_queue};
 use crate::media::enrich::{Media, MediaError};
-use crate::service::endpoints::{Health, REFUSED_RECHECK};
+use crate::service::endpoints::Health;
 use crate::service::watches::{WatchCheck, Watcher};
 use crate::telemetry::metrics::{Metrics, Stage, WatchEvent};
 use crate::tic::client::TicError;
@@ -190,12 +190,12 @@ async fn supervise(shared: &Shared) -> Result<(), WorkerError> {
             Err(WorkerError::Topology(e)) if e.is_permanent() => {
                 let why = e.to_string();
                 if shared.health.block(&why, &shared.metrics) {
-                    error!(error = %why, recheck_secs = REFUSED_RECHECK.as_secs(),
+                    error!(error = %why, recheck_secs = shared.broker.refused_recheck.as_secs(),
                         "not ready: the broker refuses the topology; an operator must act (docs/operations.md)");
                 }
                 refused = true;
                 tokio::select! {
-                    () = tokio::time::sleep(REFUSED_RECHECK) => {},
+                    () = tokio::time::sleep(shared.broker.refused_recheck) => {},
                     () = shared.stop.cancelled() => return Ok(()),
                 }
             }
@@ -479,12 +479,15 @@ async fn process(context: &Context, delivery: &Delivery) -> Outcome {
             return Outcome::Done;
         }
         Decision::Watch { reason, watch } => {
-            context.metrics.skipped(reason.code);
             if !context.watcher.can_ask(watch.sdkappid) {
-                info!(reason = %reason.code, task = %watch.task_id, sdkappid = watch.sdkappid,
+                // Counted under its own reason: an alert on `no_key` finds
+                // every app whose lessons cannot be watched.
+                context.metrics.skipped(ReasonCode::NoKey);
+                warn!(reason = %ReasonCode::NoKey, task = %watch.task_id, sdkappid = watch.sdkappid,
                     "recording under way, not watched: no TicKey for its sdkappid in tic_keys");
                 return Outcome::Done;
             }
+            context.metrics.skipped(reason.code);
             info!(reason = %reason.code, task = %watch.task_id, "recording under way: watched");
             return rescheduled(context.watcher.first(watch, now().unix_timestamp()));
         }

@@ -164,6 +164,9 @@ pub struct Metrics {
     archive_memory: IntGauge,
     concurrency: IntGauge,
     retries: IntCounterVec,
+    /// The `tier` labels of the configured delay tiers: any other delay is
+    /// counted as `other`, so the label's values stay bounded.
+    tiers: Arc<std::sync::RwLock<Vec<String>>>,
     broker_connected: IntGauge,
     broker_reconnects: IntCounter,
     publish_confirm_seconds: Histogram,
@@ -469,6 +472,7 @@ impl Metrics {
                 "Messages sent to a delay tier for a later attempt, by tier.",
                 &["tier"],
             ),
+            tiers: Arc::default(),
             broker_connected: gauge(
                 &r,
                 "lesson_replay_broker_connected",
@@ -604,9 +608,11 @@ impl Metrics {
 
     /// The delay tiers the worker will use: their series exist from start-up.
     pub fn expect_tiers(&self, tiers: &[Duration]) {
-        for delay in tiers {
-            self.retries.with_label_values(&[&tier_label(*delay)]);
+        let labels: Vec<String> = tiers.iter().map(|d| tier_label(*d)).collect();
+        for label in &labels {
+            self.retries.with_label_values(&[label.as_str()]);
         }
+        *self.tiers.write().unwrap_or_else(|e| e.into_inner()) = labels;
     }
 
     /// Time one S3 request.
@@ -647,7 +653,13 @@ impl Metrics {
     /// A message was sent to the delay tier of `delay`.
     pub fn retried(&self, reason: ReasonCode, delay: Duration) {
         self.message(Outcome::Retried, Some(reason));
-        self.retries.with_label_values(&[&tier_label(delay)]).inc();
+        let label = tier_label(delay);
+        let known = self.tiers.read().unwrap_or_else(|e| e.into_inner());
+        let label = match known.is_empty() || known.contains(&label) {
+            true => label.as_str(),
+            false => "other",
+        };
+        self.retries.with_label_values(&[label]).inc();
     }
 
     /// A message was copied to the parking queue.
@@ -796,6 +808,24 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tier_label_takes_only_the_configured_delays() {
+        let metrics = Metrics::new();
+        metrics.expect_tiers(&[Duration::from_secs(10), Duration::from_secs(60)]);
+        metrics.retried(ReasonCode::FetchFailed, Duration::from_secs(60));
+        metrics.retried(ReasonCode::FetchFailed, Duration::from_secs(12345));
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"lesson_replay_retries_total{tier="60s"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"lesson_replay_retries_total{tier="other"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains("12345s"), "{text}");
+    }
 
     #[test]
     fn names_follow_the_conventions() {

@@ -52,6 +52,11 @@ pub enum TicError {
     Transport { reason: String, connected: bool },
     #[error("TIC's answer is not what the contract describes: {0}")]
     BadAnswer(String),
+    /// The answer is larger than [`MAX_ANSWER_BYTES`]: refused, not read whole.
+    #[error(
+        "TIC's answer is larger than {limit} bytes: refused (no answer of the contract comes near)"
+    )]
+    TooLarge { limit: usize },
     /// Refused before sending: the request breaks a rule of the contract.
     #[error("{0}")]
     InvalidRequest(String),
@@ -64,7 +69,9 @@ impl TicError {
             TicError::Api { code, .. } => *code == 20099,
             TicError::Status(status) => *status >= 500 || *status == 429 || *status == 408,
             TicError::Transport { .. } => true,
-            TicError::BadAnswer(_) | TicError::InvalidRequest(_) => false,
+            TicError::BadAnswer(_) | TicError::InvalidRequest(_) | TicError::TooLarge { .. } => {
+                false
+            }
         }
     }
 
@@ -261,7 +268,7 @@ impl TicClient {
         if !status.is_success() {
             return Err(TicError::Status(status.as_u16()));
         }
-        let answer = response.bytes().await.map_err(|e| transport(&e))?;
+        let answer = read_bounded(response, MAX_ANSWER_BYTES).await?;
         let parsed = parse(&answer)?;
         let code = parsed
             .get("error_code")
@@ -285,6 +292,29 @@ impl TicClient {
         }
         Ok(answer)
     }
+}
+
+/// The largest answer read from TIC: its answers are a few KB (a query with
+/// hundreds of videos, well under 1 MiB); anything larger is refused unread,
+/// not held in memory nor printed.
+pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+
+/// The answer's body, at most `limit` bytes.
+async fn read_bounded(mut response: reqwest::Response, limit: usize) -> Result<Bytes, TicError> {
+    if response
+        .content_length()
+        .is_some_and(|len| len > limit as u64)
+    {
+        return Err(TicError::TooLarge { limit });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| transport(&e))? {
+        if body.len() + chunk.len() > limit {
+            return Err(TicError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(body))
 }
 
 /// A transport failure, without the request's URL: it holds the signature.

@@ -43,8 +43,7 @@ pub const AMQP_URL_VAR: &str = "TEST_AMQP_URL";
 
 /// The broker the tests use: `TEST_AMQP_URL`, else the local one.
 pub fn amqp_url() -> String {
-    std::env::var(AMQP_URL_VAR)
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var(AMQP_URL_VAR).unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 /// A configuration whose exchange and queue names belong to this test alone.
@@ -309,7 +308,7 @@ impl Drop for Broker {
 }
 
 /// Delete every queue and exchange of the test's topology, as the worker plans it.
-async fn delete_topology(channel: &Channel, c: &Config) {
+pub async fn delete_topology(channel: &Channel, c: &Config) {
     let plan = topology::plan(&c.broker_settings().topology);
     for queue in plan.queue_names() {
         let _ = channel
