@@ -9,7 +9,8 @@ without a Docker engine or a Kubernetes cluster:
   dependency names a service;
 - every LESSON_REPLAY_* setting in the compose file and the Kubernetes
   ConfigMap/Secret is accepted by the real binary (`lesson-replay config`);
-- the pod's termination grace period exceeds the worker's own.
+- the pods' termination grace periods exceed the worker's own grace, and the
+  ingress's drain and a last request.
 """
 import glob, json, os, subprocess, sys
 
@@ -61,6 +62,12 @@ def check_k8s():
     worker_grace = int(config.get("LESSON_REPLAY_SHUTDOWN_GRACE_SECS", "25"))
     if pod_grace <= worker_grace + 5:
         fail(f"terminationGracePeriodSeconds {pod_grace} leaves no time after the worker's {worker_grace} s")
+    ingress = yaml.safe_load(open(os.path.join(k8s, "ingress-deployment.yaml")))
+    ingress_grace = ingress["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    drain = int(config.get("LESSON_REPLAY_INGRESS_DRAIN_SECS", "15"))
+    request = int(config.get("LESSON_REPLAY_INGRESS_REQUEST_TIMEOUT_MS", "10000")) / 1000
+    if ingress_grace <= drain + request:
+        fail(f"the ingress's terminationGracePeriodSeconds {ingress_grace} does not cover its drain ({drain} s) and a last request ({request} s)")
 
 
 def check_settings(where, env):

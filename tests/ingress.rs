@@ -307,3 +307,210 @@ async fn a_callback_over_http_ends_as_a_record() {
     broker.assert_settled().await;
     broker.cleanup().await;
 }
+
+/// The ingress's address, `host:port`.
+fn address(ingress: &common::RunningIngress) -> String {
+    ingress
+        .url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// Read from `stream` until the server closes it; `true` when it did within
+/// `limit` (end of stream, a reset, or an answer followed by the close).
+async fn closed_by_server(stream: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+/// Slow and idle clients cannot hold the ingress: 300 connections that send
+/// a byte of their headers every 700 ms, and 50 keep-alive connections left
+/// idle after one callback, are closed at `ingress_header_timeout_ms`, while
+/// valid callbacks keep being answered and published all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_clients_are_closed_at_the_header_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = isolated_config("ingress-slow-clients");
+    config.ingress_header_timeout_ms = 2_000;
+    let broker = Broker::new(config).await;
+    let c = broker.config.clone();
+    let ingress = spawn_ingress(c.clone(), Metrics::default()).await;
+    ingress.wait_ready().await;
+    let addr = address(&ingress);
+    let head = format!(
+        "POST {} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n",
+        c.ingress_path
+    );
+
+    // Slow clients: one header byte every 700 ms, never the whole header.
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stream.write_all(&head.as_bytes()[..1]).await.unwrap();
+        slow.push(stream);
+    }
+    let dripping = {
+        let head = head.clone();
+        tokio::spawn(async move {
+            for i in 1..head.len() {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                for stream in &mut slow {
+                    let _ = stream.write_all(&head.as_bytes()[i..=i]).await;
+                }
+                if i == 8 {
+                    break;
+                }
+            }
+            slow
+        })
+    };
+    // Idle keep-alive clients: one callback each, then silence.
+    let body = example("callback-record-finished.json");
+    let mut idle = Vec::new();
+    for _ in 0..50 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let request = format!("{head}content-length: {}\r\n\r\n", body.len());
+        stream.write_all(request.as_bytes()).await.unwrap();
+        stream.write_all(&body).await.unwrap();
+        let mut answer = vec![0u8; 512];
+        let n = stream.read(&mut answer).await.unwrap();
+        assert!(
+            answer[..n].starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&answer[..n])
+        );
+        idle.push(stream);
+    }
+    // Valid callbacks all along, on connections of their own.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut answered = 0;
+    for _ in 0..30 {
+        let answer = client
+            .post(&ingress.url)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("a valid callback is answered while slow clients hang on");
+        assert_eq!(answer.status(), 200);
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Past the deadline, every slow and idle connection was closed by the server.
+    let mut slow = dripping.await.unwrap();
+    for (i, stream) in slow.iter_mut().enumerate() {
+        assert!(
+            closed_by_server(stream, Duration::from_secs(5)).await,
+            "slow client {i} still open"
+        );
+    }
+    for (i, stream) in idle.iter_mut().enumerate() {
+        assert!(
+            closed_by_server(stream, Duration::from_secs(5)).await,
+            "idle keep-alive client {i} still open"
+        );
+    }
+    ingress.stop().await;
+    let published = broker.drain(&c.work_queue).await.len();
+    assert_eq!(
+        published,
+        answered + 50,
+        "every answered callback is in the broker"
+    );
+    broker.cleanup().await;
+}
+
+/// The hand-over on shutdown: callbacks sent all through it are answered 0
+/// and published, or refused once the listener closed — never cut while the
+/// ingress still said ready. Readiness drops at the signal; the listener
+/// stays open for `ingress_drain_secs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_through_a_shutdown_are_answered_or_refused_never_cut() {
+    let mut config = isolated_config("ingress-drain");
+    config.ingress_drain_secs = 2;
+    let broker = Broker::new(config).await;
+    let c = broker.config.clone();
+    let ingress = spawn_ingress(c.clone(), Metrics::default()).await;
+    ingress.wait_ready().await;
+    let health = ingress.health.clone();
+    let url = ingress.url.clone();
+    let body = example("callback-record-finished.json");
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    // (ready when sent, outcome): Ok(status) or Err(refused?).
+    let sender = {
+        let health = health.clone();
+        tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            let started = std::time::Instant::now();
+            while started.elapsed() < Duration::from_secs(5) {
+                let ready = health.is_ready();
+                let sent = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await;
+                let outcome = match sent {
+                    Ok(answer) => Ok(answer.status().as_u16()),
+                    Err(e) => Err((e.is_connect(), e.to_string())),
+                };
+                outcomes.push((ready, started.elapsed(), outcome));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            outcomes
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let stopping = tokio::spawn(ingress.stop());
+    common::wait_until(
+        "not ready at the signal",
+        Duration::from_millis(500),
+        || !health.is_ready(),
+    )
+    .await;
+    stopping.await.unwrap();
+    let outcomes = sender.await.unwrap();
+    let ok = outcomes.iter().filter(|(_, _, o)| *o == Ok(200)).count();
+    let answered_not_ready = outcomes
+        .iter()
+        .filter(|(ready, _, o)| !ready && *o == Ok(200))
+        .count();
+    let refused = outcomes
+        .iter()
+        .filter(|(_, _, o)| matches!(o, Err((true, _))))
+        .count();
+    for (ready, at, outcome) in &outcomes {
+        match outcome {
+            Ok(200) => {}
+            Err(_) if !ready => {}
+            other => panic!("at {at:?} (ready: {ready}): {other:?}"),
+        }
+    }
+    assert!(
+        answered_not_ready > 10,
+        "the drain kept serving: {answered_not_ready}"
+    );
+    assert!(refused > 10, "refused once the listener closed: {refused}");
+    let published = broker.drain(&c.work_queue).await.len();
+    assert_eq!(published, ok, "every answered callback is in the broker");
+    broker.cleanup().await;
+}

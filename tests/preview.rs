@@ -529,3 +529,213 @@ async fn presigned_urls_open_a_private_buckets_copies() {
     assert_eq!(refused.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("1 to 168"));
 }
+
+/// A `w`×`h` H.264 MP4 of `colour` with a white square in its middle (side:
+/// 60 % of the shorter edge): its proportions can be measured on the screen.
+fn make_shape_video(dir: &Path, colour: &str, (w, h): (u32, u32), seconds: i64) -> Vec<u8> {
+    let [r, g, b] = rgb(colour);
+    let side = w.min(h) * 6 / 10;
+    let path = dir.join(format!("{colour}-{w}x{h}-{seconds}.mp4"));
+    if !path.exists() {
+        let status = Command::new("ffmpeg")
+            .args(["-loglevel", "error", "-y", "-f", "lavfi", "-i"])
+            .arg(format!(
+                "color=c=0x{r:02x}{g:02x}{b:02x}:s={w}x{h}:r=10:d={seconds},drawbox=x={}:y={}:w={side}:h={side}:color=white:t=fill",
+                (w - side) / 2,
+                (h - side) / 2
+            ))
+            .args(["-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", "10"])
+            .args(["-movflags", "+faststart"])
+            .arg(&path)
+            .status()
+            .expect("ffmpeg runs (scripts/ensure-browser.sh installs it)");
+        assert!(status.success(), "ffmpeg made {}", path.display());
+    }
+    std::fs::read(&path).unwrap()
+}
+
+/// Within 2 %, or 2 pixels where 2 % is less than that (edges are scaled).
+fn near(measured: f64, expected: f64) -> bool {
+    (measured - expected).abs() <= (expected * 0.02).max(2.0)
+}
+
+/// The bounding box (x0, y0, x1, y1, exclusive ends) of the pixels of
+/// `shot` inside `area` that `matches`.
+fn bounds(
+    shot: &Shot,
+    (ax, ay, aw, ah): (u32, u32, u32, u32),
+    matches: impl Fn([u8; 3]) -> bool,
+) -> Option<(u32, u32, u32, u32)> {
+    let mut found: Option<(u32, u32, u32, u32)> = None;
+    for y in ay..(ay + ah).min(shot.height) {
+        for x in ax..(ax + aw).min(shot.width) {
+            if matches(shot.pixel(x, y)) {
+                let (x0, y0, x1, y1) = found.unwrap_or((x, y, x + 1, y + 1));
+                found = Some((x0.min(x), y0.min(y), x1.max(x + 1), y1.max(y + 1)));
+            }
+        }
+    }
+    found
+}
+
+/// Every placed video shows its whole picture, centred in its box, at its
+/// own proportions, with black bars: the picture's box on the screen has
+/// the video's aspect (2 %), the square inside it stays a square, and the
+/// bars are black.
+fn check_letterbox(
+    shot: &Shot,
+    record: &Value,
+    sizes: &HashMap<&str, (u32, u32)>,
+    ms: i64,
+    what: &str,
+) {
+    let (sw, sh) = (f64::from(shot.width), f64::from(shot.height));
+    for (track, [x, y, w, h]) in expected(record, ms) {
+        let (vw, vh) = sizes[track.as_str()];
+        let aspect = f64::from(vw) / f64::from(vh);
+        // The box on the screen, a pixel in from each edge (antialiasing).
+        let (bx, by) = ((x * sw).round() as u32 + 1, (y * sh).round() as u32 + 1);
+        let (bw, bh) = ((w * sw).round() as u32 - 2, (h * sh).round() as u32 - 2);
+        let (ew, eh) = if f64::from(bw) / f64::from(bh) > aspect {
+            (f64::from(bh) * aspect, f64::from(bh))
+        } else {
+            (f64::from(bw), f64::from(bw) / aspect)
+        };
+        let lit = |p: [u8; 3]| p.iter().any(|c| *c > 60);
+        let (x0, y0, x1, y1) = bounds(shot, (bx, by, bw, bh), lit)
+            .unwrap_or_else(|| panic!("{what}: {track} shows nothing"));
+        let (pw, ph) = (f64::from(x1 - x0), f64::from(y1 - y0));
+        assert!(
+            near(pw, ew) && near(ph, eh),
+            "{what}: {track} ({vw}x{vh}) in a {bw}x{bh} box shows {pw}x{ph}, expected {ew:.0}x{eh:.0}"
+        );
+        // Centred: the bars on opposite sides are equal (within 2 px).
+        let (left, right) = (x0 - bx, bx + bw - x1);
+        let (top, bottom) = (y0 - by, by + bh - y1);
+        assert!(
+            left.abs_diff(right) <= 2 && top.abs_diff(bottom) <= 2,
+            "{what}: {track} off centre: bars {left}/{right} {top}/{bottom}"
+        );
+        // The bars are black.
+        for (size, px, py) in [
+            (left, bx + left / 2, by + bh / 2),
+            (right, x1 + right / 2, by + bh / 2),
+            (top, bx + bw / 2, by + top / 2),
+            (bottom, bx + bw / 2, y1 + bottom / 2),
+        ] {
+            if size > 4 {
+                let p = shot.pixel(px, py);
+                assert!(
+                    p.iter().all(|c| *c < 30),
+                    "{what}: {track}'s bar at ({px}, {py}) is {p:?}"
+                );
+            }
+        }
+        // The square stays a square.
+        let white = |p: [u8; 3]| p.iter().all(|c| *c > 200);
+        let (sx0, sy0, sx1, sy1) = bounds(shot, (x0, y0, x1 - x0, y1 - y0), white)
+            .unwrap_or_else(|| panic!("{what}: {track}'s square is not seen"));
+        let (qw, qh) = (f64::from(sx1 - sx0), f64::from(sy1 - sy0));
+        assert!(near(qw, qh), "{what}: {track}'s square shows {qw}x{qh}");
+    }
+}
+
+/// A portrait phone camera (3:4), a 16:9 camera and a 4:3 whiteboard, on a
+/// 16:9 canvas and on a 4:3 one: each picture whole, centred, unstretched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_video_keeps_its_proportions_with_black_bars() {
+    let origin = Origin::start().await;
+    let dir = scratch();
+    let tracks: [(&str, i64, &str, (u32, u32)); 3] = [
+        ("board", 2, "grey", (320, 240)),
+        ("c1", 0, "red", (320, 180)),
+        ("c10", 0, "azure", (240, 320)),
+    ];
+    let mut videos = Vec::new();
+    let mut sizes = HashMap::new();
+    for (id, kind, colour, size) in tracks {
+        let bytes = make_shape_video(&dir, colour, size, 10);
+        let url = origin.add(
+            &format!("/shapes/{id}.mp4"),
+            bytes.clone(),
+            Faults::default(),
+        );
+        let user = if kind == 0 {
+            format!("user-{id}")
+        } else {
+            String::new()
+        };
+        videos.push(video(&url, id, kind, &user, bytes.len(), 10_000, 0));
+        sizes.insert(id, size);
+    }
+    let policy = isolated_config("preview").input_policy();
+    let record = match decide(
+        &finished("shapes", 7, videos),
+        &Envelope::default(),
+        &policy,
+    ) {
+        Decision::Publish(normalized) => serde_json::to_value(&normalized.record).unwrap(),
+        other => panic!("{other:?}"),
+    };
+    // A warning about c10 only: tied to its track by id, exactly (c1's id is
+    // a prefix of it).
+    let mut record = record;
+    record["warnings"].as_array_mut().unwrap().push(serde_json::json!(
+        {"code": "format_assumed", "message": "track c10: no video_format, \"mp4\" assumed", "track_id": "c10"}
+    ));
+    // The canvas is 4:3 when the whiteboard was probed 4:3, else 16:9.
+    let mut probed = record.clone();
+    for track in probed["tracks"].as_array_mut().unwrap() {
+        let (w, h) = sizes[track["track_id"].as_str().unwrap()];
+        track["probe"] = serde_json::json!({"duration_ms": 10_000, "width": w, "height": h});
+    }
+    let mut browser = Browser::start().await;
+    for (name, record, canvas) in [
+        ("shapes-169", &record, 16.0 / 9.0),
+        ("shapes-43", &probed, 4.0 / 3.0),
+    ] {
+        let record_path = dir.join(format!("{name}.json"));
+        std::fs::write(&record_path, serde_json::to_vec(record).unwrap()).unwrap();
+        let page = dir.join(format!("{name}.html"));
+        let out = lesson_replay(
+            &isolated_config("preview"),
+            &[
+                "preview",
+                record_path.to_str().unwrap(),
+                "-o",
+                page.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        browser
+            .open(&format!("file://{}#t=5000", page.display()))
+            .await;
+        browser.eval("lessonReplay.settled()").await;
+        let stage = browser.rect("#stage").await;
+        assert!(
+            (stage.2 / stage.3 - canvas).abs() < 0.01,
+            "{name}: the canvas is {}x{}",
+            stage.2,
+            stage.3
+        );
+        let shot = browser.screenshot(stage).await;
+        check_letterbox(&shot, record, &sizes, 5_000, name);
+        let marks = |track: &str| {
+            format!("document.querySelectorAll('.lane[data-track=\"{track}\"] .mark').length")
+        };
+        assert_eq!(
+            browser.eval(&marks("c10")).await,
+            serde_json::json!(1),
+            "{name}"
+        );
+        assert_eq!(
+            browser.eval(&marks("c1")).await,
+            serde_json::json!(0),
+            "{name}: c1 took c10's warning"
+        );
+    }
+}

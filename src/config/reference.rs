@@ -219,6 +219,18 @@ pub const SETTINGS: &[Setting] = &[
         "longest time one callback may take, body included (408 beyond)",
     ),
     setting(
+        "ingress_header_timeout_ms",
+        "longest wait for a request's headers, and for the next request on an idle keep-alive connection: a slow or idle client's connection is closed then",
+    ),
+    setting(
+        "ingress_max_connections",
+        "open connections of the ingress at most; more wait in the listen backlog until one closes",
+    ),
+    setting(
+        "ingress_drain_secs",
+        "after SIGTERM: not ready at once (`/readyz` 503), still serving this long so that a load balancer takes the endpoint out before the listener closes; then in-flight callbacks finish (Kubernetes: keep `terminationGracePeriodSeconds` above this + `ingress_request_timeout_ms`)",
+    ),
+    setting(
         "ingress_max_in_flight",
         "callbacks handled at once; more are answered 503 at once, never queued in memory",
     ),

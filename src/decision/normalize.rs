@@ -99,7 +99,7 @@ impl Normalized {
                     "track {}: the file lasts {} ms, not the {} ms declared; the file's length is used",
                     track.track_id, probe.duration_ms, declared
                 ),
-            );
+            ).on_track(&track.track_id);
             track.duration_ms = probe.duration_ms;
             self.record.warnings.push(warning);
         }
@@ -402,13 +402,16 @@ fn normalize_track(
 
     let mut user_id = video.user_id.clone().filter(|u| !u.is_empty());
     if let (Kind::Whiteboard | Kind::Mixed, Some(user)) = (kind, &user_id) {
-        warnings.push(Warning::new(
-            WarningCode::UserIdDropped,
-            format!(
-                "track {track_id}: a {} video has no owner, user {user:?} dropped",
-                kind.as_str()
-            ),
-        ));
+        warnings.push(
+            Warning::new(
+                WarningCode::UserIdDropped,
+                format!(
+                    "track {track_id}: a {} video has no owner, user {user:?} dropped",
+                    kind.as_str()
+                ),
+            )
+            .on_track(&track_id),
+        );
         user_id = None;
     }
     let format = resolve_format(video.video_format.as_deref(), &url, &track_id, warnings);
@@ -455,19 +458,25 @@ fn resolve_format(
         .map(str::to_ascii_lowercase);
     match (declared, from_url) {
         (Some(d), Some(u)) if d != u => {
-            warnings.push(Warning::new(
-                WarningCode::FormatMismatch,
-                format!("track {track_id}: format {d:?} declared for a .{u} URL, {u:?} used"),
-            ));
+            warnings.push(
+                Warning::new(
+                    WarningCode::FormatMismatch,
+                    format!("track {track_id}: format {d:?} declared for a .{u} URL, {u:?} used"),
+                )
+                .on_track(track_id),
+            );
             u
         }
         (Some(d), _) => d,
         (None, guess) => {
             let guess = guess.unwrap_or_else(|| "mp4".to_owned());
-            warnings.push(Warning::new(
-                WarningCode::FormatAssumed,
-                format!("track {track_id}: no video_format, {guess:?} assumed"),
-            ));
+            warnings.push(
+                Warning::new(
+                    WarningCode::FormatAssumed,
+                    format!("track {track_id}: no video_format, {guess:?} assumed"),
+                )
+                .on_track(track_id),
+            );
             guess
         }
     }
@@ -513,7 +522,7 @@ pub fn resolve_duration(
             format!(
                 "track {track_id}: video_duration {declared} is implausible in ms, read as seconds"
             ),
-        ));
+        ).on_track(track_id));
         return as_seconds;
     }
     warnings.push(Warning::new(
@@ -521,7 +530,7 @@ pub fn resolve_duration(
         format!(
             "track {track_id}: video_duration {declared} is implausible in ms and in s, kept as ms"
         ),
-    ));
+    ).on_track(track_id));
     declared
 }
 
@@ -531,10 +540,13 @@ fn dedupe_tracks(tracks: Vec<Track>, warnings: &mut Vec<Warning>) -> Vec<Track> 
     let mut out: Vec<Track> = Vec::with_capacity(tracks.len());
     for mut track in tracks {
         if out.contains(&track) {
-            warnings.push(Warning::new(
-                WarningCode::DuplicateTrack,
-                format!("track {} is listed twice, kept once", track.track_id),
-            ));
+            warnings.push(
+                Warning::new(
+                    WarningCode::DuplicateTrack,
+                    format!("track {} is listed twice, kept once", track.track_id),
+                )
+                .on_track(&track.track_id),
+            );
             continue;
         }
         let count = seen.entry(track.track_id.clone()).or_insert(0);

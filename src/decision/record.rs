@@ -135,6 +135,10 @@ pub struct Placement {
 pub struct Warning {
     pub code: WarningCode,
     pub message: String,
+    /// The track the warning is about (its `track_id`); absent for a
+    /// warning about the whole lesson.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_id: Option<String>,
 }
 
 impl Warning {
@@ -142,6 +146,13 @@ impl Warning {
         Warning {
             code,
             message: message.into(),
+            track_id: None,
         }
+    }
+
+    /// The warning tied to the track `track_id`.
+    pub fn on_track(mut self, track_id: &str) -> Self {
+        self.track_id = Some(track_id.to_owned());
+        self
     }
 }

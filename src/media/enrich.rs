@@ -179,10 +179,13 @@ impl Media {
             normalized.record.warnings.extend(checked.warning);
             match checked.probe {
                 Some(Ok(probe)) => normalized.apply_probe(index, probe),
-                Some(Err(why)) => normalized.record.warnings.push(Warning::new(
-                    WarningCode::ProbeFailed,
-                    format!("track {}: not probed: {why}", track.track_id),
-                )),
+                Some(Err(why)) => normalized.record.warnings.push(
+                    Warning::new(
+                        WarningCode::ProbeFailed,
+                        format!("track {}: not probed: {why}", track.track_id),
+                    )
+                    .on_track(&track.track_id),
+                ),
                 None => {}
             }
         }
@@ -216,15 +219,16 @@ impl Media {
         // say the same per record at `info`.
         debug!(track = %track.track_id, bytes_read = read.bytes_read, requests = read.requests, "probed by range reads");
         let warning = match (read.total_size, track.size_bytes) {
-            (Some(real), Some(declared)) if i64::try_from(real).ok() != Some(declared) => {
-                Some(Warning::new(
+            (Some(real), Some(declared)) if i64::try_from(real).ok() != Some(declared) => Some(
+                Warning::new(
                     WarningCode::SizeMismatch,
                     format!(
                         "track {}: the file has {real} bytes, video_size declares {declared}",
                         track.track_id
                     ),
-                ))
-            }
+                )
+                .on_track(&track.track_id),
+            ),
             _ => None,
         };
         Ok(Checked {

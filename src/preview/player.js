@@ -171,7 +171,7 @@
     bar.title = `${track.track_id}: ${format(track.offset_ms)}–${format(track.offset_ms + track.duration_ms)}`;
     lane.appendChild(bar);
     for (const w of record.warnings) {
-      if (!w.message.includes(track.track_id)) continue;
+      if (w.track_id !== track.track_id) continue;
       const mark = el("div", "mark");
       mark.style.left = pct(track.offset_ms);
       mark.title = `${w.code}: ${w.message}`;
@@ -179,7 +179,7 @@
     }
     timeline.appendChild(lane);
   }
-  const lessonWide = record.warnings.filter((w) => !record.tracks.some((t) => w.message.includes(t.track_id)));
+  const lessonWide = record.warnings.filter((w) => !record.tracks.some((t) => t.track_id === w.track_id));
   for (const w of lessonWide) {
     const mark = el("div", "mark");
     mark.style.left = "0%";

@@ -20,12 +20,25 @@ use crate::telemetry::metrics::Metrics;
 pub struct Health {
     ready: Arc<AtomicBool>,
     blocked: Arc<Mutex<Option<String>>>,
+    /// Shutting down: not ready from the first signal on, whatever else
+    /// happens (a load balancer takes the endpoint out before the listener
+    /// closes).
+    draining: Arc<AtomicBool>,
 }
 
 impl Health {
-    /// Connected to the broker and consuming.
+    /// Connected to the broker and consuming, and not shutting down.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && !self.is_draining()
+    }
+
+    /// Not ready from now on: the service is shutting down.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 
     /// The worker's readiness, mirrored in `lesson_replay_broker_connected`.
@@ -108,6 +121,11 @@ async fn metrics_endpoint(State(endpoints): State<Arc<Endpoints>>) -> impl IntoR
 async fn ready_endpoint(State(endpoints): State<Arc<Endpoints>>) -> impl IntoResponse {
     if endpoints.health.is_ready() {
         (StatusCode::OK, "ready\n".to_owned())
+    } else if endpoints.health.is_draining() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down\n".to_owned(),
+        )
     } else if let Some(reason) = endpoints.health.blocked() {
         (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -65,6 +65,13 @@ pub struct IngressSettings {
     pub publish_timeout: Duration,
     pub request_timeout: Duration,
     pub max_in_flight: usize,
+    /// Longest wait for a request's headers, and for the next request on an
+    /// idle keep-alive connection: a slow or idle client is closed then.
+    pub header_timeout: Duration,
+    /// Open connections at most; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// After the shutdown signal: not ready, still serving, this long.
+    pub drain: Duration,
 }
 
 impl IngressSettings {
@@ -77,6 +84,9 @@ impl IngressSettings {
             publish_timeout: Duration::from_millis(config.ingress_publish_timeout_ms),
             request_timeout: Duration::from_millis(config.ingress_request_timeout_ms),
             max_in_flight: config.ingress_max_in_flight,
+            header_timeout: Duration::from_millis(config.ingress_header_timeout_ms),
+            max_connections: config.ingress_max_connections,
+            drain: Duration::from_secs(config.ingress_drain_secs),
         }
     }
 }
@@ -106,7 +116,7 @@ pub async fn run(
     let broker = tokio::spawn(keep_channel(
         config.broker_settings(),
         channel_tx,
-        health,
+        health.clone(),
         metrics.clone(),
         stop_broker.clone(),
     ));
@@ -122,13 +132,73 @@ pub async fn run(
         .fallback(not_found)
         .with_state(ingress);
     info!(addr = %listener.local_addr()?, path = %settings.path, "receiving TIC callbacks");
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    // The hand-over: not ready at once, still serving while the load
+    // balancer takes the endpoint out, then the listener closes.
+    let drain = settings.drain;
+    let stop_accepting = async move {
+        shutdown.await;
+        health.drain();
+        info!(
+            drain_secs = drain.as_secs(),
+            "shutting down: not ready, serving while the endpoint is taken out"
+        );
+        tokio::time::sleep(drain).await;
+    };
+    let served = serve(listener, app, &settings, stop_accepting).await;
     info!("callbacks drained: closing the broker session");
     stop_broker.cancel();
     let _ = broker.await;
     served
+}
+
+/// Serve `app` on `listener` until `stop`, then close the listener and let
+/// the requests in hand finish. A client has `header_timeout` to send a
+/// request's headers, and an idle keep-alive connection is closed after as
+/// long (HTTP/1.1, as TIC calls); at most `max_connections` are open, the
+/// others wait in the listen backlog.
+async fn serve(
+    listener: TcpListener,
+    app: Router,
+    settings: &IngressSettings,
+    stop: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(settings.header_timeout)
+        .keep_alive(true);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
+    tokio::pin!(stop);
+    loop {
+        let slot = tokio::select! {
+            () = &mut stop => break,
+            slot = slots.clone().acquire_owned() => slot.expect("the slots are never closed"),
+        };
+        let stream = tokio::select! {
+            () = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, a connection reset before
+                    // accept: the listener itself is fine.
+                    warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// Keep one connection and one confirm channel open, rebuilding them with a

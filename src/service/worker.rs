@@ -141,11 +141,15 @@ pub async fn run(
         stop: CancellationToken::new(),
         abort: CancellationToken::new(),
     };
-    let stop = shared.stop.clone();
+    let (stop, health) = (shared.stop.clone(), shared.health.clone());
     let supervisor = supervise(&shared);
     tokio::pin!(supervisor);
     tokio::select! {
-        () = shutdown => stop.cancel(),
+        () = shutdown => {
+            // Not ready from the first signal on, while in-flight work finishes.
+            health.drain();
+            stop.cancel();
+        }
         result = &mut supervisor => return result,
     }
     supervisor.await

@@ -77,6 +77,8 @@ pub fn isolated_config(test: &str) -> Config {
         vod_allow_private_networks: true,
         retry_delays_secs: vec![1, 2],
         fetch_attempts: 2,
+        // An ingress stops at once in tests (its drain has a test of its own).
+        ingress_drain_secs: 0,
         metrics_addr: String::new(),
         ..Config::default()
     }
