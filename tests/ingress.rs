@@ -514,3 +514,41 @@ async fn callbacks_through_a_shutdown_are_answered_or_refused_never_cut() {
     assert_eq!(published, ok, "every answered callback is in the broker");
     broker.cleanup().await;
 }
+
+/// At most `ingress_max_connections` are open: one more waits in the listen
+/// backlog, and is served once the header deadline closed an idle one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_connections_are_bounded() {
+    let mut config = isolated_config("ingress-connections");
+    config.ingress_max_connections = 3;
+    config.ingress_header_timeout_ms = 1_500;
+    let broker = Broker::new(config).await;
+    let c = broker.config.clone();
+    let ingress = spawn_ingress(c.clone(), Metrics::default()).await;
+    ingress.wait_ready().await;
+    let addr = address(&ingress);
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let answer = reqwest::Client::new()
+        .post(&ingress.url)
+        .header("content-type", "application/json")
+        .body(example("callback-record-finished.json"))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .expect("answered once a slot is free");
+    assert_eq!(answer.status(), 200);
+    // It was served only after the deadline closed the idle ones.
+    let mut closed = 0;
+    for stream in &mut idle {
+        if closed_by_server(stream, Duration::from_millis(100)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 3, "served while the 3 slots were still held");
+    ingress.stop().await;
+    broker.cleanup().await;
+}
