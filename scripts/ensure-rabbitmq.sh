@@ -16,7 +16,7 @@ if ! command -v rabbitmq-server >/dev/null 2>&1; then
   # A fresh machine: Debian's package (it starts the broker where systemd
   # runs; here it is started below either way).
   echo "installing RabbitMQ (Debian's rabbitmq-server, once per machine)" >&2
-  apt-get update -qq >/dev/null
+  apt-get update -qq >/dev/null || echo "apt-get update failed: installing from what apt already has" >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
 fi
 echo "starting RabbitMQ (rabbitmq-server -detached)" >&2
