@@ -358,3 +358,27 @@ async fn a_store_that_never_answers_fails_at_the_request_deadline() {
     let err = checked.unwrap_err();
     assert_eq!(err.fault, S3Fault::Transient, "{err}");
 }
+
+/// An origin that answers every range with less than was asked (a whole,
+/// valid 206 of at most 1 MiB): the rest is asked for, no resume is spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_capping_its_range_answers_is_read_whole() {
+    let s3 = S3Server::start("lessons");
+    let origin = Origin::start().await;
+    let file = noise(12 * MIB);
+    let capped = Faults {
+        range_cap: Some(MIB as u64),
+        ..Faults::default()
+    };
+    let url = origin.add("/capped.mp4", file.clone(), capped);
+    let (fetcher, archiver) = parts(&config("range-cap", &s3.endpoint, 4)).await;
+    let mut upload = archiver.upload("l/capped.mp4".into());
+    let download = transfer::copy(&fetcher, &url, None, &mut upload)
+        .await
+        .unwrap();
+    assert_eq!(download.resumes, 0, "a short answer is no cut");
+    assert_eq!(download.md5, md5_hex(&file));
+    upload.finish(&download.md5, None).await.unwrap();
+    assert!(stored(&s3, "l/capped.mp4").await == file);
+    assert_eq!(origin.requests(), 12, "1 MiB per answer");
+}

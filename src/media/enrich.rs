@@ -269,11 +269,18 @@ impl Media {
         }
         drop(running);
         if let Some(index) = failed {
-            let track = &tracks[index].track_id;
-            for checked in out.iter().flatten().flatten().filter(|c| c.uploaded) {
-                let key = &checked.archive.as_ref().expect("uploaded").key;
-                match archiver.delete_archived(key).await {
-                    Ok(()) => info!(%key, %track, "deleted: the lesson failed for good"),
+            // What this attempt uploaded, and what the tracks stopped half-way
+            // may have completed as they were dropped (a completion or a
+            // single PUT already sent): not what an earlier attempt left.
+            let failing = &tracks[index].track_id;
+            for (track, result) in tracks.iter().zip(&out) {
+                let found_before = matches!(result, Some(Ok(c)) if !c.uploaded);
+                if found_before || track.track_id == *failing {
+                    continue;
+                }
+                let key = archiver.track_key(record, track);
+                match archiver.delete_archived(&key).await {
+                    Ok(()) => info!(%key, track = %failing, "deleted: the lesson failed for good"),
                     Err(e) => warn!(%key, error = %e, "could not delete a copy of a failed lesson"),
                 }
             }

@@ -566,6 +566,9 @@ impl Fetcher {
                     why: "the file changed on the origin".into(),
                 });
             }
+            // Where this answer's bytes end (exclusive), as it says.
+            let promised_end = range_end(response.headers());
+            let before = buf.len();
             let mut body = response.bytes_stream();
             let cut = loop {
                 let next = tokio::time::timeout(self.settings.idle_timeout, body.next()).await;
@@ -578,14 +581,23 @@ impl Fetcher {
                 transferred += chunk.len() as u64;
                 self.metrics.downloaded(chunk.len() as u64);
                 if buf.len() as u64 + chunk.len() as u64 > len {
-                    return Err(FetchError::SizeMismatch(format!(
-                        "the origin sent more than the {len} bytes asked at {start}"
-                    )));
+                    // An origin's quirk, not the file's fault: the next
+                    // attempt starts over.
+                    return Err(FetchError::Interrupted {
+                        received: start + buf.len() as u64,
+                        why: format!("the origin sent more than the {len} bytes asked at {start}"),
+                    });
                 }
                 buf.extend_from_slice(&chunk);
             };
             if buf.len() as u64 == len {
                 return Ok(transferred);
+            }
+            // An origin may answer less than the range asked, whole (its
+            // Content-Range says so): ask for the rest, no resume spent.
+            if cut.is_none() && buf.len() > before && promised_end == Some(start + buf.len() as u64)
+            {
+                continue;
             }
             let why = cut
                 .unwrap_or_else(|| format!("range ended at {} of {end}", start + buf.len() as u64));
@@ -745,6 +757,13 @@ fn resume_validator(headers: &HeaderMap) -> Option<String> {
         .or_else(|| text(header::LAST_MODIFIED))
 }
 
+/// `Content-Range: bytes START-END/TOTAL` → END + 1.
+fn range_end(headers: &HeaderMap) -> Option<u64> {
+    let value = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
+    let range = value.strip_prefix("bytes ")?.split_once('/')?.0;
+    range.split_once('-')?.1.parse::<u64>().ok()?.checked_add(1)
+}
+
 /// `Content-Range: bytes START-END/TOTAL` → (START, TOTAL).
 fn content_range(headers: &HeaderMap) -> Option<(u64, Option<u64>)> {
     let value = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
@@ -809,6 +828,7 @@ mod tests {
             HeaderValue::from_static("bytes 0-9/*"),
         );
         assert_eq!(content_range(&headers), Some((0, None)));
+        assert_eq!(range_end(&headers), Some(10));
     }
 
     #[test]

@@ -23,6 +23,9 @@ pub struct Faults {
     pub reset: bool,
     /// Ignore Range headers (always 200 with the whole file).
     pub no_ranges: bool,
+    /// Answer a range request with at most this many bytes (a whole, valid
+    /// 206 for less than was asked, as some CDNs do).
+    pub range_cap: Option<u64>,
     /// Send no ETag or Last-Modified.
     pub no_validator: bool,
     /// Pause between 16 KiB chunks.
@@ -285,7 +288,11 @@ impl Origin {
             .filter(|_| headers.get("if-range").is_none_or(|v| *v == etag))
             .and_then(|r| parse_range(r, total));
         let (status, start, end) = match range {
-            Some((s, e)) => ("206 Partial Content", s, e),
+            Some((s, e)) => (
+                "206 Partial Content",
+                s,
+                faults.range_cap.map_or(e, |cap| e.min(s + cap)),
+            ),
             None => ("200 OK", 0, total),
         };
         let mut response = format!(

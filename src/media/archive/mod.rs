@@ -256,17 +256,23 @@ impl Archiver {
         }
     }
 
-    /// Delete `key` (an object this attempt wrote for a lesson that failed).
+    /// Delete `key` (an object this attempt wrote for a lesson that failed);
+    /// a key that holds nothing is no failure.
     pub async fn delete(&self, key: &str) -> Result<(), S3Error> {
-        self.client
+        let deleted = self
+            .client
             .delete_object()
             .bucket(&self.bucket)
             .key(key)
             .send()
             .timed(self.metrics.s3_timer(S3Op::Delete))
-            .await
-            .observed(&self.metrics, || format!("DELETE {key}"))?;
-        Ok(())
+            .await;
+        match deleted {
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(()),
+            other => other
+                .observed(&self.metrics, || format!("DELETE {key}"))
+                .map(|_| ()),
+        }
     }
 
     /// A presigned GET of `key`, valid for `valid`: a private bucket's copy a
