@@ -204,6 +204,13 @@ async fn the_first_signal_stops_consuming_and_a_second_quits_with_130() {
     let mut config = isolated_config("signals");
     s3.configure(&mut config, "school");
     config.shutdown_grace_secs = 60;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    config.metrics_addr = format!("127.0.0.1:{port}");
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
     let broker = Broker::new(config).await;
     let c = broker.config.clone();
     // An archive download of 64 chunks, a second apart: in flight for a minute.
@@ -238,9 +245,16 @@ async fn the_first_signal_stops_consuming_and_a_second_quits_with_130() {
     })
     .await;
 
+    let ready = reqwest::get(&readyz).await.unwrap();
+    assert_eq!(ready.status(), 200, "ready while consuming");
+
     worker.terminate();
     wait_for_line("consumer cancelled: no new deliveries");
     assert!(worker.is_running(), "the in-flight message holds the stop");
+    // Not ready from the first signal on, while the in-flight work finishes.
+    let ready = reqwest::get(&readyz).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(ready.text().await.unwrap(), "not ready: shutting down\n");
     broker
         .publish(&lesson("after-the-signal"), FieldTable::default())
         .await;
