@@ -204,11 +204,7 @@ async fn the_first_signal_stops_consuming_and_a_second_quits_with_130() {
     let mut config = isolated_config("signals");
     s3.configure(&mut config, "school");
     config.shutdown_grace_secs = 60;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     config.metrics_addr = format!("127.0.0.1:{port}");
     let readyz = format!("http://127.0.0.1:{port}/readyz");
     let broker = Broker::new(config).await;

@@ -62,26 +62,33 @@ fn close(a: [u8; 3], b: [u8; 3]) -> bool {
 fn make_video(dir: &Path, colour: &str, seconds: i64) -> Vec<u8> {
     let [r, g, b] = rgb(colour);
     let path = dir.join(format!("{colour}-{seconds}.mp4"));
+    ffmpeg_mp4(
+        &path,
+        &format!("color=c=0x{r:02x}{g:02x}{b:02x}:s=160x90:r=10:d={seconds}"),
+        // The frame number, small, black, in the bottom-left corner:
+        // outside the area the colour checks sample.
+        &[
+            "-vf",
+            "drawtext=text='%{n}':x=3:y=h-th-3:fontsize=12:fontcolor=black",
+        ],
+    )
+}
+
+/// An H.264 MP4 at `path` from ffmpeg's lavfi `source` (made once; the
+/// bytes are read back).
+fn ffmpeg_mp4(path: &Path, source: &str, filters: &[&str]) -> Vec<u8> {
     if !path.exists() {
         let status = Command::new("ffmpeg")
-            .args(["-loglevel", "error", "-y", "-f", "lavfi", "-i"])
-            .arg(format!(
-                "color=c=0x{r:02x}{g:02x}{b:02x}:s=160x90:r=10:d={seconds}"
-            ))
-            // The frame number, small, black, in the bottom-left corner:
-            // outside the area the colour checks sample.
-            .args([
-                "-vf",
-                "drawtext=text='%{n}':x=3:y=h-th-3:fontsize=12:fontcolor=black",
-            ])
+            .args(["-loglevel", "error", "-y", "-f", "lavfi", "-i", source])
+            .args(filters)
             .args(["-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", "10"])
             .args(["-movflags", "+faststart"])
-            .arg(&path)
+            .arg(path)
             .status()
             .expect("ffmpeg runs (scripts/ensure-browser.sh installs it)");
         assert!(status.success(), "ffmpeg made {}", path.display());
     }
-    std::fs::read(&path).unwrap()
+    std::fs::read(path).unwrap()
 }
 
 /// A lesson: its videos on the origin, its record (the worker's own
@@ -535,23 +542,14 @@ async fn presigned_urls_open_a_private_buckets_copies() {
 fn make_shape_video(dir: &Path, colour: &str, (w, h): (u32, u32), seconds: i64) -> Vec<u8> {
     let [r, g, b] = rgb(colour);
     let side = w.min(h) * 6 / 10;
-    let path = dir.join(format!("{colour}-{w}x{h}-{seconds}.mp4"));
-    if !path.exists() {
-        let status = Command::new("ffmpeg")
-            .args(["-loglevel", "error", "-y", "-f", "lavfi", "-i"])
-            .arg(format!(
-                "color=c=0x{r:02x}{g:02x}{b:02x}:s={w}x{h}:r=10:d={seconds},drawbox=x={}:y={}:w={side}:h={side}:color=white:t=fill",
-                (w - side) / 2,
-                (h - side) / 2
-            ))
-            .args(["-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", "10"])
-            .args(["-movflags", "+faststart"])
-            .arg(&path)
-            .status()
-            .expect("ffmpeg runs (scripts/ensure-browser.sh installs it)");
-        assert!(status.success(), "ffmpeg made {}", path.display());
-    }
-    std::fs::read(&path).unwrap()
+    let (x, y) = ((w - side) / 2, (h - side) / 2);
+    ffmpeg_mp4(
+        &dir.join(format!("{colour}-{w}x{h}-{seconds}.mp4")),
+        &format!(
+            "color=c=0x{r:02x}{g:02x}{b:02x}:s={w}x{h}:r=10:d={seconds},drawbox=x={x}:y={y}:w={side}:h={side}:color=white:t=fill"
+        ),
+        &[],
+    )
 }
 
 /// Within 2 %, or 2 pixels where 2 % is less than that (edges are scaled).

@@ -200,11 +200,7 @@ pub(crate) fn peak_rss_mib(pid: u32) -> f64 {
 
 /// Give the worker a metrics listener on a free loopback port; returns the port.
 pub(crate) fn serve_metrics(config: &mut Config) -> u16 {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::common::free_port();
     config.metrics_addr = format!("127.0.0.1:{port}");
     port
 }

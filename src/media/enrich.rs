@@ -317,18 +317,29 @@ impl Media {
             Ok(Some((archive, probe))) => {
                 info!(track = %track.track_id, %key, refused = %refused,
                     "the upload was refused, but the copy is in place (another delivery finished it first)");
-                let mut checked = match probe {
-                    Some(p) => Checked {
-                        probe: Some(Ok(p)),
-                        ..Checked::default()
-                    },
-                    None => self.probe_track(track).await?,
-                };
-                checked.archive = Some(archive);
-                Ok(Copied::Found(checked))
+                Ok(Copied::Found(self.in_place(track, archive, probe).await?))
             }
             _ => Err(FetchError::Sink(refused)),
         }
+    }
+
+    /// A track whose copy is in the bucket already: its probe from the
+    /// copy's record, else probed by range reads.
+    async fn in_place(
+        &self,
+        track: &Track,
+        archive: Archive,
+        probe: Option<Probe>,
+    ) -> Result<Checked, FetchError> {
+        let mut checked = match probe {
+            Some(p) => Checked {
+                probe: Some(Ok(p)),
+                ..Checked::default()
+            },
+            None => self.probe_track(track).await?,
+        };
+        checked.archive = Some(archive);
+        Ok(checked)
     }
 
     /// Track `index`, archived, with its index (they finish in any order).
@@ -357,15 +368,7 @@ impl Media {
             info!(track = %track.track_id, %key, "already archived: upload skipped");
             self.metrics.upload_skipped();
             archiver.abort_orphans(&key).await;
-            let mut checked = match probe {
-                Some(p) => Checked {
-                    probe: Some(Ok(p)),
-                    ..Checked::default()
-                },
-                None => self.probe_track(track).await?,
-            };
-            checked.archive = Some(archive);
-            return Ok(checked);
+            return self.in_place(track, archive, probe).await;
         }
         let archive_once = || async {
             let mut upload = archiver.upload(key.clone());

@@ -301,15 +301,12 @@ impl Fetcher {
 
             let mut body = response.bytes_stream();
             let cut = loop {
-                let next = tokio::time::timeout(self.settings.idle_timeout, body.next()).await;
-                let mut chunk = match next {
-                    Err(_) => break Some(format!("no data for {:?}", self.settings.idle_timeout)),
+                let mut chunk = match self.next_chunk(&mut body).await {
+                    Ok(Some(chunk)) => chunk,
                     Ok(None) => break None,
-                    Ok(Some(Err(e))) => break Some(error_chain(&e)),
-                    Ok(Some(Ok(chunk))) => chunk,
+                    Err(why) => break Some(why),
                 };
                 transferred += chunk.len() as u64;
-                self.metrics.downloaded(chunk.len() as u64);
                 if skip > 0 {
                     let drop = skip.min(chunk.len() as u64);
                     skip -= drop;
@@ -571,15 +568,12 @@ impl Fetcher {
             let before = buf.len();
             let mut body = response.bytes_stream();
             let cut = loop {
-                let next = tokio::time::timeout(self.settings.idle_timeout, body.next()).await;
-                let chunk = match next {
-                    Err(_) => break Some(format!("no data for {:?}", self.settings.idle_timeout)),
+                let chunk = match self.next_chunk(&mut body).await {
+                    Ok(Some(chunk)) => chunk,
                     Ok(None) => break None,
-                    Ok(Some(Err(e))) => break Some(error_chain(&e)),
-                    Ok(Some(Ok(chunk))) => chunk,
+                    Err(why) => break Some(why),
                 };
                 transferred += chunk.len() as u64;
-                self.metrics.downloaded(chunk.len() as u64);
                 if buf.len() as u64 + chunk.len() as u64 > len {
                     // An origin's quirk, not the file's fault: the next
                     // attempt starts over.
@@ -610,6 +604,24 @@ impl Fetcher {
             }
             self.metrics.range_resumed();
             tracing::info!(at = start + buf.len() as u64, %why, "range cut mid-body: resuming");
+        }
+    }
+
+    /// The body's next chunk, counted as downloaded; `None` at its end,
+    /// `Err(why)` when the connection is cut or idle past
+    /// `fetch_idle_timeout_secs`.
+    async fn next_chunk(
+        &self,
+        body: &mut (impl futures_util::Stream<Item = reqwest::Result<Bytes>> + Unpin),
+    ) -> Result<Option<Bytes>, String> {
+        match tokio::time::timeout(self.settings.idle_timeout, body.next()).await {
+            Err(_) => Err(format!("no data for {:?}", self.settings.idle_timeout)),
+            Ok(None) => Ok(None),
+            Ok(Some(Err(e))) => Err(error_chain(&e)),
+            Ok(Some(Ok(chunk))) => {
+                self.metrics.downloaded(chunk.len() as u64);
+                Ok(Some(chunk))
+            }
         }
     }
 

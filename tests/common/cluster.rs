@@ -3,7 +3,7 @@
 //! temporary data directory and Erlang cookie, no plugins. It runs the
 //! broker installed on the machine (Debian: /usr/lib/rabbitmq/bin).
 
-use std::net::TcpListener;
+use super::free_port;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -27,14 +27,6 @@ fn script(name: &str) -> PathBuf {
     } else {
         PathBuf::from(name)
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Cluster {

@@ -46,6 +46,15 @@ pub fn amqp_url() -> String {
     std::env::var(AMQP_URL_VAR).unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// A loopback port free right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A configuration whose exchange and queue names belong to this test alone.
 pub fn isolated_config(test: &str) -> Config {
     // Worker logs, shown for failing tests (RUST_LOG=debug for more).

@@ -111,7 +111,7 @@ impl PartBudget {
             inner: Pooled {
                 buf,
                 budget: self.clone(),
-                _permits: (room, slot),
+                permits: Some((room, slot)),
             },
         }
     }
@@ -187,8 +187,8 @@ async fn trim_while_alive(budget: Weak<PartBudget>) {
 struct Pooled {
     buf: Vec<u8>,
     budget: Arc<PartBudget>,
-    /// (the budget's, the transfer's), released after the buffer is back.
-    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    /// (the budget's, the transfer's), released once the buffer is back.
+    permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
 impl AsRef<[u8]> for Pooled {
@@ -200,12 +200,8 @@ impl AsRef<[u8]> for Pooled {
 impl Drop for Pooled {
     fn drop(&mut self) {
         self.budget.give_back(std::mem::take(&mut self.buf));
-        // The permits are released after this (fields drop after `drop`):
-        // count them out now.
-        if let Some(m) = &self.budget.metrics {
-            let in_use = self.budget.in_use().saturating_sub(1);
-            m.archive_memory_in_use((in_use * self.budget.part_size) as u64);
-        }
+        drop(self.permits.take());
+        self.budget.observe();
     }
 }
 

@@ -112,14 +112,7 @@ impl Archiver {
             }
             _ => return Ok(None),
         };
-        let archive = Archive {
-            uri: self.uri(key),
-            bucket: self.bucket.clone(),
-            key: key.to_owned(),
-            size_bytes: size,
-            md5,
-            etag,
-        };
+        let archive = self.archive(key, size as u64, &md5, etag.as_deref());
         Ok(Some((archive, probe)))
     }
 

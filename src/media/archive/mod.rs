@@ -47,6 +47,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
+use crate::decision::record::Archive;
 use crate::media::s3_error::S3Error;
 use crate::telemetry::metrics::{Metrics, S3Op, Target};
 use budget::PartBudget;
@@ -226,8 +227,16 @@ impl Archiver {
         )
     }
 
-    fn uri(&self, key: &str) -> String {
-        format!("s3://{}/{key}", self.bucket)
+    /// Where a copy is, as the record says it.
+    fn archive(&self, key: &str, size: u64, md5: &str, etag: Option<&str>) -> Archive {
+        Archive {
+            uri: format!("s3://{}/{key}", self.bucket),
+            bucket: self.bucket.clone(),
+            key: key.to_owned(),
+            size_bytes: size as i64,
+            md5: md5.to_owned(),
+            etag: etag.map(str::to_owned),
+        }
     }
 
     /// Whether `key` exists in the bucket.

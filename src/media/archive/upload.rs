@@ -298,14 +298,7 @@ impl Upload {
             .await
             .observed(&store.metrics, || format!("completing {}", self.key))?;
         self.started = Started::No;
-        let archive = Archive {
-            uri: store.uri(&self.key),
-            bucket: store.bucket.clone(),
-            key: self.key.clone(),
-            size_bytes: size as i64,
-            md5: md5.to_owned(),
-            etag: completed.e_tag().map(str::to_owned),
-        };
+        let archive = store.archive(&self.key, size, md5, completed.e_tag());
         let job = store.job(&self.key, &upload_id);
         let (_, recorded) = tokio::join!(
             forget_upload(&job),
@@ -348,31 +341,30 @@ impl Upload {
         .await
         .observed(&store.metrics, || format!("PUT {}", self.key))?;
         store.metrics.uploaded(size);
-        Ok(Archive {
-            uri: store.uri(&self.key),
-            bucket: store.bucket.clone(),
-            key: self.key.clone(),
-            size_bytes: size as i64,
-            md5: md5.to_owned(),
-            etag: put.e_tag().map(str::to_owned),
-        })
+        Ok(store.archive(&self.key, size, md5, put.e_tag()))
     }
 
     /// Abandon the upload: stop every part in flight, then delete the parts.
     pub async fn abort(mut self) {
         self.in_flight.shutdown().await;
-        match std::mem::replace(&mut self.started, Started::No) {
-            Started::Id(id) => {
-                abort_upload(self.store.job(&self.key, &id)).await;
-            }
-            Started::Starting(handle) => {
-                if let Ok(Ok(id)) = handle.await {
-                    abort_upload(self.store.job(&self.key, &id)).await;
-                }
-            }
-            Started::No => {}
-        }
+        let started = std::mem::replace(&mut self.started, Started::No);
+        abort_started(self.store.clone(), self.key.clone(), started).await;
     }
+}
+
+/// Abort the multipart upload `started` describes, once its creation (if
+/// under way) has an id; nothing when none was started.
+async fn abort_started(store: Archiver, key: String, started: Started) {
+    let id = match started {
+        Started::No => return,
+        Started::Id(id) => id,
+        Started::Starting(handle) => match handle.await {
+            Ok(Ok(id)) => id,
+            // Not created, or its start task aborted it already.
+            _ => return,
+        },
+    };
+    abort_upload(store.job(&key, &id)).await;
 }
 
 /// An upload dropped half-way (its task aborted at shutdown, a sibling
@@ -386,18 +378,7 @@ impl Drop for Upload {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (store, key) = (self.store.clone(), self.key.clone());
-        let abort = async move {
-            let id = match started {
-                Started::No => return,
-                Started::Id(id) => id,
-                Started::Starting(handle) => match handle.await {
-                    Ok(Ok(id)) => id,
-                    _ => return,
-                },
-            };
-            abort_upload(store.job(&key, &id)).await;
-        };
+        let abort = abort_started(self.store.clone(), self.key.clone(), started);
         self.store.cleanup.spawn_on(abort, &runtime);
     }
 }
