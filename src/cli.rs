@@ -129,9 +129,14 @@ pub enum Command {
     /// its other rules: multipart uploads unfinished after DAYS days are
     /// aborted (the backstop for a killed worker's upload no later attempt
     /// cleans), and stale entries of the upload journal expire.
+    /// Every bucket of the configuration (the default one and each app's),
+    /// or only app SDKAPPID's with `--sdkappid`.
     Lifecycle {
         #[arg(long, default_value_t = 1)]
         days: i32,
+        /// Only this app's bucket (its `[apps.<sdkappid>]` table, else the default).
+        #[arg(long)]
+        sdkappid: Option<i64>,
     },
     /// Write a record's replay page: one self-contained HTML file that plays
     /// its tracks with their layout, a timeline and the record's facts. Each
@@ -146,7 +151,8 @@ pub enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
         /// Presign the archived copies' URLs for this many hours (at most
-        /// 168); needs the archive's settings (s3_bucket, credentials).
+        /// 168); needs the archive's settings (s3_bucket, credentials) of
+        /// the record's app (its `[apps.<sdkappid>]` table, else the default).
         #[arg(long)]
         presign_hours: Option<u64>,
     },
@@ -307,19 +313,29 @@ pub fn main() -> ExitCode {
 async fn run_networked(config: Config, command: Command) -> Result<(), CliError> {
     let broker = config.broker_settings();
     match command {
-        Command::Lifecycle { days } => {
-            let Some(settings) = config.bucket_settings() else {
-                return Err(CliError::Usage(
-                    "lifecycle needs s3_bucket (and the store's settings)".into(),
-                ));
+        Command::Lifecycle { days, sdkappid } => {
+            let destinations = match sdkappid {
+                Some(app) => config
+                    .bucket_settings(Some(app))
+                    .map(|settings| vec![(Some(app), settings)])
+                    .unwrap_or_default(),
+                None => config.destinations(),
             };
-            let archiver = Archiver::new(&settings, Metrics::new()).await;
-            let rules = archiver.apply_lifecycle(days).await?;
-            eprintln!(
-                "bucket {}: lifecycle rules now {}",
-                archiver.bucket(),
-                rules.join(", ")
-            );
+            if destinations.is_empty() {
+                return Err(CliError::Usage(
+                    "lifecycle needs s3_bucket (or the app's, and the store's settings)".into(),
+                ));
+            }
+            for (app, settings) in destinations {
+                let archiver = Archiver::new(&settings, Metrics::new()).await;
+                let rules = archiver.apply_lifecycle(days).await?;
+                let app = app.map_or_else(|| "default".to_owned(), |a| a.to_string());
+                eprintln!(
+                    "bucket {} (app {app}): lifecycle rules now {}",
+                    archiver.bucket(),
+                    rules.join(", ")
+                );
+            }
         }
         Command::Worker => {
             let service = Service::bind(config, Metrics::new(), Health::default()).await?;
@@ -387,7 +403,7 @@ async fn write_preview(
             file.display()
         ))
     })?;
-    let sources = match (presign_hours, config.bucket_settings()) {
+    let sources = match (presign_hours, config.bucket_settings(record.sdkappid)) {
         (None, _) => page::origin_sources(&record),
         (Some(_), None) => {
             return Err(CliError::Usage(
@@ -406,7 +422,9 @@ async fn write_preview(
             for archive in record.tracks.iter().filter_map(|t| t.archive.as_ref()) {
                 presigned.insert(
                     archive.key.clone(),
-                    archiver.presigned_get(&archive.key, valid).await?,
+                    archiver
+                        .presigned_get(&archive.bucket, &archive.key, valid)
+                        .await?,
                 );
             }
             page::archive_sources(&record, |key| presigned.get(key).cloned())

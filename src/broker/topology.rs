@@ -10,6 +10,9 @@
 //!        TTL expired: dead-letter  |          v
 //!  lesson-replay.recordings.retry.<N>s    lesson-replay.parking (quorum, limit out of reach)
 //!  (quorum, one per delay tier)
+//!         | with [apps.<sdkappid>] tables: sorted by app into lanes
+//!         v
+//!  lesson-replay.recordings.app.<sdkappid> | .app.other (quorum, like the work queue)
 //! lesson-replay.records (topic) --#--> lesson-replay.records (quorum)
 //! lesson-replay.recordings.watch.<N>s --TTL--> lesson-replay.recordings.watch
 //!  (quorum, one per watch delay)                (quorum: due watches, consumed)
@@ -44,6 +47,33 @@ pub struct TopologySettings {
     pub retry_tiers: Vec<Duration>,
     /// Every delay a watch can wait; one queue per delay.
     pub watch_delays: Vec<Duration>,
+    /// The apps with a lane of their own ([`app_queue`]). Empty: no lanes,
+    /// the work queue is consumed as it is.
+    pub apps: Vec<i64>,
+}
+
+/// The lane of app `app` (`None`: every app without one): a work queue of
+/// its own, `lesson-replay.recordings.app.1400000001`, or
+/// `lesson-replay.recordings.app.other`.
+pub fn app_queue(work_queue: &str, app: Option<i64>) -> String {
+    match app {
+        Some(app) => format!("{work_queue}.app.{app}"),
+        None => format!("{work_queue}.app.other"),
+    }
+}
+
+/// Every lane of `config`, in declaration order (none without apps).
+pub fn lanes(config: &TopologySettings) -> Vec<(Option<i64>, String)> {
+    if config.apps.is_empty() {
+        return Vec::new();
+    }
+    config
+        .apps
+        .iter()
+        .map(|app| Some(*app))
+        .chain([None])
+        .map(|app| (app, app_queue(&config.work_queue, app)))
+        .collect()
 }
 
 /// A queue argument's value.
@@ -117,6 +147,13 @@ pub fn plan(config: &TopologySettings) -> Topology {
         (DELIVERY_LIMIT, Arg::Int(config.delivery_limit.into())),
     ];
     work.extend(dead_letter_to(&config.parking_queue));
+    // Lanes: like the work queue, which sorts into them.
+    for (_, lane) in lanes(config) {
+        queues.push(QueueSpec {
+            name: lane,
+            arguments: work.clone(),
+        });
+    }
     queues.push(QueueSpec {
         name: config.work_queue.clone(),
         arguments: work,
@@ -247,6 +284,7 @@ mod tests {
             delivery_limit: 20,
             retry_tiers: [10, 60, 300, 1800, 7200].map(Duration::from_secs).to_vec(),
             watch_delays: [60, 3600].map(Duration::from_secs).to_vec(),
+            apps: Vec::new(),
         };
         let topology = plan(&settings);
         let tier = topology
@@ -283,5 +321,43 @@ mod tests {
             "x-dead-letter-routing-key",
             text("lesson-replay.recordings.watch")
         )));
+    }
+
+    #[test]
+    fn each_app_gets_a_lane_like_the_work_queue_and_the_rest_share_one() {
+        let mut settings = TopologySettings {
+            inbound_exchange: "in".into(),
+            work_queue: "wq".into(),
+            parking_queue: "park".into(),
+            records_exchange: "rx".into(),
+            records_queue: "rq".into(),
+            delivery_limit: 7,
+            retry_tiers: vec![Duration::from_secs(10)],
+            watch_delays: vec![Duration::from_secs(60)],
+            apps: Vec::new(),
+        };
+        let without = plan(&settings);
+        assert!(lanes(&settings).is_empty());
+        settings.apps = vec![1400000001, 1400000002];
+        let with = plan(&settings);
+        let names: Vec<&str> = with.queue_names().collect();
+        assert_eq!(with.queues.len(), without.queues.len() + 3, "{names:?}");
+        let work = with.queues.iter().find(|q| q.name == "wq").unwrap();
+        for lane in ["wq.app.1400000001", "wq.app.1400000002", "wq.app.other"] {
+            let spec = with.queues.iter().find(|q| q.name == lane).unwrap();
+            // Quorum, the delivery limit, parked when it is reached.
+            assert_eq!(spec.arguments, work.arguments, "{lane}");
+            assert!(spec.arguments.contains(&(DELIVERY_LIMIT, Arg::Int(7))));
+        }
+        // Retries come back to the work queue, which sorts them again.
+        let tier = with
+            .queues
+            .iter()
+            .find(|q| q.name == "wq.retry.10s")
+            .unwrap();
+        assert!(
+            tier.arguments
+                .contains(&("x-dead-letter-routing-key", text("wq")))
+        );
     }
 }

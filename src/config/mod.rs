@@ -3,6 +3,7 @@
 //! setting once (the source of `--help` and of `docs/configuration.md`);
 //! [`parts`] turns the settings into the typed settings of each lower part.
 
+pub mod apps;
 pub mod parts;
 pub mod reference;
 pub mod settings;

@@ -26,7 +26,7 @@ impl Config {
         InputPolicy {
             mode: self.signature,
             // validate() has parsed it already.
-            keys: self.tic_keys.parse().unwrap_or_default(),
+            keys: self.keys().unwrap_or_default(),
             limits: Limits {
                 max_body_bytes: self.max_body_bytes,
                 max_tracks: self.max_tracks,
@@ -72,6 +72,7 @@ impl Config {
                 delivery_limit: self.delivery_limit,
                 retry_tiers: self.retry_policy().tiers,
                 watch_delays: self.watch_schedule().delays(),
+                apps: self.app_ids(),
             },
         );
         settings.refused_recheck = Duration::from_secs(self.topology_recheck_secs);
@@ -99,7 +100,15 @@ impl Config {
                 max_resumes: self.fetch_max_resumes,
                 url_policy: Arc::new(self.url_policy()),
             },
-            archive: self.archive.then(|| self.archive_settings()),
+            archive: self.archive.then(|| self.archive_settings(None)),
+            apps: self
+                .app_ids()
+                .into_iter()
+                .map(|app| {
+                    let on = self.resolved(Some(app)).archive;
+                    (app, on.then(|| self.archive_settings(Some(app))))
+                })
+                .collect(),
             probe: self.probe,
             parallel_tracks: self.archive_parallel_tracks,
             attempts: self.fetch_attempts,
@@ -107,30 +116,53 @@ impl Config {
         }
     }
 
-    /// The bucket and store, for commands that act on the bucket itself
-    /// (`lesson-replay lifecycle`); `None` without `s3_bucket`.
-    pub fn bucket_settings(&self) -> Option<ArchiveSettings> {
-        self.s3_bucket
+    /// The bucket and store of app `sdkappid` (`None`: the default), for
+    /// commands that act on the bucket itself (`lesson-replay lifecycle`,
+    /// `preview --presign-hours`); `None` when it has no bucket.
+    pub fn bucket_settings(&self, sdkappid: Option<i64>) -> Option<ArchiveSettings> {
+        self.resolved(sdkappid)
+            .s3_bucket
             .as_deref()
             .is_some_and(|b| !b.is_empty())
-            .then(|| self.archive_settings())
+            .then(|| self.archive_settings(sdkappid))
     }
 
-    fn archive_settings(&self) -> ArchiveSettings {
-        let credentials: Option<(SecretString, SecretString)> = self
-            .s3_access_key_id
-            .clone()
-            .zip(self.s3_secret_access_key.clone());
+    /// Every distinct bucket of the configuration: the default one (when it
+    /// has a bucket) and each app's that differs from it.
+    pub fn destinations(&self) -> Vec<(Option<i64>, ArchiveSettings)> {
+        let mut out: Vec<(Option<i64>, ArchiveSettings)> = Vec::new();
+        let apps = self.app_ids().into_iter().map(Some);
+        for app in std::iter::once(None).chain(apps) {
+            let Some(settings) = self.bucket_settings(app) else {
+                continue;
+            };
+            let same = |(_, known): &(Option<i64>, ArchiveSettings)| {
+                (&known.endpoint, &known.bucket, &known.prefix)
+                    == (&settings.endpoint, &settings.bucket, &settings.prefix)
+            };
+            if !out.iter().any(same) {
+                out.push((app, settings));
+            }
+        }
+        out
+    }
+
+    /// Where app `sdkappid` archives (`None`: the default destination). The
+    /// transfer settings (part size, concurrency, memory, deadlines) are the
+    /// worker's, shared by every app.
+    fn archive_settings(&self, sdkappid: Option<i64>) -> ArchiveSettings {
+        let app = self.resolved(sdkappid);
+        let credentials: Option<(SecretString, SecretString)> = app.credentials;
         ArchiveSettings {
             // validate() refuses archive = true without a bucket.
-            bucket: self.s3_bucket.clone().unwrap_or_default(),
-            endpoint: self.s3_endpoint.clone(),
-            region: self.s3_region.clone(),
-            force_path_style: self.s3_force_path_style,
+            bucket: app.s3_bucket.unwrap_or_default(),
+            endpoint: app.s3_endpoint.clone(),
+            region: app.s3_region,
+            force_path_style: app.s3_force_path_style,
             credentials,
-            prefix: self.s3_prefix.trim_matches('/').to_owned(),
-            storage_class: self.s3_storage_class.clone(),
-            sse: self.s3_sse.clone(),
+            prefix: app.s3_prefix.trim_matches('/').to_owned(),
+            storage_class: app.s3_storage_class,
+            sse: app.s3_sse,
             part_size: self.s3_part_size_bytes,
             concurrency: self.s3_upload_concurrency,
             memory_bytes: self.archive_memory_bytes,
@@ -140,7 +172,7 @@ impl Config {
                 PayloadSigning::Signed => false,
                 PayloadSigning::Unsigned => true,
                 // No endpoint: AWS, always HTTPS.
-                PayloadSigning::Auto => self
+                PayloadSigning::Auto => app
                     .s3_endpoint
                     .as_deref()
                     .is_none_or(|e| e.trim().to_ascii_lowercase().starts_with("https://")),
@@ -150,7 +182,7 @@ impl Config {
 
     /// TIC's API as app `sdkappid`, or as the only app of `tic_keys`.
     pub fn tic_settings(&self, sdkappid: Option<i64>) -> Result<TicSettings, ConfigError> {
-        let keys = self.tic_keys.parse().map_err(ConfigError::Invalid)?;
+        let keys = self.keys().map_err(ConfigError::Invalid)?;
         let app = match (sdkappid, keys.ids().collect::<Vec<_>>().as_slice()) {
             (Some(app), _) => app,
             (None, [only]) => *only,

@@ -271,7 +271,49 @@ pub const SETTINGS: &[Setting] = &[
         "tic_api_attempts",
         "attempts of one call to TIC's API (commands and watches), transient failures retried with backoff; answers larger than 1 MiB are refused unread",
     ),
+    setting(
+        "apps",
+        "one table per TIC app, `[apps.<sdkappid>]`, with the settings below that differ for it; each app with a table gets a lane of its own (docs/operations.md, \"Many apps\")",
+    ),
 ];
+
+/// What an `[apps.<sdkappid>]` table may set; each field left out is the
+/// top-level setting of the same name.
+pub const APP_SETTINGS: &[Setting] = &[
+    secret(
+        "tic_key",
+        "the app's TicKey (the same as its entry in `tic_keys`; either place)",
+    ),
+    setting("archive", "whether the app's recordings are archived"),
+    setting(
+        "concurrency",
+        "messages of the app in flight per worker (its lane's prefetch)",
+    ),
+    setting("s3_bucket", "the app's bucket"),
+    setting("s3_prefix", "key prefix in the app's bucket"),
+    setting(
+        "s3_endpoint",
+        "the app's store; an app naming a store of its own must have its own credentials",
+    ),
+    setting("s3_region", "the app's region"),
+    setting(
+        "s3_force_path_style",
+        "path-style requests to the app's store",
+    ),
+    setting("s3_storage_class", "storage class of the app's objects"),
+    setting("s3_sse", "server-side encryption of the app's objects"),
+    secret("s3_access_key_id", "the app's access key id"),
+    secret("s3_secret_access_key", "the app's secret access key"),
+];
+
+/// The environment variable of an app's setting.
+pub fn app_env_var(name: &str) -> String {
+    format!(
+        "{}__<SDKAPPID>__{}",
+        env_var("apps"),
+        name.to_ascii_uppercase()
+    )
+}
 
 /// The defaults, as `lesson-replay config` would print them.
 fn defaults() -> serde_json::Map<String, Value> {
@@ -317,6 +359,19 @@ pub fn markdown_table() -> String {
             show(defaults.get(s.name)),
         ));
     }
+    out.push_str(
+        "\nIn an `[apps.<sdkappid>]` table (unset: the top-level setting of the same name):\n\n\
+         | app setting | environment | meaning |\n|---|---|---|\n",
+    );
+    for s in APP_SETTINGS {
+        let secret = if s.secret { " (secret)" } else { "" };
+        out.push_str(&format!(
+            "| `{}` | `{}` | {}{secret} |\n",
+            s.name,
+            app_env_var(s.name),
+            s.meaning
+        ));
+    }
     out
 }
 
@@ -334,6 +389,15 @@ pub fn help_text() -> String {
         out.push_str(&format!(
             "  {} [{default}]{secret}\n      {meaning}\n",
             env_var(s.name)
+        ));
+    }
+    out.push_str("  In an [apps.<sdkappid>] table, each unset is the setting above:\n");
+    for s in APP_SETTINGS {
+        let secret = if s.secret { " (secret)" } else { "" };
+        out.push_str(&format!(
+            "  {}{secret}\n      {}\n",
+            app_env_var(s.name),
+            s.meaning.replace('`', "")
         ));
     }
     out
@@ -359,6 +423,13 @@ mod tests {
         let mut fields = config_fields();
         fields.sort();
         assert_eq!(documented, fields);
+        let mut app_documented: Vec<&str> = APP_SETTINGS.iter().map(|s| s.name).collect();
+        app_documented.sort();
+        let app_fields = match serde_json::to_value(crate::config::apps::AppSettings::default()) {
+            Ok(Value::Object(map)) => map.keys().cloned().collect::<Vec<_>>(),
+            _ => unreachable!("AppSettings serializes to an object"),
+        };
+        assert_eq!(app_documented, app_fields);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::broker::amqp::addresses;
+use crate::config::apps::Apps;
 use crate::decision::url_policy::TIC_VOD_HOSTS;
 use crate::decision::verify::{SignatureMode, TicKeys};
 use crate::tic::client::DEFAULT_API_BASE;
@@ -109,6 +110,7 @@ pub struct Config {
     pub watch_retry_secs: u64,
     pub watch_max_age_secs: u64,
     pub watch_callback_grace_secs: u64,
+    pub apps: Apps,
 }
 
 /// A secret as text, whatever the loader made of it: the environment form of
@@ -135,7 +137,7 @@ fn secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretString, D::Err
     Ok(SecretString::from(text))
 }
 
-fn optional_secret<'de, D: serde::Deserializer<'de>>(
+pub(crate) fn optional_secret<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Option<SecretString>, D::Error> {
     secret(d).map(Some)
@@ -238,6 +240,7 @@ impl Default for Config {
             watch_retry_secs: 60,
             watch_max_age_secs: 2 * 24 * 3600,
             watch_callback_grace_secs: 20 * 60,
+            apps: Apps::new(),
         }
     }
 }
@@ -375,8 +378,10 @@ impl Config {
             figment = figment.merge(Toml::file(file));
         }
         // LESSON_REPLAY_CONFIG names the file; LESSON_REPLAY_TEST_* belong to the tests.
+        // `__` nests: LESSON_REPLAY_APPS__1400000001__S3_BUCKET is apps.1400000001.s3_bucket.
         let env = Env::prefixed(ENV_PREFIX)
-            .filter(|key| key != "config" && !key.as_str().starts_with("test_"));
+            .filter(|key| key != "config" && !key.as_str().starts_with("test_"))
+            .split("__");
         figment = figment.merge(env);
         let config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;
@@ -390,7 +395,8 @@ impl Config {
         self.validate_counts()?;
         self.validate_addresses()?;
         self.validate_archive()?;
-        let keys = self.tic_keys.parse().map_err(ConfigError::Invalid)?;
+        self.validate_apps()?;
+        let keys = self.keys().map_err(ConfigError::Invalid)?;
         if self.signature == SignatureMode::Required && keys.is_empty() {
             return invalid("signature = required but no tic_keys are configured");
         }
@@ -568,6 +574,9 @@ impl Config {
         };
         let mut out = Vec::new();
         for (name, value) in values {
+            if name == "apps" {
+                continue;
+            }
             let text = match self.exposed_secret(&name) {
                 Some(exposed) => exposed.map(|text| quoted(&text)),
                 None => env_text(&value),
@@ -576,7 +585,19 @@ impl Config {
                 out.push((env_var(&name), text));
             }
         }
+        out.extend(self.apps_environment());
         out
+    }
+
+    /// Every TicKey: `tic_keys` and each app's `tic_key`.
+    pub fn keys(&self) -> Result<TicKeys, String> {
+        let mut keys = self.tic_keys.parse()?;
+        for (id, app) in &self.apps {
+            if let (Some(key), Ok(id)) = (&app.tic_key, id.trim().parse::<i64>()) {
+                keys.insert(id, key.clone());
+            }
+        }
+        Ok(keys)
     }
 
     /// The value of a secret setting (`Some(None)`: unset); `None` for a
@@ -596,12 +617,12 @@ impl Config {
 
 /// A string as the environment form of a setting: quoted, so that a value
 /// that looks like a number or a boolean (`2024`, `true`) stays a string.
-fn quoted(text: &str) -> String {
+pub(crate) fn quoted(text: &str) -> String {
     format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 /// A serialized setting as an environment variable's text; `None` when unset.
-fn env_text(value: &serde_json::Value) -> Option<String> {
+pub(crate) fn env_text(value: &serde_json::Value) -> Option<String> {
     use serde_json::Value;
     match value {
         Value::Null => None,

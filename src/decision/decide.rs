@@ -56,6 +56,18 @@ pub fn decide(body: &[u8], envelope: &Envelope, policy: &InputPolicy) -> Decisio
     }
 }
 
+/// The app a message is about, as its record will say it (the body's
+/// sdkappid, else the `x-tic-sdkappid` header); `None` when it names none or
+/// cannot be read — the decision then judges it. What the worker sorts
+/// messages into lanes by.
+pub fn app_of(body: &[u8], envelope: &Envelope, limits: &Limits) -> Option<i64> {
+    let announcement = decode(body, limits).ok()?;
+    match announcement.sdkappid {
+        Some(id) => Some(id),
+        None => header_sdkappid(envelope).ok().flatten(),
+    }
+}
+
 fn try_decide(
     body: &[u8],
     envelope: &Envelope,
@@ -206,6 +218,32 @@ mod tests {
             Decision::Reject(r) => assert_eq!(r.code, ReasonCode::SignatureExpired),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_app_of_a_message_is_the_one_its_record_gets() {
+        let limits = Limits::default();
+        let header = |id: &str| Envelope {
+            sdkappid: Some(id.into()),
+            ..Envelope::default()
+        };
+        // The body's app wins over the header's, as in the record.
+        let with_app = BODY.replacen('{', r#"{"sdkappid":1400000001,"#, 1);
+        assert_eq!(
+            app_of(with_app.as_bytes(), &header("1400000002"), &limits),
+            Some(1400000001)
+        );
+        let no_app = BODY;
+        assert_eq!(
+            app_of(no_app.as_bytes(), &header("1400000002"), &limits),
+            Some(1400000002)
+        );
+        assert_eq!(app_of(no_app.as_bytes(), &header("abc"), &limits), None);
+        assert_eq!(app_of(b"not json", &header("1400000002"), &limits), None);
+        assert_eq!(
+            app_of(no_app.as_bytes(), &Envelope::default(), &limits),
+            None
+        );
     }
 
     #[test]

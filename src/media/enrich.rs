@@ -3,10 +3,11 @@
 //! archiving, streamed into the bucket and probed on the way — and the record
 //! is updated with what was found.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use futures_util::StreamExt;
 
@@ -14,10 +15,83 @@ use crate::decision::normalize::Normalized;
 use crate::decision::reason::Rejection;
 use crate::decision::record::{Archive, Probe, Record, Track, Warning};
 use crate::decision::warning::WarningCode;
+use crate::media::archive::budget::PartBudget;
 use crate::media::archive::{ArchiveSettings, Archiver, transfer};
 use crate::media::fetch::{Download, FetchError, FetchSettings, Fetcher};
 use crate::media::s3_error::S3Error;
 use crate::telemetry::metrics::{Metrics, Stage};
+
+/// Where each app's lessons are archived: the default destination and one
+/// per app with a table of its own, every one drawing its part buffers from
+/// the worker's one memory budget.
+struct Destinations {
+    default: Option<Archiver>,
+    apps: HashMap<i64, Option<Archiver>>,
+}
+
+impl Destinations {
+    /// Build each destination. The default one is checked and stops the
+    /// worker when unusable (as it always has); an app's is checked too, but
+    /// a failure only warns: that app's lessons are parked with the store's
+    /// reason while every other app is served.
+    async fn new(settings: &MediaSettings, metrics: &Metrics) -> Result<Destinations, S3Error> {
+        let mut budget = None;
+        let mut build = async |archive: &ArchiveSettings, app: Option<i64>| {
+            let shared = budget
+                .get_or_insert_with(|| {
+                    PartBudget::new(
+                        archive.part_size,
+                        archive.memory_bytes,
+                        Some(metrics.clone()),
+                    )
+                })
+                .clone();
+            Archiver::for_app(archive, metrics.clone(), shared, app).await
+        };
+        let default = match &settings.archive {
+            Some(archive) => {
+                let archiver = build(archive, None).await;
+                archiver.check().await?;
+                info!(bucket = archiver.bucket(), "archiving to S3");
+                Some(archiver)
+            }
+            None => None,
+        };
+        let mut apps = HashMap::new();
+        for (app, archive) in &settings.apps {
+            let archiver = match archive {
+                Some(archive) => {
+                    let archiver = build(archive, Some(*app)).await;
+                    match archiver.check().await {
+                        Ok(()) => info!(
+                            sdkappid = app,
+                            bucket = archiver.bucket(),
+                            "app archives to S3"
+                        ),
+                        Err(e) => error!(sdkappid = app, bucket = archiver.bucket(), error = %e,
+                            "the app's bucket is not usable: its lessons are parked until it is (docs/operations.md)"),
+                    }
+                    Some(archiver)
+                }
+                None => None,
+            };
+            apps.insert(*app, archiver);
+        }
+        Ok(Destinations { default, apps })
+    }
+
+    /// The destination of app `sdkappid`'s lessons (`None`: not archived).
+    fn of(&self, sdkappid: Option<i64>) -> Option<&Archiver> {
+        match sdkappid.and_then(|app| self.apps.get(&app)) {
+            Some(own) => own.as_ref(),
+            None => self.default.as_ref(),
+        }
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Archiver> {
+        self.default.iter().chain(self.apps.values().flatten())
+    }
+}
 
 /// Tracks of one recording probed at once.
 const PARALLEL_PROBES: usize = 4;
@@ -44,8 +118,12 @@ enum Copied {
 #[derive(Debug, Clone)]
 pub struct MediaSettings {
     pub fetch: FetchSettings,
-    /// `None`: archiving is off.
+    /// The default destination (apps without a table of their own, messages
+    /// without an app); `None`: archiving is off for them.
     pub archive: Option<ArchiveSettings>,
+    /// Each app with a table of its own, and its destination (`None`: that
+    /// app does not archive).
+    pub apps: Vec<(i64, Option<ArchiveSettings>)>,
     /// Probe every track's MP4 for its real duration and picture size.
     pub probe: bool,
     /// Tracks of one lesson archived side by side.
@@ -67,7 +145,7 @@ pub enum MediaError {
 
 pub struct Media {
     fetcher: Fetcher,
-    archiver: Option<Archiver>,
+    destinations: Destinations,
     probe: bool,
     parallel_tracks: usize,
     attempts: usize,
@@ -80,19 +158,11 @@ impl Media {
     /// Build from the settings and check the bucket once: a wrong bucket or
     /// wrong credentials stop the worker at start-up with a clear message.
     pub async fn new(settings: MediaSettings, metrics: Metrics) -> Result<Media, MediaError> {
+        let destinations = Destinations::new(&settings, &metrics).await?;
         let fetcher = Fetcher::new(settings.fetch, metrics.clone())?;
-        let archiver = match &settings.archive {
-            Some(archive) => {
-                let archiver = Archiver::new(archive, metrics.clone()).await;
-                archiver.check().await?;
-                info!(bucket = archiver.bucket(), "archiving to S3");
-                Some(archiver)
-            }
-            None => None,
-        };
         Ok(Media {
             fetcher,
-            archiver,
+            destinations,
             probe: settings.probe,
             parallel_tracks: settings.parallel_tracks.max(1),
             attempts: settings.attempts,
@@ -113,16 +183,15 @@ impl Media {
 
     /// Wait (at most `limit`) for uploads cut short to be aborted.
     pub async fn wait_for_cleanup(&self, limit: Duration) {
-        if let Some(archiver) = &self.archiver {
-            archiver.wait_for_cleanup(limit).await;
-        }
+        let waits = self.destinations.all().map(|a| a.wait_for_cleanup(limit));
+        futures_util::future::join_all(waits).await;
     }
 
     /// Whether the lesson of `record` already has its record, as far as this
     /// worker can know: its `manifest.json` is in the archive. `None` without
     /// archiving, or when the store cannot say.
     pub async fn recorded(&self, record: &Record) -> Option<bool> {
-        let archiver = self.archiver.as_ref()?;
+        let archiver = self.destinations.of(record.sdkappid)?;
         let key = archiver.manifest_key(record);
         match archiver.exists(&key).await {
             Ok(found) => Some(found),
@@ -137,13 +206,14 @@ impl Media {
     pub async fn enrich(&self, normalized: &mut Normalized) -> Result<(), Rejection> {
         // The decision has refused URLs the policy forbids; the fetcher
         // checks each again before every request and redirect hop.
-        if self.archiver.is_none() && !self.probe {
+        let archiver = self.destinations.of(normalized.record.sdkappid);
+        if archiver.is_none() && !self.probe {
             return Ok(());
         }
         // The tracks of one recording are checked side by side: probes, or
         // archives within the worker's memory budget of part buffers.
         let tracks = normalized.record.tracks.clone();
-        let checked: Vec<Result<Checked, FetchError>> = match &self.archiver {
+        let checked: Vec<Result<Checked, FetchError>> = match archiver {
             Some(archiver) => {
                 let stage = self.metrics.stage_timer(Stage::Archive);
                 let out = self
@@ -190,7 +260,7 @@ impl Media {
             }
         }
         normalized.relayout();
-        if let Some(archiver) = &self.archiver {
+        if let Some(archiver) = archiver {
             let put = || archiver.put_manifest(&normalized.record);
             let key = put
                 .retry(self.backoff())

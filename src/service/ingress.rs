@@ -79,7 +79,7 @@ impl IngressSettings {
         IngressSettings {
             path: config.ingress_path.clone(),
             signature: config.ingress_signature,
-            keys: config.tic_keys.parse().unwrap_or_default(),
+            keys: config.keys().unwrap_or_default(),
             max_body_bytes: config.max_body_bytes,
             publish_timeout: Duration::from_millis(config.ingress_publish_timeout_ms),
             request_timeout: Duration::from_millis(config.ingress_request_timeout_ms),

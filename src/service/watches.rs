@@ -45,7 +45,7 @@ impl Watcher {
     /// One client per app of `tic_keys`.
     pub fn from_config(config: &Config, metrics: Metrics) -> Result<Watcher, TicError> {
         let mut clients = HashMap::new();
-        let keys = config.tic_keys.parse().unwrap_or_default();
+        let keys = config.keys().unwrap_or_default();
         for app in keys.ids() {
             // validate() has checked the settings; an app listed has its key.
             if let Ok(settings) = config.tic_settings(Some(app)) {

@@ -36,8 +36,9 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::broker::amqp::{self, BrokerSettings, DeclareError, PublishError};
 use crate::broker::headers::{self, header_text, set_header};
 use crate::broker::retry::{self, RetryPolicy, RetryStep};
+use crate::broker::topology;
 use crate::config::settings::Config;
-use crate::decision::decide::{Decision, InputPolicy, decide};
+use crate::decision::decide::{Decision, InputPolicy, app_of, decide};
 use crate::decision::normalize::Normalized;
 use crate::decision::reason::{ReasonCode, Rejection};
 use crate::decision::record::Record;
@@ -94,6 +95,8 @@ struct Context {
     publisher: Channel,
     /// Cancelled when the grace period is over: handlers stop where they are.
     abort: CancellationToken,
+    /// The apps with a lane of their own.
+    lanes: Arc<Vec<i64>>,
 }
 
 /// Everything that outlives a broker session.
@@ -127,6 +130,7 @@ pub async fn run(
     let watcher = Watcher::from_config(&config, metrics.clone())?;
     metrics.set_concurrency(config.concurrency);
     metrics.expect_tiers(&config.retry_policy().tiers);
+    metrics.expect_apps(&config.app_ids());
     let shared = Shared {
         hooks,
         watcher: Arc::new(watcher),
@@ -228,40 +232,40 @@ async fn session(shared: &Shared, connected: impl FnOnce()) -> Result<(), Worker
         return Err(e.into());
     }
     let consumer_channel = connection.create_channel().await?;
-    consumer_channel
-        .basic_qos(config.concurrency, BasicQosOptions::default())
-        .await?;
     let publisher = amqp::confirm_channel(&connection).await?;
     let consumer_tag = format!("lesson-replay-{}", std::process::id());
-    let mut deliveries = consumer_channel
-        .basic_consume(
-            config.work_queue.as_str().into(),
-            consumer_tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    // Due watches: a consumer of their own on the same channel, with a
-    // prefetch of its own (RabbitMQ applies it per consumer).
-    consumer_channel
-        .basic_qos(
-            watch_prefetch(config.concurrency),
-            BasicQosOptions::default(),
-        )
-        .await?;
-    let watch_queue = due_queue(&config.work_queue);
-    let watch_tag = format!("{consumer_tag}-watches");
-    let mut watches = consumer_channel
-        .basic_consume(
-            watch_queue.as_str().into(),
-            watch_tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    // Every queue this worker consumes, each with a prefetch of its own
+    // (RabbitMQ applies `basic_qos` to the consumers created after it).
+    let mut consumers = Vec::new();
+    let mut tags = Vec::new();
+    for (n, (queue, prefetch, kind)) in consumed(config).into_iter().enumerate() {
+        consumer_channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let tag = format!("{consumer_tag}-{n}");
+        let consumer = consumer_channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        info!(%queue, prefetch, "consuming");
+        tags.push(tag);
+        // A consumer's end is an item too: the broker cancelled it.
+        let ended = futures_util::stream::once(async move { None });
+        consumers.push(
+            consumer
+                .map(Some)
+                .chain(ended)
+                .map(move |next| (kind, queue.clone(), next))
+                .boxed(),
+        );
+    }
+    let mut deliveries = futures_util::stream::select_all(consumers);
     shared.health.set_ready(true, &shared.metrics);
     connected();
-    info!(queue = %config.work_queue, concurrency = config.concurrency, "consuming");
 
     let context = Arc::new(Context {
         hooks: shared.hooks.clone(),
@@ -273,23 +277,21 @@ async fn session(shared: &Shared, connected: impl FnOnce()) -> Result<(), Worker
         metrics: shared.metrics.clone(),
         publisher: publisher.clone(),
         abort: shared.abort.clone(),
+        lanes: Arc::new(config.app_ids()),
     });
     loop {
         tokio::select! {
             () = shared.stop.cancelled() => break,
             next = deliveries.next() => match next {
-                Some(Ok(delivery)) => {
-                    shared.handlers.spawn(handle_delivery(context.clone(), delivery, Kind::Message));
+                Some((Kind::Sort, _, Some(Ok(delivery)))) => {
+                    shared.handlers.spawn(sort(context.clone(), delivery));
                 }
-                Some(Err(e)) => return Err(WorkerError::Broker(e)),
+                Some((kind, _, Some(Ok(delivery)))) => {
+                    shared.handlers.spawn(handle_delivery(context.clone(), delivery, kind));
+                }
+                Some((_, _, Some(Err(e)))) => return Err(WorkerError::Broker(e)),
+                Some((_, queue, None)) => return Err(WorkerError::ConsumerCancelled(queue)),
                 None => return Err(WorkerError::ConsumerCancelled(config.work_queue.clone())),
-            },
-            next = watches.next() => match next {
-                Some(Ok(delivery)) => {
-                    shared.handlers.spawn(handle_delivery(context.clone(), delivery, Kind::Watch));
-                }
-                Some(Err(e)) => return Err(WorkerError::Broker(e)),
-                None => return Err(WorkerError::ConsumerCancelled(watch_queue.clone())),
             },
         }
     }
@@ -297,7 +299,7 @@ async fn session(shared: &Shared, connected: impl FnOnce()) -> Result<(), Worker
     info!("stopping: cancelling the consumer");
     shared.health.set_ready(false, &shared.metrics);
     let mut cancelled = Ok(());
-    for tag in [&consumer_tag, &watch_tag] {
+    for tag in &tags {
         let done = consumer_channel
             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
             .await;
@@ -311,6 +313,37 @@ async fn session(shared: &Shared, connected: impl FnOnce()) -> Result<(), Worker
     close(&connection, [&consumer_channel, &publisher]).await;
     info!("stopped");
     Ok(())
+}
+
+/// The queues a worker consumes, each with its prefetch and what its
+/// deliveries are. Without apps: the work queue, processed. With apps: the
+/// work queue only sorts ([`sort`]) into the lanes — one per app with a
+/// table, one for every other app — and each lane is processed with a
+/// prefetch of its own, so one app's backlog never holds another's lessons.
+/// And the due watches, always.
+fn consumed(config: &Config) -> Vec<(String, u16, Kind)> {
+    let topology = &config.broker_settings().topology;
+    let lanes = topology::lanes(topology);
+    let mut queues = Vec::new();
+    if lanes.is_empty() {
+        queues.push((
+            config.work_queue.clone(),
+            config.concurrency,
+            Kind::Message { app: None },
+        ));
+    } else {
+        queues.push((config.work_queue.clone(), config.concurrency, Kind::Sort));
+        for (app, queue) in lanes {
+            let prefetch = config.resolved(app).concurrency;
+            queues.push((queue, prefetch, Kind::Message { app }));
+        }
+    }
+    queues.push((
+        due_queue(&config.work_queue),
+        watch_prefetch(config.concurrency),
+        Kind::Watch,
+    ));
+    queues
 }
 
 /// Due watches handled at once: a quarter of `concurrency`, at least one.
@@ -360,10 +393,46 @@ enum Outcome {
 /// Which queue a delivery came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    /// A TIC message from the work queue.
-    Message,
+    /// A TIC message to process: from the work queue (no apps configured) or
+    /// from the lane of `app` (`None`: the lane of every other app).
+    Message { app: Option<i64> },
+    /// A TIC message on the work queue, to sort into its app's lane.
+    Sort,
     /// A due watch.
     Watch,
+}
+
+/// Move a message from the work queue to its app's lane (confirmed), then
+/// acknowledge it; when the move fails, put it back. Only its app is read:
+/// the lane's consumer decides the rest, and parks what is bad.
+async fn sort(context: Arc<Context>, delivery: Delivery) {
+    let envelope = amqp::envelope_of(&delivery.properties);
+    let app = app_of(&delivery.data, &envelope, &context.policy.limits)
+        .filter(|app| context.lanes.contains(app));
+    let lane = topology::app_queue(&context.config.work_queue, app);
+    let moved = amqp::publish_confirmed(
+        &context.publisher,
+        "",
+        &lane,
+        &delivery.data,
+        delivery.properties.clone(),
+    )
+    .await;
+    let settled = match moved {
+        Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
+        Err(e) => {
+            error!(error = %e, %lane, "could not move the message to its lane: requeued");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            delivery.acker.nack(requeue).await
+        }
+    };
+    if let Err(e) = settled {
+        warn!(error = %e, "ack/nack failed (channel gone): the broker redelivers the message");
+    }
 }
 
 /// Decide what one delivery becomes, carry it out, and settle it with the
@@ -395,7 +464,9 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery, kind: Kind) 
         // A panic is a bug in one message's processing: caught, retried like a
         // transient failure, and the worker goes on.
         let processing = match kind {
-            Kind::Message => AssertUnwindSafe(process(&context, &delivery).boxed()).catch_unwind(),
+            Kind::Message { .. } | Kind::Sort => {
+                AssertUnwindSafe(process(&context, &delivery).boxed()).catch_unwind()
+            }
             Kind::Watch => {
                 AssertUnwindSafe(check_watch(&context, &delivery).boxed()).catch_unwind()
             }
@@ -427,6 +498,10 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery, kind: Kind) 
     let handling_state = Handling {
         started: Instant::now(),
         lesson: None,
+        app: match kind {
+            Kind::Message { app } => app,
+            Kind::Sort | Kind::Watch => None,
+        },
     };
     HANDLING
         .scope(RefCell::new(handling_state), handling.instrument(span))
@@ -441,16 +516,28 @@ struct Handling {
     /// `replay_id` and `task_id` as top-level fields, where log tools index
     /// them (JSON lines nest span fields).
     lesson: Option<(String, Option<String>)>,
+    /// Its app, once known (its lane's, then its record's): the per-app metrics' label.
+    app: Option<i64>,
 }
 
 tokio::task_local! {
     static HANDLING: RefCell<Handling>;
 }
 
-fn remember_lesson(replay_id: &str, task_id: Option<&str>) {
+fn remember_lesson(replay_id: &str, task_id: Option<&str>, app: Option<i64>) {
     let _ = HANDLING.try_with(|handling| {
-        handling.borrow_mut().lesson = Some((replay_id.to_owned(), task_id.map(str::to_owned)));
+        let mut handling = handling.borrow_mut();
+        handling.lesson = Some((replay_id.to_owned(), task_id.map(str::to_owned)));
+        handling.app = app.or(handling.app);
     });
+}
+
+/// The app of the delivery being handled, when known.
+fn lesson_app() -> Option<i64> {
+    HANDLING
+        .try_with(|handling| handling.borrow().app)
+        .ok()
+        .flatten()
 }
 
 /// The `replay_id` and `task_id` of the delivery being handled, when known.
@@ -517,7 +604,11 @@ async fn publish_normalized(
         task_id = record.task_id.as_deref(),
         sdkappid = record.sdkappid
     );
-    remember_lesson(&record.replay_id, record.task_id.as_deref());
+    remember_lesson(
+        &record.replay_id,
+        record.task_id.as_deref(),
+        record.sdkappid,
+    );
     match context.media.enrich(normalized).await {
         Ok(()) => {}
         Err(reason) if reason.code.is_transient() => return Outcome::Retry(reason),
@@ -545,9 +636,9 @@ async fn publish_normalized(
             );
             context.metrics.published();
             let now = now();
-            context
-                .metrics
-                .record_timing(message_age(delivery, now), freshness(record, now));
+            let age = message_age(delivery, now);
+            context.metrics.record_timing(age, freshness(record, now));
+            context.metrics.app_published(record.sdkappid, age);
             Outcome::Done
         }
         Err(e) => Outcome::Retry(Rejection::new(ReasonCode::PublishFailed, e.to_string())),
@@ -800,6 +891,7 @@ async fn retry_later(
             let (replay_id, task_id) = lesson_ids();
             warn!(replay_id, task_id, reason = %reason.code, delay_secs = delay.as_secs(), "retrying later: {}", reason.message);
             context.metrics.retried(reason.code, delay);
+            context.metrics.app_failed(lesson_app(), false, reason.code);
             Ok(())
         }
     }
@@ -822,7 +914,7 @@ async fn park_or_defer(
         return Ok(());
     };
     let queue = match kind {
-        Kind::Message => {
+        Kind::Message { .. } | Kind::Sort => {
             let shortest = context
                 .retry
                 .tiers
@@ -874,5 +966,6 @@ async fn park_message(
     let (replay_id, task_id) = lesson_ids();
     warn!(replay_id, task_id, reason = %reason.code, "parked: {}", reason.message);
     context.metrics.parked(reason.code);
+    context.metrics.app_failed(lesson_app(), true, reason.code);
     Ok(())
 }

@@ -182,7 +182,23 @@ pub struct Metrics {
     ingress_connected: IntGauge,
     ingress_connected_registered: Arc<std::sync::Once>,
     watches: IntCounterVec,
+    apps: AppSeries,
 }
+
+/// The series by app. The `app` label takes the sdkappids with a table of
+/// their own ([`Metrics::expect_apps`]) and `other` for every other app, so
+/// its values stay as bounded as the configuration.
+#[derive(Clone)]
+struct AppSeries {
+    known: Arc<std::sync::RwLock<Vec<i64>>>,
+    records: IntCounterVec,
+    failures: IntCounterVec,
+    uploaded: IntCounterVec,
+    wait: HistogramVec,
+}
+
+/// The `app` label of everything not configured.
+pub const OTHER_APP: &str = "other";
 
 /// An S3 operation, for its latency.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -549,6 +565,40 @@ impl Metrics {
                 "Time from a recording's end (its stop time) to its record being published.",
                 WAIT_BUCKETS,
             ),
+            apps: AppSeries {
+                known: Arc::default(),
+                records: counter_vec(
+                    &r,
+                    "lesson_replay_app_records_total",
+                    "Records published, by app (configured sdkappids, else other).",
+                    &["app"],
+                ),
+                failures: counter_vec(
+                    &r,
+                    "lesson_replay_app_failures_total",
+                    "Messages retried or parked, by app, outcome and reason code (archive_denied: the app's store refuses its credentials).",
+                    &["app", "outcome", "reason"],
+                ),
+                uploaded: counter_vec(
+                    &r,
+                    "lesson_replay_app_uploaded_bytes_total",
+                    "Bytes uploaded to each app's archive destination.",
+                    &["app"],
+                ),
+                wait: {
+                    let h = HistogramVec::new(
+                        HistogramOpts::new(
+                            "lesson_replay_app_lesson_wait_seconds",
+                            "Time from a message's arrival to its record being published, by app: what a backlog of another app would add to.",
+                        )
+                        .buckets(WAIT_BUCKETS.to_vec()),
+                        &["app"],
+                    )
+                    .expect("valid metric");
+                    r.register(Box::new(h.clone())).expect("unique metric");
+                    h
+                },
+            },
             registry: r,
         };
         for outcome in IngressOutcome::ALL {
@@ -613,6 +663,63 @@ impl Metrics {
             self.retries.with_label_values(&[label.as_str()]);
         }
         *self.tiers.write().unwrap_or_else(|e| e.into_inner()) = labels;
+    }
+
+    /// The apps with a table of their own: each is an `app` label value
+    /// from start-up (with `other`), every other app counts as `other`.
+    pub fn expect_apps(&self, apps: &[i64]) {
+        *self.apps.known.write().unwrap_or_else(|e| e.into_inner()) = apps.to_vec();
+        let labels = apps
+            .iter()
+            .map(i64::to_string)
+            .chain([OTHER_APP.to_owned()]);
+        for app in labels {
+            let app = app.as_str();
+            self.apps.records.with_label_values(&[app]);
+            self.apps.uploaded.with_label_values(&[app]);
+            self.apps.wait.with_label_values(&[app]);
+            for reason in [ReasonCode::ArchiveDenied, ReasonCode::ArchiveFailed] {
+                self.apps.failures.with_label_values(&[
+                    app,
+                    Outcome::Parked.as_str(),
+                    reason.as_str(),
+                ]);
+            }
+        }
+    }
+
+    /// The `app` label of `sdkappid`: itself when configured, else `other`.
+    pub fn app_label(&self, sdkappid: Option<i64>) -> String {
+        let known = self.apps.known.read().unwrap_or_else(|e| e.into_inner());
+        match sdkappid {
+            Some(app) if known.contains(&app) => app.to_string(),
+            _ => OTHER_APP.to_owned(),
+        }
+    }
+
+    /// App `sdkappid` had a record published, `wait` after its message arrived.
+    pub fn app_published(&self, sdkappid: Option<i64>, wait: Option<Duration>) {
+        let app = self.app_label(sdkappid);
+        self.apps.records.with_label_values(&[&app]).inc();
+        if let Some(wait) = wait {
+            self.apps
+                .wait
+                .with_label_values(&[&app])
+                .observe(wait.as_secs_f64());
+        }
+    }
+
+    /// A message of app `sdkappid` was retried (`parked` false) or parked.
+    pub fn app_failed(&self, sdkappid: Option<i64>, parked: bool, reason: ReasonCode) {
+        let outcome = if parked {
+            Outcome::Parked
+        } else {
+            Outcome::Retried
+        };
+        self.apps
+            .failures
+            .with_label_values(&[&self.app_label(sdkappid), outcome.as_str(), reason.as_str()])
+            .inc();
     }
 
     /// Time one S3 request.
@@ -696,9 +803,13 @@ impl Metrics {
         self.downloaded_bytes.inc_by(bytes);
     }
 
-    /// Bytes uploaded to the store.
-    pub fn uploaded(&self, bytes: u64) {
+    /// Bytes uploaded to the destination of app `sdkappid` (`None`: the default one).
+    pub fn uploaded(&self, sdkappid: Option<i64>, bytes: u64) {
         self.uploaded_bytes.inc_by(bytes);
+        self.apps
+            .uploaded
+            .with_label_values(&[&self.app_label(sdkappid)])
+            .inc_by(bytes);
     }
 
     /// Bytes of part buffers in use now.

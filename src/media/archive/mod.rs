@@ -124,8 +124,12 @@ pub struct Archiver {
     prefix: String,
     storage_class: Option<StorageClass>,
     sse: Option<ServerSideEncryption>,
-    /// Part buffers of every upload of the worker, within one budget.
+    /// Part buffers of every upload of the worker, within one budget (one
+    /// for every app's destination).
     budget: Arc<PartBudget>,
+    /// The app whose destination this is (`None`: the default), for the
+    /// per-app metrics.
+    app: Option<i64>,
     concurrency: usize,
     part_timeout: Duration,
     unsigned_payload: bool,
@@ -138,8 +142,25 @@ pub struct Archiver {
 }
 
 impl Archiver {
-    /// The archiver `settings` describe (no request is made: see [`Archiver::check`]).
+    /// The archiver `settings` describe, with a memory budget of its own (no
+    /// request is made: see [`Archiver::check`]).
     pub async fn new(settings: &ArchiveSettings, metrics: Metrics) -> Archiver {
+        let budget = PartBudget::new(
+            settings.part_size,
+            settings.memory_bytes,
+            Some(metrics.clone()),
+        );
+        Archiver::for_app(settings, metrics, budget, None).await
+    }
+
+    /// App `app`'s archiver (`None`: the default destination), its part
+    /// buffers drawn from `budget`, which every destination of the worker shares.
+    pub async fn for_app(
+        settings: &ArchiveSettings,
+        metrics: Metrics,
+        budget: Arc<PartBudget>,
+        app: Option<i64>,
+    ) -> Archiver {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(Region::new(settings.region.clone()));
         if let Some(endpoint) = &settings.endpoint {
@@ -171,11 +192,8 @@ impl Archiver {
             prefix: settings.prefix.trim_matches('/').to_owned(),
             storage_class: settings.storage_class.as_deref().map(StorageClass::from),
             sse: settings.sse.as_deref().map(ServerSideEncryption::from),
-            budget: PartBudget::new(
-                settings.part_size,
-                settings.memory_bytes,
-                Some(metrics.clone()),
-            ),
+            budget,
+            app,
             concurrency: settings.concurrency.max(1),
             part_timeout: settings.part_timeout,
             unsigned_payload: settings.unsigned_payload,
@@ -193,6 +211,16 @@ impl Archiver {
 
     pub fn bucket(&self) -> &str {
         &self.bucket
+    }
+
+    /// The app whose destination this is (`None`: the default).
+    pub fn app(&self) -> Option<i64> {
+        self.app
+    }
+
+    /// The memory budget of its part buffers, to share with other destinations.
+    pub fn budget(&self) -> Arc<PartBudget> {
+        self.budget.clone()
     }
 
     pub fn part_size(&self) -> usize {
@@ -284,15 +312,21 @@ impl Archiver {
         }
     }
 
-    /// A presigned GET of `key`, valid for `valid`: a private bucket's copy a
-    /// browser can play.
-    pub async fn presigned_get(&self, key: &str, valid: Duration) -> Result<String, S3Error> {
+    /// A presigned GET of `key` in `bucket` (where the record says the copy
+    /// is, on this destination's store), valid for `valid`: a private
+    /// bucket's copy a browser can play.
+    pub async fn presigned_get(
+        &self,
+        bucket: &str,
+        key: &str,
+        valid: Duration,
+    ) -> Result<String, S3Error> {
         let config = PresigningConfig::expires_in(valid)
             .map_err(|e| S3Error::protocol(format!("presigning {key}"), e.to_string()))?;
         let request = self
             .client
             .get_object()
-            .bucket(&self.bucket)
+            .bucket(bucket)
             .key(key)
             .presigned(config)
             .await

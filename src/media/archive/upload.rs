@@ -215,7 +215,7 @@ impl Upload {
             .timed(store.metrics.s3_timer(S3Op::UploadPart))
             .await
             .observed(&store.metrics, || format!("part {number} of {key}"))?;
-            store.metrics.uploaded(size);
+            store.metrics.uploaded(store.app, size);
             Ok(Uploaded {
                 part: CompletedPart::builder()
                     .part_number(number)
@@ -340,7 +340,7 @@ impl Upload {
         .timed(store.metrics.s3_timer(S3Op::Put))
         .await
         .observed(&store.metrics, || format!("PUT {}", self.key))?;
-        store.metrics.uploaded(size);
+        store.metrics.uploaded(store.app, size);
         Ok(store.archive(&self.key, size, md5, put.e_tag()))
     }
 

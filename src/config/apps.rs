@@ -1,0 +1,464 @@
+//! Per-app settings: one `[apps.<sdkappid>]` table per TIC app (or
+//! `LESSON_REPLAY_APPS__<SDKAPPID>__<FIELD>` in the environment, the form a
+//! Kubernetes Secret's keys take) holding what differs between apps — its
+//! TicKey, whether to archive, and where. A field left out is the top-level
+//! setting of the same name: the top level is the default of every app.
+//!
+//! One rule guards the credentials: an app that names a store of its own
+//! (`s3_endpoint`) and no credentials is refused, so the default
+//! credentials are never sent to another store.
+
+use std::collections::BTreeMap;
+
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::config::settings::{Config, ConfigError};
+
+/// What one app overrides. Every field is optional: unset, the top-level
+/// setting of the same name applies.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppSettings {
+    #[serde(
+        serialize_with = "redacted",
+        deserialize_with = "crate::config::settings::optional_secret"
+    )]
+    pub tic_key: Option<SecretString>,
+    pub archive: Option<bool>,
+    pub concurrency: Option<u16>,
+    pub s3_bucket: Option<String>,
+    pub s3_prefix: Option<String>,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+    pub s3_force_path_style: Option<bool>,
+    pub s3_storage_class: Option<String>,
+    pub s3_sse: Option<String>,
+    #[serde(
+        serialize_with = "redacted",
+        deserialize_with = "crate::config::settings::optional_secret"
+    )]
+    pub s3_access_key_id: Option<SecretString>,
+    #[serde(
+        serialize_with = "redacted",
+        deserialize_with = "crate::config::settings::optional_secret"
+    )]
+    pub s3_secret_access_key: Option<SecretString>,
+}
+
+fn redacted<S: Serializer>(secret: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    secret.as_ref().map(|_| "[REDACTED]").serialize(s)
+}
+
+/// The apps of the configuration, by sdkappid (the table's keys are text in
+/// TOML and in the environment; [`Config::validate`] checks each is an id).
+pub type Apps = BTreeMap<String, AppSettings>;
+
+/// One app's settings with the defaults filled in.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub archive: bool,
+    pub concurrency: u16,
+    pub s3_bucket: Option<String>,
+    pub s3_prefix: String,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: String,
+    pub s3_force_path_style: bool,
+    pub s3_storage_class: Option<String>,
+    pub s3_sse: Option<String>,
+    pub credentials: Option<(SecretString, SecretString)>,
+}
+
+impl Config {
+    /// The sdkappids with a table of their own, in order.
+    pub fn app_ids(&self) -> Vec<i64> {
+        self.apps.keys().filter_map(|id| parse_id(id)).collect()
+    }
+
+    /// The settings of app `sdkappid` (`None`: the default, for apps without
+    /// a table and messages without an app).
+    pub fn resolved(&self, sdkappid: Option<i64>) -> Resolved {
+        let app = sdkappid.and_then(|id| self.apps.get(&id.to_string()));
+        let own = |f: fn(&AppSettings) -> Option<String>| app.and_then(f);
+        let credentials = match app {
+            Some(AppSettings {
+                s3_access_key_id: Some(id),
+                s3_secret_access_key: Some(secret),
+                ..
+            }) => Some((id.clone(), secret.clone())),
+            _ => self
+                .s3_access_key_id
+                .clone()
+                .zip(self.s3_secret_access_key.clone()),
+        };
+        Resolved {
+            archive: app.and_then(|a| a.archive).unwrap_or(self.archive),
+            concurrency: app.and_then(|a| a.concurrency).unwrap_or(self.concurrency),
+            s3_bucket: own(|a| a.s3_bucket.clone()).or_else(|| self.s3_bucket.clone()),
+            s3_prefix: own(|a| a.s3_prefix.clone()).unwrap_or_else(|| self.s3_prefix.clone()),
+            s3_endpoint: own(|a| a.s3_endpoint.clone()).or_else(|| self.s3_endpoint.clone()),
+            s3_region: own(|a| a.s3_region.clone()).unwrap_or_else(|| self.s3_region.clone()),
+            s3_force_path_style: app
+                .and_then(|a| a.s3_force_path_style)
+                .unwrap_or(self.s3_force_path_style),
+            s3_storage_class: own(|a| a.s3_storage_class.clone())
+                .or_else(|| self.s3_storage_class.clone()),
+            s3_sse: own(|a| a.s3_sse.clone()).or_else(|| self.s3_sse.clone()),
+            credentials,
+        }
+    }
+
+    /// Each app's table, checked: its id, its fields, its destination.
+    /// Messages name the app and the field, never a secret's value.
+    pub(crate) fn validate_apps(&self) -> Result<(), ConfigError> {
+        for (id, app) in &self.apps {
+            let Some(sdkappid) = parse_id(id) else {
+                return invalid(format!(
+                    "apps.{}: the table's name must be an sdkappid (a positive integer)",
+                    printable(id)
+                ));
+            };
+            let field = |name: &str| format!("apps.{sdkappid}.{name}");
+            if app.concurrency == Some(0) {
+                return invalid(format!("{} must be at least 1", field("concurrency")));
+            }
+            if app.s3_access_key_id.is_some() != app.s3_secret_access_key.is_some() {
+                return invalid(format!(
+                    "set both {} and {}, or neither",
+                    field("s3_access_key_id"),
+                    field("s3_secret_access_key")
+                ));
+            }
+            if let Some(endpoint) = &app.s3_endpoint {
+                if !matches!(url::Url::parse(endpoint), Ok(u) if matches!(u.scheme(), "http" | "https"))
+                {
+                    return invalid(format!(
+                        "{} {endpoint:?} is not an http(s) URL",
+                        field("s3_endpoint")
+                    ));
+                }
+                // The default credentials belong to the default store.
+                let default_creds = self.s3_access_key_id.is_some();
+                let own_creds = app.s3_access_key_id.is_some();
+                if default_creds && !own_creds && Some(endpoint) != self.s3_endpoint.as_ref() {
+                    return invalid(format!(
+                        "{} names a store of its own but the app has no credentials: set {} and \
+                         {} (the default credentials are never sent to another store)",
+                        field("s3_endpoint"),
+                        field("s3_access_key_id"),
+                        field("s3_secret_access_key")
+                    ));
+                }
+            }
+            for (name, value) in [("s3_bucket", &app.s3_bucket), ("s3_region", &app.s3_region)] {
+                if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                    return invalid(format!("{} is empty", field(name)));
+                }
+            }
+            let resolved = self.resolved(Some(sdkappid));
+            if resolved.archive && resolved.s3_bucket.as_deref().is_none_or(str::is_empty) {
+                return invalid(format!(
+                    "{} is on but the app has no bucket: set {} (or s3_bucket)",
+                    field("archive"),
+                    field("s3_bucket")
+                ));
+            }
+            if let (Some(own), Ok(keys)) = (&app.tic_key, self.tic_keys.parse())
+                && let Some(listed) = keys.get(sdkappid)
+            {
+                use secrecy::ExposeSecret;
+                if own.expose_secret() != listed.expose_secret() {
+                    return invalid(format!(
+                        "{} and tic_keys give app {sdkappid} two different TicKeys: keep one",
+                        field("tic_key")
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The environment form of every app's settings, secrets included
+    /// (for [`Config::to_environment`]).
+    pub(crate) fn apps_environment(&self) -> Vec<(String, String)> {
+        use secrecy::ExposeSecret;
+        let mut out = Vec::new();
+        for (id, app) in &self.apps {
+            let var = |field: &str| {
+                format!(
+                    "{}APPS__{id}__{}",
+                    crate::config::settings::ENV_PREFIX,
+                    field.to_ascii_uppercase()
+                )
+            };
+            let Ok(serde_json::Value::Object(values)) = serde_json::to_value(app) else {
+                unreachable!("AppSettings serializes to an object");
+            };
+            for (name, value) in values {
+                let secret = match name.as_str() {
+                    "tic_key" => Some(&app.tic_key),
+                    "s3_access_key_id" => Some(&app.s3_access_key_id),
+                    "s3_secret_access_key" => Some(&app.s3_secret_access_key),
+                    _ => None,
+                };
+                let text = match secret {
+                    Some(s) => s
+                        .as_ref()
+                        .map(|s| crate::config::settings::quoted(s.expose_secret())),
+                    None => crate::config::settings::env_text(&value),
+                };
+                if let Some(text) = text {
+                    out.push((var(&name), text));
+                }
+            }
+            if values_empty(app) {
+                // An app with a table and nothing in it still has a lane.
+                out.push((
+                    var("archive"),
+                    self.resolved(parse_id(id)).archive.to_string(),
+                ));
+            }
+        }
+        out
+    }
+}
+
+fn values_empty(app: &AppSettings) -> bool {
+    matches!(serde_json::to_value(app), Ok(serde_json::Value::Object(m)) if m.values().all(serde_json::Value::is_null))
+}
+
+fn parse_id(id: &str) -> Option<i64> {
+    id.trim().parse().ok().filter(|id: &i64| *id > 0)
+}
+
+/// A table name as an error may show it: short, printable.
+fn printable(text: &str) -> String {
+    text.chars()
+        .take(40)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+fn invalid<T>(why: String) -> Result<T, ConfigError> {
+    Err(ConfigError::Invalid(why))
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error.
+mod tests {
+    use std::path::Path;
+
+    use secrecy::ExposeSecret;
+
+    use super::*;
+
+    const TWO_APPS: &str = r#"
+archive = true
+s3_bucket = "school-default"
+s3_endpoint = "http://store-a:9000"
+s3_access_key_id = "DEFAULTID"
+s3_secret_access_key = "DEFAULTSECRET"
+concurrency = 8
+
+[tic_keys]
+1400000001 = "KEYONE"
+
+[apps.1400000001]
+s3_bucket = "school-one"
+s3_prefix = "replays"
+
+[apps.1400000002]
+tic_key = "KEYTWO"
+s3_endpoint = "http://store-b:5000"
+s3_bucket = "school-two"
+s3_access_key_id = "TWOID"
+s3_secret_access_key = "TWOSECRET"
+s3_sse = "AES256"
+concurrency = 2
+"#;
+
+    #[test]
+    fn an_app_table_overrides_what_it_names_and_inherits_the_rest() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("apps.toml", TWO_APPS)?;
+            let config = Config::load(Some(Path::new("apps.toml"))).expect("loads");
+            assert_eq!(config.app_ids(), [1400000001, 1400000002]);
+            let one = config.resolved(Some(1400000001));
+            assert_eq!(one.s3_bucket.as_deref(), Some("school-one"));
+            assert_eq!(one.s3_prefix, "replays");
+            // Same store as the default: its credentials too.
+            assert_eq!(one.s3_endpoint.as_deref(), Some("http://store-a:9000"));
+            let (id, _) = one.credentials.expect("inherited");
+            assert_eq!(id.expose_secret(), "DEFAULTID");
+            assert_eq!(one.concurrency, 8);
+            let two = config.resolved(Some(1400000002));
+            assert_eq!(two.s3_endpoint.as_deref(), Some("http://store-b:5000"));
+            let (id, secret) = two.credentials.expect("its own");
+            assert_eq!(
+                (id.expose_secret(), secret.expose_secret()),
+                ("TWOID", "TWOSECRET")
+            );
+            assert_eq!(two.s3_sse.as_deref(), Some("AES256"));
+            assert_eq!(two.concurrency, 2);
+            // Apps without a table, and messages without an app: the default.
+            for other in [Some(1400000003), None] {
+                let default = config.resolved(other);
+                assert_eq!(default.s3_bucket.as_deref(), Some("school-default"));
+                assert_eq!(default.s3_prefix, "lesson-replay");
+            }
+            // Each app's destination, as the worker builds it.
+            let media = config.media_settings();
+            let buckets: Vec<_> = media
+                .apps
+                .iter()
+                .map(|(app, a)| (*app, a.as_ref().map(|a| a.bucket.clone())))
+                .collect();
+            assert_eq!(
+                buckets,
+                [
+                    (1400000001, Some("school-one".to_owned())),
+                    (1400000002, Some("school-two".to_owned()))
+                ]
+            );
+            // Both TicKeys sign and query, from either place.
+            let keys = config.keys().unwrap();
+            assert_eq!(keys.get(1400000002).unwrap().expose_secret(), "KEYTWO");
+            assert_eq!(keys.get(1400000001).unwrap().expose_secret(), "KEYONE");
+            assert_eq!(
+                config.tic_settings(Some(1400000002)).unwrap().sdkappid,
+                1400000002
+            );
+            // Three buckets, each once.
+            assert_eq!(config.destinations().len(), 3);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_environment_form_sets_an_app_as_a_secret_s_keys_would() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("LESSON_REPLAY_ARCHIVE", "false");
+            jail.set_env("LESSON_REPLAY_APPS__1400000002__ARCHIVE", "true");
+            jail.set_env("LESSON_REPLAY_APPS__1400000002__S3_BUCKET", "school-two");
+            jail.set_env("LESSON_REPLAY_APPS__1400000002__TIC_KEY", "123456");
+            jail.set_env("LESSON_REPLAY_APPS__1400000002__S3_ACCESS_KEY_ID", "2024");
+            jail.set_env(
+                "LESSON_REPLAY_APPS__1400000002__S3_SECRET_ACCESS_KEY",
+                "s3cr3t",
+            );
+            let config = Config::load(None).expect("loads");
+            let two = config.resolved(Some(1400000002));
+            assert!(two.archive && !config.resolved(None).archive);
+            assert_eq!(two.s3_bucket.as_deref(), Some("school-two"));
+            // All-digit secrets stay text.
+            let (id, _) = two.credentials.unwrap();
+            assert_eq!(id.expose_secret(), "2024");
+            assert_eq!(
+                config
+                    .keys()
+                    .unwrap()
+                    .get(1400000002)
+                    .unwrap()
+                    .expose_secret(),
+                "123456"
+            );
+            // And back: the environment a parent hands a child gives the same.
+            let env = config.to_environment();
+            jail.clear_env();
+            for (name, value) in &env {
+                jail.set_env(name, value);
+            }
+            let again = Config::load(None).expect("loads again");
+            assert_eq!(
+                serde_json::to_value(&again).unwrap(),
+                serde_json::to_value(&config).unwrap()
+            );
+            assert_eq!(
+                again
+                    .keys()
+                    .unwrap()
+                    .get(1400000002)
+                    .unwrap()
+                    .expose_secret(),
+                "123456"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn app_secrets_stay_out_of_what_is_shown() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("apps.toml", TWO_APPS)?;
+            let config = Config::load(Some(Path::new("apps.toml"))).expect("loads");
+            let shown = [
+                format!("{config:?}"),
+                serde_json::to_string(&config).unwrap(),
+            ];
+            for text in &shown {
+                for secret in ["KEYTWO", "TWOID", "TWOSECRET", "DEFAULTSECRET", "KEYONE"] {
+                    assert!(!text.contains(secret), "{secret} in {text}");
+                }
+            }
+            assert!(
+                shown[1].contains(r#""s3_bucket":"school-two""#),
+                "{}",
+                shown[1]
+            );
+            Ok(())
+        });
+    }
+
+    /// The error of loading `toml`.
+    fn refused(toml: &str) -> String {
+        let mut message = String::new();
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", toml)?;
+            message = Config::load(Some(Path::new("bad.toml")))
+                .expect_err(toml)
+                .to_string();
+            Ok(())
+        });
+        message
+    }
+
+    #[test]
+    fn a_bad_table_is_refused_naming_the_app_and_the_field_never_a_secret() {
+        let cases = [
+            ("[apps.school]\narchive = true\n", "apps.school"),
+            ("[apps.1400000001]\ns3_buckett = \"b\"\n", "s3_buckett"),
+            (
+                "[apps.1400000001]\narchive = true\n",
+                "apps.1400000001.archive",
+            ),
+            (
+                "[apps.1400000001]\nconcurrency = 0\n",
+                "apps.1400000001.concurrency",
+            ),
+            (
+                "[apps.1400000001]\ns3_access_key_id = \"HALFSECRET\"\n",
+                "apps.1400000001.s3_access_key_id",
+            ),
+            (
+                "[apps.1400000001]\ns3_endpoint = \"store:9000\"\n",
+                "apps.1400000001.s3_endpoint",
+            ),
+            (
+                "s3_access_key_id = \"DEFAULTID\"\ns3_secret_access_key = \"DEFAULTSECRET\"\n\
+                 [apps.1400000001]\ns3_endpoint = \"https://elsewhere.example\"\n",
+                "the default credentials are never sent to another store",
+            ),
+            (
+                "[tic_keys]\n1400000001 = \"LISTEDKEY\"\n[apps.1400000001]\ntic_key = \"OTHERKEY\"\n",
+                "apps.1400000001.tic_key",
+            ),
+        ];
+        for (toml, named) in cases {
+            let error = refused(toml);
+            assert!(error.contains(named), "{toml}: {error}");
+            for secret in ["HALFSECRET", "DEFAULTSECRET", "LISTEDKEY", "OTHERKEY"] {
+                assert!(!error.contains(secret), "{secret} in {error}");
+            }
+        }
+    }
+}
