@@ -39,6 +39,9 @@ pub(crate) struct Plan {
     pub(crate) wan_file_bytes: u64,
     pub(crate) wan_track_bytes: u64,
     pub(crate) wan_check_bytes: u64,
+    /// Scenario A: app A's lessons and each one's file size, app B's
+    /// lessons and each one's file size.
+    pub(crate) fairness: (usize, u64, usize, u64),
 }
 
 impl Plan {
@@ -59,6 +62,7 @@ impl Plan {
             wan_file_bytes: 512 * MIB,
             wan_track_bytes: 256 * MIB,
             wan_check_bytes: 64 * MIB,
+            fairness: (200, 24 * MIB, 10, MIB),
         }
     }
 
@@ -79,6 +83,7 @@ impl Plan {
             wan_file_bytes: 12 * MIB,
             wan_track_bytes: 6 * MIB,
             wan_check_bytes: 8 * MIB,
+            fairness: (12, 6 * MIB, 3, MIB),
         }
     }
 }

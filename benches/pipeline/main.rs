@@ -12,7 +12,10 @@
 //! 7. TIC callbacks through the ingress at 64 concurrent clients vs the
 //!    broker's bare publish-confirm rate from one process ([`ingress`]);
 //! 8. the worker at the sizing model's peak, 4.6 recordings/s: its CPU per
-//!    record there, idle time included ([`latency`]).
+//!    record there, idle time included ([`latency`]);
+//! 9. archiving over a WAN against `rclone copyurl` ([`wan`]);
+//! A. fairness between apps: app B's lesson wait during app A's backlog
+//!    against an idle worker, and A's throughput against A alone ([`fairness`]).
 //!
 //! Writes `target/bench/summary.json` and prints a table ([`report`]).
 //! `--smoke` runs tiny sizes (CI), so the benchmark cannot rot; there, a missed
@@ -22,6 +25,7 @@
 mod common;
 
 mod archive;
+mod fairness;
 mod harness;
 mod ingress;
 mod latency;
@@ -60,7 +64,8 @@ async fn main() {
         plan.archive_files,
         plan.archive_file_bytes / MIB
     );
-    // BENCH_ONLY=2,3 runs some scenarios only (for profiling); the others report 0.
+    // BENCH_ONLY=2,3 runs some scenarios only (for profiling); the others
+    // report 0. Scenario A is `a`.
     let only = std::env::var("BENCH_ONLY").ok();
     let wanted = |n: char| only.as_deref().is_none_or(|o| o.contains(n));
     let mut results = Results::default();
@@ -120,6 +125,10 @@ async fn main() {
     if wanted('9') {
         eprintln!("9. archive over a WAN ...");
         results.wan = wan::run(&plan, &origin).await;
+    }
+    if wanted('a') {
+        eprintln!("A. fairness between apps ...");
+        results.fairness = fairness::run(&plan, &origin).await;
     }
     let missed = report::write(&plan, smoke, &results);
     if smoke && !missed.is_empty() {

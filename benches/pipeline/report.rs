@@ -52,6 +52,7 @@ pub(crate) struct Results {
     pub(crate) model_p99_ms: f64,
     /// Scenario 9: archiving over a WAN, and the proxy's self-check.
     pub(crate) wan: crate::wan::WanResults,
+    pub(crate) fairness: crate::fairness::FairnessResults,
 }
 
 impl Results {
@@ -158,6 +159,16 @@ pub(crate) fn write(plan: &Plan, smoke: bool, r: &Results) -> Vec<&'static str> 
         "wan_proxy_all_connections_ge_0_9_t".into(),
         json!(reaches(check.all_up_mb_per_s, link.total)),
     );
+    // Scenario A: B's lessons during A's backlog, A's throughput with B.
+    let fair = &r.fairness;
+    targets.insert(
+        "apps_b_p90_wait_le_2x_idle".into(),
+        json!(fair.b_p90_within_2x()),
+    );
+    targets.insert(
+        "apps_a_throughput_ge_0_9".into(),
+        json!(fair.a_throughput_ratio() >= 0.9),
+    );
     for (name, met) in &bounds {
         targets.insert((*name).into(), json!(met));
     }
@@ -219,6 +230,7 @@ pub(crate) fn write(plan: &Plan, smoke: bool, r: &Results) -> Vec<&'static str> 
         "unprobed_machine_busy": round(r.unprobed_machine_busy, 2),
     });
     summary["wan"] = crate::wan::summary(&r.wan);
+    summary["fairness"] = crate::fairness::summary(&r.fairness);
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("summary.json");
@@ -290,6 +302,30 @@ fn print_table(plan: &Plan, r: &Results, records_ratio: f64, archive_ratio: f64,
             format!(
                 "x{:.2} the floor (target <= 2.5)",
                 r.archive_cpu_s_per_gb / r.md5_floor_cpu_s_per_gb
+            ),
+        ),
+        (
+            "apps: B wait p50/p90 ms",
+            format!(
+                "{:.0} / {:.0}",
+                r.fairness.lanes_p50_ms, r.fairness.lanes_p90_ms
+            ),
+            format!(
+                "idle {:.0} / {:.0}",
+                r.fairness.idle_p50_ms, r.fairness.idle_p90_ms
+            ),
+            format!(
+                "one queue {:.0} / {:.0} (target p90 <= 2x idle)",
+                r.fairness.one_queue_p50_ms, r.fairness.one_queue_p90_ms
+            ),
+        ),
+        (
+            "apps: A lessons/s",
+            format!("{:.2}", r.fairness.a_with_b_per_s),
+            format!("A alone {:.2}", r.fairness.a_alone_per_s),
+            format!(
+                "ratio {:.2} (target >= 0.9)",
+                r.fairness.a_throughput_ratio()
             ),
         ),
         (
