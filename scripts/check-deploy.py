@@ -56,7 +56,7 @@ def check_k8s():
 
     config = yaml.safe_load(open(os.path.join(k8s, "configmap.yaml")))["data"]
     secret = yaml.safe_load(open(os.path.join(k8s, "secret.example.yaml")))["stringData"]
-    check_settings("deploy/k8s ConfigMap + Secret", {**config, **secret})
+    check_settings("deploy/k8s ConfigMap + Secret", {**config, **secret}, apps=2)
     deployment = yaml.safe_load(open(os.path.join(k8s, "deployment.yaml")))
     pod_grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     worker_grace = int(config.get("LESSON_REPLAY_SHUTDOWN_GRACE_SECS", "25"))
@@ -70,11 +70,24 @@ def check_k8s():
         fail(f"the ingress's terminationGracePeriodSeconds {ingress_grace} does not cover its drain ({drain} s) and a last request ({request} s)")
 
 
-def check_settings(where, env):
+def check_settings(where, env, apps=0):
     settings = {k: str(v) for k, v in env.items() if k.startswith("LESSON_REPLAY_")}
     result = subprocess.run([BINARY, "config"], env={"PATH": os.environ["PATH"], **settings}, capture_output=True, text=True)
     if result.returncode != 0:
         fail(f"{where}: settings rejected by lesson-replay: {result.stderr.strip()}")
+        return
+    shown = json.loads(result.stdout)
+    if len(shown.get("apps", {})) != apps:
+        fail(f"{where}: {len(shown.get('apps', {}))} apps configured, the example shows {apps}")
+    for secret in (v for k, v in settings.items() if k.endswith(("_KEY", "_ACCESS_KEY_ID")) and len(v) > 8):
+        if secret in result.stdout:
+            fail(f"{where}: `lesson-replay config` shows a secret")
+
+
+def env_file(path):
+    """The variables of a compose env_file."""
+    pairs = (line.split("=", 1) for line in open(os.path.join(ROOT, path)) if "=" in line and not line.startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
 
 
 def check_compose():
@@ -98,7 +111,12 @@ def check_compose():
         for dependency in depends if isinstance(depends, list) else depends.keys():
             if dependency not in services:
                 fail(f"compose service {name}: depends on unknown service {dependency}")
-    check_settings("docker-compose.yml worker", services["worker"]["environment"])
+    worker = services["worker"]
+    files = worker.get("env_file", [])
+    merged = dict(worker["environment"])
+    for path in [files] if isinstance(files, str) else files:
+        merged.update(env_file(path))
+    check_settings("docker-compose.yml worker", merged, apps=2)
     dockerfile = open(os.path.join(ROOT, "Dockerfile")).read()
     if "\nUSER " not in dockerfile or "USER root" in dockerfile:
         fail("Dockerfile: the runtime stage must run as a non-root USER")
