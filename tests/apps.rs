@@ -285,6 +285,7 @@ async fn one_apps_backlog_does_not_hold_another_apps_lessons() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_acts_on_each_apps_own_bucket() {
     use lesson_replay::media::archive::LIFECYCLE_RULE;
+    use lesson_replay::media::archive::lifecycle::rule_ids;
     let moto = MotoServer::start("school-default").await;
     let client = moto.client();
     client
@@ -301,6 +302,15 @@ async fn lifecycle_acts_on_each_apps_own_bucket() {
         AppSettings {
             s3_bucket: Some("school-two".into()),
             s3_prefix: Some("two".into()),
+            ..AppSettings::default()
+        },
+    );
+    // App one shares the default bucket, under a prefix of its own.
+    add_app(
+        &mut config,
+        ONE,
+        AppSettings {
+            s3_prefix: Some("one".into()),
             ..AppSettings::default()
         },
     );
@@ -333,7 +343,7 @@ async fn lifecycle_acts_on_each_apps_own_bucket() {
     );
     let two = rules("school-two").await;
     assert!(
-        two.contains(&(LIFECYCLE_RULE.to_owned(), "two/".to_owned())),
+        two.contains(&(rule_ids("two").0, "two/".to_owned())),
         "{two:?}"
     );
     assert!(
@@ -348,10 +358,15 @@ async fn lifecycle_acts_on_each_apps_own_bucket() {
         String::from_utf8_lossy(&out.stderr)
     );
     let default = rules("school-default").await;
-    assert!(
-        default.contains(&(LIFECYCLE_RULE.to_owned(), "lesson-replay/".to_owned())),
-        "{default:?}"
-    );
+    // Both prefixes of the shared bucket keep their rules.
+    for (id, prefix) in [
+        (LIFECYCLE_RULE.to_owned(), "lesson-replay/"),
+        (rule_ids("one").0, "one/"),
+        (rule_ids("one").1, "one/.lesson-replay-uploads/"),
+    ] {
+        assert!(default.contains(&(id, prefix.to_owned())), "{default:?}");
+    }
+    assert_eq!(default.len(), 4, "{default:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("school-two") && stderr.contains("school-default"),
@@ -424,4 +439,69 @@ fn record_with_archive(config: &Config, app: i64, bucket: &str, key: &str) -> Va
     record["tracks"][0]["archive"] = serde_json::json!({"uri": format!("s3://{bucket}/{key}"),
         "bucket": bucket, "key": key, "size_bytes": FASTSTART.len(), "md5": "0".repeat(32), "etag": null});
     record
+}
+
+/// With lanes, the guarantees hold as on one queue: a transient failure goes
+/// round a delay tier and back through the intake to its app's lane, to be
+/// published; bad input, whatever app it claims, is parked with its reason;
+/// every message ends somewhere and no lane keeps one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_lanes_retries_come_back_to_their_lane_and_bad_input_is_parked() {
+    let origin = Origin::start().await;
+    let mut config = isolated_config("apps-guarantees");
+    config.probe = true;
+    add_app(&mut config, ONE, AppSettings::default());
+    let broker = Broker::new(config).await;
+    let metrics = Metrics::new();
+    let worker = spawn_worker_with(broker.config.clone(), Health::default(), metrics.clone()).await;
+    // Busy at first: both attempts of the first delivery fail.
+    let busy = origin.add(
+        "/busy.mp4",
+        FASTSTART.to_vec(),
+        Faults {
+            fail_first: 2,
+            ..Faults::default()
+        },
+    );
+    let one = ONE.to_string();
+    broker
+        .publish(
+            &one_camera("retried", 1, &busy, FASTSTART.len()),
+            callback_headers(None, None, Some(&one)),
+        )
+        .await;
+    broker
+        .publish(b"{not json", callback_headers(None, None, Some(&one)))
+        .await;
+    broker
+        .publish(
+            &one_camera("bad-app", 2, &busy, FASTSTART.len()),
+            callback_headers(None, None, Some("14000000\n01")),
+        )
+        .await;
+    let (record, _) = broker.take(&broker.config.records_queue, 1).await.remove(0);
+    assert_eq!(record["task_id"], "retried");
+    // Retried as app one's (a 503 from the origin, whichever reason it is counted under).
+    let retried = format!("lesson_replay_app_failures_total{{app=\"{ONE}\",outcome=\"retried\"");
+    let text = metrics.render();
+    assert!(
+        text.lines()
+            .filter(|l| l.starts_with(&retried))
+            .any(|l| !l.ends_with(" 0")),
+        "{text}"
+    );
+    let parked = broker.take_raw(&broker.config.parking_queue, 2).await;
+    let mut reasons: Vec<String> = parked
+        .iter()
+        .map(|(_, p)| header(p, "x-lesson-replay-reason").unwrap())
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons, ["invalid_field", "invalid_json"]);
+    let topology = broker.config.broker_settings().topology;
+    for (_, lane) in lesson_replay::broker::topology::lanes(&topology) {
+        assert_eq!(broker.depth(&lane).await, 0, "{lane}");
+    }
+    assert_eq!(broker.depth(&broker.config.work_queue).await, 0);
+    worker.stop().await;
+    broker.cleanup().await;
 }

@@ -14,8 +14,9 @@
 //! 8. the worker at the sizing model's peak, 4.6 recordings/s: its CPU per
 //!    record there, idle time included ([`latency`]);
 //! 9. archiving over a WAN against `rclone copyurl` ([`wan`]);
-//! A. fairness between apps: app B's lesson wait during app A's backlog
-//!    against an idle worker, and A's throughput against A alone ([`fairness`]).
+//! 10. fairness between apps (`BENCH_ONLY=a`): app B's lesson wait during
+//!     app A's backlog against an idle worker, and A's throughput against A
+//!     alone ([`fairness`]).
 //!
 //! Writes `target/bench/summary.json` and prints a table ([`report`]).
 //! `--smoke` runs tiny sizes (CI), so the benchmark cannot rot; there, a missed

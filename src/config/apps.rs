@@ -112,9 +112,9 @@ impl Config {
     /// Messages name the app and the field, never a secret's value.
     pub(crate) fn validate_apps(&self) -> Result<(), ConfigError> {
         for (id, app) in &self.apps {
-            let Some(sdkappid) = parse_id(id) else {
+            let Some(sdkappid) = parse_id(id).filter(|n| n.to_string() == *id) else {
                 return invalid(format!(
-                    "apps.{}: the table's name must be an sdkappid (a positive integer)",
+                    "apps.{}: the table's name must be an sdkappid (a positive integer, written plainly)",
                     printable(id)
                 ));
             };
@@ -137,10 +137,11 @@ impl Config {
                         field("s3_endpoint")
                     ));
                 }
-                // The default credentials belong to the default store.
-                let default_creds = self.s3_access_key_id.is_some();
+                // Credentials belong to their store: an app on a store of its
+                // own brings its own, never the default ones (static or the
+                // ambient chain's).
                 let own_creds = app.s3_access_key_id.is_some();
-                if default_creds && !own_creds && Some(endpoint) != self.s3_endpoint.as_ref() {
+                if !own_creds && Some(endpoint) != self.s3_endpoint.as_ref() {
                     return invalid(format!(
                         "{} names a store of its own but the app has no credentials: set {} and \
                          {} (the default credentials are never sent to another store)",
@@ -448,6 +449,12 @@ concurrency = 2
                  [apps.1400000001]\ns3_endpoint = \"https://elsewhere.example\"\n",
                 "the default credentials are never sent to another store",
             ),
+            // Nor the ambient chain's.
+            (
+                "[apps.1400000001]\ns3_endpoint = \"https://elsewhere.example\"\n",
+                "the default credentials are never sent to another store",
+            ),
+            ("[apps.01400000001]\narchive = false\n", "apps.01400000001"),
             (
                 "[tic_keys]\n1400000001 = \"LISTEDKEY\"\n[apps.1400000001]\ntic_key = \"OTHERKEY\"\n",
                 "apps.1400000001.tic_key",

@@ -541,7 +541,12 @@ impl Config {
         // S3 allows 10 000 parts: a larger file would fail at part 10 001,
         // after the transfer of 10 000 parts.
         let largest = self.s3_part_size_bytes as u64 * MAX_PARTS;
-        if self.archive && self.max_file_bytes > largest {
+        let any_archives = self.archive
+            || self
+                .app_ids()
+                .into_iter()
+                .any(|app| self.resolved(Some(app)).archive);
+        if any_archives && self.max_file_bytes > largest {
             return invalid(format!(
                 "max_file_bytes ({}) is more than s3_part_size_bytes x 10 000 ({largest}), \
                  the largest object a multipart upload can hold: raise s3_part_size_bytes \

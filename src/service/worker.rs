@@ -418,10 +418,28 @@ async fn sort(context: Arc<Context>, delivery: Delivery) {
         delivery.properties.clone(),
     )
     .await;
+    // A lane that cannot take it (no majority, the link failing): the
+    // message waits in the shortest delay tier, which brings it back here,
+    // rather than going round the work queue's delivery limit.
+    let moved = match moved {
+        Err(e) => {
+            let tier = shortest_tier(&context);
+            warn!(error = %e, %lane, %tier, "could not move the message to its lane: it waits in a delay tier");
+            amqp::publish_confirmed(
+                &context.publisher,
+                "",
+                &tier,
+                &delivery.data,
+                delivery.properties.clone(),
+            )
+            .await
+        }
+        ok => ok,
+    };
     let settled = match moved {
         Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
         Err(e) => {
-            error!(error = %e, %lane, "could not move the message to its lane: requeued");
+            error!(error = %e, %lane, "could not move the message on: requeued");
             tokio::time::sleep(Duration::from_millis(500)).await;
             let requeue = BasicNackOptions {
                 requeue: true,
@@ -914,16 +932,7 @@ async fn park_or_defer(
         return Ok(());
     };
     let queue = match kind {
-        Kind::Message { .. } | Kind::Sort => {
-            let shortest = context
-                .retry
-                .tiers
-                .iter()
-                .min()
-                .copied()
-                .unwrap_or_default();
-            retry::tier_queue(&context.config.work_queue, shortest)
-        }
+        Kind::Message { .. } | Kind::Sort => shortest_tier(context),
         // A watch waits among the watches: the retry tiers lead to the work queue.
         Kind::Watch => {
             let delays = context.config.watch_schedule().delays();
@@ -936,6 +945,18 @@ async fn park_or_defer(
         "parking not confirmed: the message waits in a delay queue and is parked when it comes back");
     context.metrics.parking_deferred();
     Ok(())
+}
+
+/// The shortest delay tier's queue: it dead-letters back to the work queue.
+fn shortest_tier(context: &Context) -> String {
+    let shortest = context
+        .retry
+        .tiers
+        .iter()
+        .min()
+        .copied()
+        .unwrap_or_default();
+    retry::tier_queue(&context.config.work_queue, shortest)
 }
 
 /// Copy the message — original body and headers, plus the reason, the attempt

@@ -610,6 +610,8 @@ impl Metrics {
             metrics.watches.with_label_values(&[event.as_str()]);
         }
         metrics.precreate();
+        // `other` from the start; the worker adds its configured apps.
+        metrics.expect_apps(&[]);
         #[cfg(target_os = "linux")]
         metrics
             .registry
@@ -936,6 +938,43 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("12345s"), "{text}");
+    }
+
+    #[test]
+    fn the_app_label_takes_only_the_configured_apps() {
+        let metrics = Metrics::new();
+        metrics.expect_apps(&[1400000001]);
+        let text = metrics.render();
+        // Each configured app and `other` exist from start-up.
+        for app in ["1400000001", "other"] {
+            let series = format!("lesson_replay_app_records_total{{app=\"{app}\"}} 0");
+            assert!(text.contains(&series), "{series} in {text}");
+        }
+        metrics.app_published(Some(1400000001), Some(Duration::from_secs(3)));
+        // A thousand other apps (a hostile publisher's sdkappids) share one label.
+        for app in 0..1000 {
+            metrics.app_published(Some(1500000000 + app), None);
+            metrics.app_failed(Some(1500000000 + app), true, ReasonCode::ArchiveDenied);
+        }
+        metrics.app_published(None, None);
+        metrics.uploaded(Some(1400000001), 10);
+        metrics.uploaded(None, 5);
+        let text = metrics.render();
+        for series in [
+            r#"lesson_replay_app_records_total{app="1400000001"} 1"#,
+            r#"lesson_replay_app_records_total{app="other"} 1001"#,
+            r#"lesson_replay_app_failures_total{app="other",outcome="parked",reason="archive_denied"} 1000"#,
+            r#"lesson_replay_app_uploaded_bytes_total{app="1400000001"} 10"#,
+            r#"lesson_replay_app_uploaded_bytes_total{app="other"} 5"#,
+            r#"lesson_replay_app_lesson_wait_seconds_count{app="1400000001"} 1"#,
+            "lesson_replay_uploaded_bytes_total 15",
+        ] {
+            assert!(text.contains(series), "{series} in {text}");
+        }
+        assert!(
+            !text.contains("15000"),
+            "an unconfigured app became a label"
+        );
     }
 
     #[test]

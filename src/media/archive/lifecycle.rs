@@ -18,6 +18,23 @@ pub const JOURNAL_RULE: &str = "lesson-replay-expire-upload-journal";
 /// Journal entries older than this are stale (their uploads long aborted).
 const JOURNAL_EXPIRY_DAYS: i32 = 7;
 
+/// The ids of the two rules of `prefix`: the plain ids for the default
+/// prefix, each with `:<prefix>` for any other, so that two apps sharing a
+/// bucket under their own prefixes each keep their rules.
+pub fn rule_ids(prefix: &str) -> (String, String) {
+    if prefix == DEFAULT_PREFIX {
+        (LIFECYCLE_RULE.to_owned(), JOURNAL_RULE.to_owned())
+    } else {
+        (
+            format!("{LIFECYCLE_RULE}:{prefix}"),
+            format!("{JOURNAL_RULE}:{prefix}"),
+        )
+    }
+}
+
+/// The default of `s3_prefix`.
+const DEFAULT_PREFIX: &str = "lesson-replay";
+
 impl Archiver {
     /// Put the two rules of this archiver's prefix in the bucket's lifecycle
     /// configuration — abort uploads unfinished after `days`, expire the
@@ -36,12 +53,25 @@ impl Archiver {
             Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Vec::new(),
             Err(e) => Err(S3Error::from_sdk("reading the bucket's lifecycle rules", e))?,
         };
-        rules.retain(|r| !matches!(r.id(), Some(LIFECYCLE_RULE | JOURNAL_RULE)));
         let prefix = if self.prefix.is_empty() {
             String::new()
         } else {
             format!("{}/", self.prefix)
         };
+        let (abort_id, journal_id) = rule_ids(&self.prefix);
+        // Ours: this prefix's two rules, by id, or by the plain ids with this
+        // prefix's filter (as written before ids carried the prefix). The
+        // rules of another prefix in the same bucket (another app's) stay.
+        let journal_prefix = format!("{prefix}{JOURNAL}/");
+        rules.retain(|r| {
+            let id = r.id().unwrap_or_default();
+            let filtered = r.filter().and_then(|f| f.prefix()).unwrap_or_default();
+            let ours = id == abort_id
+                || id == journal_id
+                || (id == LIFECYCLE_RULE && filtered == prefix)
+                || (id == JOURNAL_RULE && filtered == journal_prefix);
+            !ours
+        });
         let rule = |id: &str, prefix: String| {
             LifecycleRule::builder()
                 .id(id)
@@ -52,7 +82,7 @@ impl Archiver {
             .days_after_initiation(days)
             .build();
         rules.push(
-            rule(LIFECYCLE_RULE, prefix.clone())
+            rule(&abort_id, prefix.clone())
                 .abort_incomplete_multipart_upload(abort)
                 .build()
                 .map_err(|e| S3Error::protocol("building the lifecycle rule", e.to_string()))?,
@@ -61,7 +91,7 @@ impl Archiver {
             .days(JOURNAL_EXPIRY_DAYS)
             .build();
         rules.push(
-            rule(JOURNAL_RULE, format!("{prefix}{JOURNAL}/"))
+            rule(&journal_id, journal_prefix)
                 .expiration(expiry)
                 .build()
                 .map_err(|e| S3Error::protocol("building the lifecycle rule", e.to_string()))?,
