@@ -21,6 +21,6 @@ cargo test --lib --bins --tests --locked
 rabbitmq4_url="$(scripts/ensure-rabbitmq4.sh)"
 TEST_AMQP_URL="$rabbitmq4_url" cargo test --locked \
   --test worker --test guarantees --test faults --test hostile --test ingress \
-  --test watches --test archive_worker --test orphans --test observability
+  --test watches --test archive_worker --test orphans --test observability --test apps
 scripts/check-deploy.sh
 scripts/bench.sh --smoke

@@ -161,6 +161,19 @@ async fn each_app_archives_to_its_own_bucket_and_a_refusing_store_parks_only_its
         1
     );
 
+    // A redelivery of app two's lesson finds its copy in app two's bucket.
+    let two_uploaded = format!("lesson_replay_app_uploaded_bytes_total{{app=\"{TWO}\"}}");
+    let before = metric(&metrics, &two_uploaded);
+    assert!(before >= 2 * FASTSTART.len() as u64);
+    let again = one_camera("two-a", 102, &url, FASTSTART.len());
+    broker
+        .publish(&again, callback_headers(None, None, Some(&TWO.to_string())))
+        .await;
+    let (record, _) = broker.take(&broker.config.records_queue, 1).await.remove(0);
+    assert_eq!(record, by_task["two-a"]);
+    assert_eq!(metric(&metrics, &two_uploaded), before, "uploaded again");
+    assert!(metric(&metrics, "lesson_replay_uploads_skipped_total") >= 1);
+
     // App one's store now refuses its credentials (its keys were rotated).
     s3.restart_with_secret("rotated-secret");
     for (n, (app, task)) in [(ONE, "one-refused"), (TWO, "two-after")]

@@ -211,6 +211,75 @@ async fn unknown_tasks_are_parked_and_failing_or_unfinished_ones_checked_again()
 
 /// A worker killed while it handles a due watch loses nothing: the watch was
 /// not acknowledged, and another worker finishes it.
+/// A watch asks whether the lesson has its record where the lesson's app
+/// archives: an app with a table and a store of its own (moto, its own keys),
+/// the default archiving nothing. Looking in the default destination, it
+/// could not tell (`finished`); in the app's bucket it finds the manifest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_looks_for_the_record_in_its_apps_bucket() {
+    use lesson_replay::config::apps::AppSettings;
+    let moto = common::moto::MotoServer::start("school-app").await;
+    let origin = Origin::start().await;
+    let mock = TicMock::start().await;
+    let mut config = watching("watch-app", &mock, 3);
+    config.probe = true;
+    config.archive = false;
+    let table = AppSettings {
+        archive: Some(true),
+        s3_endpoint: Some(moto.endpoint.clone()),
+        s3_bucket: Some("school-app".into()),
+        s3_force_path_style: Some(true),
+        s3_access_key_id: Some("app-key-id".into()),
+        s3_secret_access_key: Some("app-secret".into()),
+        ..AppSettings::default()
+    };
+    config.apps.insert(APP.to_string(), table);
+    let broker = Broker::new(config.clone()).await;
+    let metrics = Metrics::default();
+    let worker = spawn_worker_with(config.clone(), Health::default(), metrics.clone()).await;
+    let ingress = spawn_ingress(config.clone(), Metrics::default()).await;
+    ingress.wait_ready().await;
+    worker.wait_ready().await;
+
+    let url = origin.add("/app.mp4", FASTSTART.to_vec(), Faults::default());
+    let start = now();
+    let answer = finished_answer("app-lesson", 7, start, &url, FASTSTART.len());
+    mock.script(
+        "app-lesson",
+        TaskScript {
+            finished: Some(answer.to_string()),
+            ..TaskScript::default()
+        },
+    );
+    let started = record_started("app-lesson", 7, start);
+    assert_eq!(mock.send_callback(&ingress.url, &started).await, 200);
+    assert_eq!(
+        mock.send_callback(&ingress.url, &record_finished(&answer))
+            .await,
+        200
+    );
+    let records = collect(&broker, 1, Duration::from_secs(60)).await;
+    assert_eq!(
+        records["app-lesson"]["tracks"][0]["archive"]["bucket"],
+        "school-app"
+    );
+    wait_until("the watch was checked", Duration::from_secs(60), || {
+        watch_events(&metrics, "already_recorded") + watch_events(&metrics, "finished") >= 1
+    })
+    .await;
+    assert_eq!(watch_events(&metrics, "already_recorded"), 1);
+    assert_eq!(watch_events(&metrics, "finished"), 0);
+    worker.stop().await;
+    ingress.stop().await;
+    // The watch's record is the same, and its copy was found, not uploaded again.
+    for (record, _) in broker.drain(&broker.config.records_queue).await {
+        assert_eq!(record, records["app-lesson"]);
+    }
+    let uploaded = format!("lesson_replay_app_uploaded_bytes_total{{app=\"{APP}\"}}");
+    assert_eq!(common::metric(&metrics, &uploaded), FASTSTART.len() as u64);
+    broker.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_survives_a_killed_worker() {
     let s3 = S3Server::start("school");
