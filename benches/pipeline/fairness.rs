@@ -1,10 +1,15 @@
-//! Scenario A: fairness between apps. App A publishes a backlog of lessons
+//! Scenario 10: fairness between apps. App A publishes a backlog of lessons
 //! to archive; once the worker is busy with it, app B publishes a few small
 //! lessons, one every 200 ms. B's lesson wait (its publish to its record) is
 //! compared with the same lessons on an idle worker, in the same run; A's
 //! throughput with B against a run of A alone. The same A + B run on one
 //! queue (no `[apps]` tables, first come first served) shows what the lanes
-//! change.
+//! change. Each app archives to a bucket of its own on one store.
+//!
+//! Every run goes twice: through scenario 9's WAN proxies in front of the
+//! origin and the store (as in production, where both are across the
+//! internet), and with no delay and no caps (D = 0), where the origin, the
+//! store, the broker and the worker share this machine's two cores.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,24 +19,26 @@ use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use lesson_replay::broker::headers::callback_headers;
+use lesson_replay::broker::topology;
 use lesson_replay::config::apps::AppSettings;
-use lesson_replay::config::settings::{Config, PayloadSigning};
 
 use crate::common::Broker;
 use crate::common::origin::{Body, Faults, Origin};
-use crate::common::s3::S3Server;
-use crate::harness::{MIB, Plan, lesson, percentile, records_config, round, start_worker};
+use crate::common::s3::configure_store;
+use crate::harness::{
+    CpuTicks, MIB, Plan, lesson, percentile, records_config, round, start_worker,
+};
+use crate::wan::{WAN, archive_settings, links};
+use crate::wan_proxy::{Link, WanProxy};
 
 const APP_A: i64 = 1400000101;
 const APP_B: i64 = 1400000102;
 /// B's lessons arrive this far apart.
 const B_SPACING: Duration = Duration::from_millis(200);
 
-/// What scenario A measured.
+/// What scenario 10 measured, over one link.
 #[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct FairnessResults {
-    pub(crate) a_lessons: usize,
-    pub(crate) b_lessons: usize,
+pub(crate) struct FairnessRuns {
     /// B's wait on an idle worker, ms.
     pub(crate) idle_p50_ms: f64,
     pub(crate) idle_p90_ms: f64,
@@ -46,7 +53,7 @@ pub(crate) struct FairnessResults {
     pub(crate) a_with_b_per_s: f64,
 }
 
-impl FairnessResults {
+impl FairnessRuns {
     pub(crate) fn b_p90_within_2x(&self) -> bool {
         self.lanes_p90_ms <= 2.0 * self.idle_p90_ms
     }
@@ -56,7 +63,16 @@ impl FairnessResults {
     }
 }
 
-/// Run scenario A.
+/// Scenario 10 over the WAN link and with none.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct FairnessResults {
+    pub(crate) a_lessons: usize,
+    pub(crate) b_lessons: usize,
+    pub(crate) wan: FairnessRuns,
+    pub(crate) local: FairnessRuns,
+}
+
+/// Run scenario 10.
 pub(crate) async fn run(plan: &Plan, origin: &Origin) -> FairnessResults {
     let (a_lessons, a_bytes, b_lessons, b_bytes) = plan.fairness;
     let a_urls: Vec<String> = (0..a_lessons)
@@ -65,66 +81,99 @@ pub(crate) async fn run(plan: &Plan, origin: &Origin) -> FairnessResults {
     let b_urls: Vec<String> = (0..b_lessons)
         .map(|i| synthetic(origin, &format!("/fair-b-{i}.mp4"), b_bytes))
         .collect();
-    let a = |round: &str| -> Vec<Vec<u8>> {
-        a_urls
-            .iter()
-            .enumerate()
-            .map(|(i, url)| {
-                lesson(
-                    &format!("a-{round}-{i}"),
-                    &[(url.clone(), a_bytes as usize, 0)],
-                )
-            })
-            .collect()
+    let a = Lessons {
+        app: "a",
+        urls: &a_urls,
+        bytes: a_bytes,
     };
-    let b = |round: &str| -> Vec<Vec<u8>> {
-        b_urls
-            .iter()
-            .enumerate()
-            .map(|(i, url)| {
-                lesson(
-                    &format!("b-{round}-{i}"),
-                    &[(url.clone(), b_bytes as usize, 0)],
-                )
-            })
-            .collect()
+    let b = Lessons {
+        app: "b",
+        urls: &b_urls,
+        bytes: b_bytes,
     };
-    eprintln!("   B alone (idle worker) ...");
-    let idle = round_of(plan, true, Vec::new(), b("idle")).await;
-    eprintln!(
-        "   A alone ({a_lessons} lessons of {} MiB) ...",
-        a_bytes / MIB
-    );
-    let alone = round_of(plan, true, a("alone"), Vec::new()).await;
-    eprintln!("   A, then B, with lanes ...");
-    let lanes = round_of(plan, true, a("lanes"), b("lanes")).await;
-    eprintln!("   A, then B, on one queue ...");
-    let one_queue = round_of(plan, false, a("one"), b("one")).await;
-    let p = |waits: &[f64], q: f64| percentile(&mut waits.to_vec(), q);
-    let results = FairnessResults {
+    let none = Lessons { urls: &[], ..a };
+    let mut results = FairnessResults {
         a_lessons,
         b_lessons,
-        idle_p50_ms: p(&idle.b_waits_ms, 0.5),
-        idle_p90_ms: p(&idle.b_waits_ms, 0.9),
-        lanes_p50_ms: p(&lanes.b_waits_ms, 0.5),
-        lanes_p90_ms: p(&lanes.b_waits_ms, 0.9),
-        one_queue_p50_ms: p(&one_queue.b_waits_ms, 0.5),
-        one_queue_p90_ms: p(&one_queue.b_waits_ms, 0.9),
-        a_alone_per_s: alone.a_per_s,
-        a_with_b_per_s: lanes.a_per_s,
+        ..FairnessResults::default()
     };
-    eprintln!(
-        "   B wait p50/p90 ms: idle {:.0}/{:.0}, lanes {:.0}/{:.0}, one queue {:.0}/{:.0}; A {:.2}/s alone, {:.2}/s with B",
-        results.idle_p50_ms,
-        results.idle_p90_ms,
-        results.lanes_p50_ms,
-        results.lanes_p90_ms,
-        results.one_queue_p50_ms,
-        results.one_queue_p90_ms,
-        results.a_alone_per_s,
-        results.a_with_b_per_s
-    );
+    for (name, link) in [("WAN", WAN), ("D=0", Link::local())] {
+        eprintln!("   {name}: B alone (idle worker) ...");
+        let idle = round_of(plan, origin, link, true, &none, &b, &format!("{name}-idle")).await;
+        eprintln!(
+            "   {name}: A alone ({a_lessons} lessons of {} MiB) ...",
+            a_bytes / MIB
+        );
+        let alone = round_of(
+            plan,
+            origin,
+            link,
+            true,
+            &a,
+            &none,
+            &format!("{name}-alone"),
+        )
+        .await;
+        eprintln!("   {name}: A, then B, with lanes ...");
+        let lanes = round_of(plan, origin, link, true, &a, &b, &format!("{name}-lanes")).await;
+        eprintln!("   {name}: A, then B, on one queue ...");
+        let one_queue = round_of(plan, origin, link, false, &a, &b, &format!("{name}-one")).await;
+        let p = |waits: &[f64], q: f64| percentile(&mut waits.to_vec(), q);
+        let runs = FairnessRuns {
+            idle_p50_ms: p(&idle.b_waits_ms, 0.5),
+            idle_p90_ms: p(&idle.b_waits_ms, 0.9),
+            lanes_p50_ms: p(&lanes.b_waits_ms, 0.5),
+            lanes_p90_ms: p(&lanes.b_waits_ms, 0.9),
+            one_queue_p50_ms: p(&one_queue.b_waits_ms, 0.5),
+            one_queue_p90_ms: p(&one_queue.b_waits_ms, 0.9),
+            a_alone_per_s: alone.a_per_s,
+            a_with_b_per_s: lanes.a_per_s,
+        };
+        eprintln!(
+            "   {name}: B wait p50/p90 ms: idle {:.0}/{:.0}, lanes {:.0}/{:.0}, one queue {:.0}/{:.0}; \
+             A {:.2}/s alone, {:.2}/s with B; machine busy {:.0} % (lanes)",
+            runs.idle_p50_ms,
+            runs.idle_p90_ms,
+            runs.lanes_p50_ms,
+            runs.lanes_p90_ms,
+            runs.one_queue_p50_ms,
+            runs.one_queue_p90_ms,
+            runs.a_alone_per_s,
+            runs.a_with_b_per_s,
+            lanes.machine_busy * 100.0
+        );
+        if name == "WAN" {
+            results.wan = runs;
+        } else {
+            results.local = runs;
+        }
+    }
     results
+}
+
+/// One app's lessons of a round: one file each.
+#[derive(Clone, Copy)]
+struct Lessons<'a> {
+    app: &'static str,
+    urls: &'a [String],
+    bytes: u64,
+}
+
+impl Lessons<'_> {
+    /// The callbacks of round `tag`, their files reached through `proxy`.
+    fn bodies(&self, origin: &Origin, proxy: &WanProxy, tag: &str) -> Vec<Vec<u8>> {
+        self.urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| {
+                let url = url.replacen(&origin.base, &format!("http://{}", proxy.addr), 1);
+                lesson(
+                    &format!("{}-{tag}-{i}", self.app),
+                    &[(url, self.bytes as usize, 0)],
+                )
+            })
+            .collect()
+    }
 }
 
 fn synthetic(origin: &Origin, path: &str, bytes: u64) -> String {
@@ -144,16 +193,33 @@ struct Round {
     b_waits_ms: Vec<f64>,
     /// A's lessons per second, from the worker's start to A's last record.
     a_per_s: f64,
+    /// The machine's busy share from the worker's start to the last record.
+    machine_busy: f64,
 }
 
 /// One worker process (with a lane per app, or one queue), A's lessons
 /// queued before it starts, B's published one by one once A's are under way.
-async fn round_of(plan: &Plan, lanes: bool, a: Vec<Vec<u8>>, b: Vec<Vec<u8>>) -> Round {
-    let s3 = S3Server::start("app-a");
-    std::fs::create_dir_all(s3.root.join("app-b")).unwrap();
+async fn round_of(
+    plan: &Plan,
+    origin: &Origin,
+    link: Link,
+    lanes: bool,
+    a: &Lessons<'_>,
+    b: &Lessons<'_>,
+    tag: &str,
+) -> Round {
+    let (s3, s3_proxy, origin_proxy) = links(origin, link).await;
+    for bucket in ["app-a", "app-b"] {
+        std::fs::create_dir_all(s3.root.join(bucket)).unwrap();
+    }
+    let (a, b) = (
+        a.bodies(origin, &origin_proxy, tag),
+        b.bodies(origin, &origin_proxy, tag),
+    );
     let mut config = records_config(plan);
-    s3.configure(&mut config, "app-a");
-    settings(&mut config, plan);
+    configure_store(&mut config, &format!("http://{}", s3_proxy.addr), "app-a");
+    // As scenario 9 (BENCH_UPLOAD_CONCURRENCY, BENCH_ARCHIVE_MEMORY_BYTES apply).
+    archive_settings(&mut config, plan);
     if lanes {
         let b_table = AppSettings {
             s3_bucket: Some("app-b".into()),
@@ -174,8 +240,22 @@ async fn round_of(plan: &Plan, lanes: bool, a: Vec<Vec<u8>>, b: Vec<Vec<u8>>) ->
     }
     let arrivals = watch_records(&broker).await;
     let started = Instant::now();
+    let ticks = CpuTicks::now();
     let mut worker = start_worker(&broker.config);
-    // B arrives once A's backlog is under way: its first record is out.
+    // B arrives once the worker consumes B's queue (its lane, or the one
+    // queue), and once A's backlog is under way: its first record is out.
+    let b_queue = match lanes {
+        true => topology::app_queue(&broker.config.work_queue, Some(APP_B)),
+        false => broker.config.work_queue.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while broker.consumers(&b_queue).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "scenario 10: the worker did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     if a_count > 0 {
         wait_for(
             &arrivals,
@@ -200,6 +280,7 @@ async fn round_of(plan: &Plan, lanes: bool, a: Vec<Vec<u8>>, b: Vec<Vec<u8>>) ->
         }
     }
     wait_for(&arrivals, |seen| seen.len() == a_count + b_count, 1800).await;
+    let machine_busy = ticks.busy_share_since();
     let seen = arrivals.lock().unwrap().clone();
     let b_waits_ms = published
         .iter()
@@ -217,16 +298,8 @@ async fn round_of(plan: &Plan, lanes: bool, a: Vec<Vec<u8>>, b: Vec<Vec<u8>>) ->
     Round {
         b_waits_ms,
         a_per_s,
+        machine_busy,
     }
-}
-
-/// The worker settings of every round.
-fn settings(config: &mut Config, plan: &Plan) {
-    config.concurrency = plan.archive_concurrency;
-    config.s3_part_size_bytes = plan.part_size;
-    config.fetch_idle_timeout_secs = 120;
-    // As archive.rs: s3s-fs speaks plain HTTP, where `auto` would sign every byte.
-    config.s3_payload_signing = PayloadSigning::Unsigned;
 }
 
 type Arrivals = Arc<Mutex<HashMap<String, Instant>>>;
@@ -265,20 +338,23 @@ async fn wait_for(
 ) {
     let deadline = Instant::now() + Duration::from_secs(limit_secs);
     while !done(&arrivals.lock().unwrap()) {
-        assert!(Instant::now() < deadline, "scenario A: records missing");
+        assert!(Instant::now() < deadline, "scenario 10: records missing");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
-/// The summary's part for scenario A.
+/// The summary's part for scenario 10.
 pub(crate) fn summary(r: &FairnessResults) -> serde_json::Value {
-    serde_json::json!({
-        "a_lessons": r.a_lessons, "b_lessons": r.b_lessons,
-        "b_wait_idle_p50_ms": round(r.idle_p50_ms, 1), "b_wait_idle_p90_ms": round(r.idle_p90_ms, 1),
-        "b_wait_lanes_p50_ms": round(r.lanes_p50_ms, 1), "b_wait_lanes_p90_ms": round(r.lanes_p90_ms, 1),
-        "b_wait_one_queue_p50_ms": round(r.one_queue_p50_ms, 1),
-        "b_wait_one_queue_p90_ms": round(r.one_queue_p90_ms, 1),
-        "a_alone_per_s": round(r.a_alone_per_s, 2), "a_with_b_per_s": round(r.a_with_b_per_s, 2),
-        "a_throughput_ratio": round(r.a_throughput_ratio(), 3),
-    })
+    let runs = |f: &FairnessRuns| {
+        serde_json::json!({
+            "b_wait_idle_p50_ms": round(f.idle_p50_ms, 1), "b_wait_idle_p90_ms": round(f.idle_p90_ms, 1),
+            "b_wait_lanes_p50_ms": round(f.lanes_p50_ms, 1), "b_wait_lanes_p90_ms": round(f.lanes_p90_ms, 1),
+            "b_wait_one_queue_p50_ms": round(f.one_queue_p50_ms, 1),
+            "b_wait_one_queue_p90_ms": round(f.one_queue_p90_ms, 1),
+            "a_alone_per_s": round(f.a_alone_per_s, 2), "a_with_b_per_s": round(f.a_with_b_per_s, 2),
+            "a_throughput_ratio": round(f.a_throughput_ratio(), 3),
+        })
+    };
+    serde_json::json!({"a_lessons": r.a_lessons, "b_lessons": r.b_lessons,
+        "wan": runs(&r.wan), "d0": runs(&r.local)})
 }

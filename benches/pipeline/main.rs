@@ -66,7 +66,7 @@ async fn main() {
         plan.archive_file_bytes / MIB
     );
     // BENCH_ONLY=2,3 runs some scenarios only (for profiling); the others
-    // report 0. Scenario A is `a`.
+    // report 0. Scenario 10 is `a`.
     let only = std::env::var("BENCH_ONLY").ok();
     let wanted = |n: char| only.as_deref().is_none_or(|o| o.contains(n));
     let mut results = Results::default();
@@ -128,7 +128,7 @@ async fn main() {
         results.wan = wan::run(&plan, &origin).await;
     }
     if wanted('a') {
-        eprintln!("A. fairness between apps ...");
+        eprintln!("10. fairness between apps ...");
         results.fairness = fairness::run(&plan, &origin).await;
     }
     let missed = report::write(&plan, smoke, &results);

@@ -44,8 +44,8 @@ const CHECK_CONNECTIONS: usize = 8;
 /// The bucket of every run (s3s-fs creates it at start).
 const BUCKET: &str = "bench";
 
-/// Every worker setting of this scenario, in one place.
-fn archive_settings(config: &mut Config, plan: &Plan) {
+/// Every worker setting of this scenario, in one place (scenario 10's too).
+pub(crate) fn archive_settings(config: &mut Config, plan: &Plan) {
     config.concurrency = plan.archive_concurrency;
     config.s3_part_size_bytes = plan.part_size;
     config.fetch_idle_timeout_secs = 120;
@@ -241,7 +241,7 @@ fn synthetic(bytes: u64) -> Body {
 }
 
 /// A fresh S3 server, and proxies with `link` in front of it and of the origin.
-async fn links(origin: &Origin, link: Link) -> (S3Server, WanProxy, WanProxy) {
+pub(crate) async fn links(origin: &Origin, link: Link) -> (S3Server, WanProxy, WanProxy) {
     let s3 = S3Server::start(BUCKET);
     let s3_proxy = WanProxy::start(loopback(s3.port), link).await;
     let origin_port = origin.base.rsplit_once(':').unwrap().1.parse().unwrap();
