@@ -10,10 +10,11 @@
 
 use std::collections::BTreeMap;
 
-use secrecy::SecretString;
-use serde::{Deserialize, Serialize, Serializer};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
 
-use crate::config::settings::{Config, ConfigError};
+use crate::config::forms::{ENV_PREFIX, env_text, quoted};
+use crate::decision::verify::TicKeys;
 
 /// What one app overrides. Every field is optional: unset, the top-level
 /// setting of the same name applies.
@@ -21,8 +22,8 @@ use crate::config::settings::{Config, ConfigError};
 #[serde(default, deny_unknown_fields)]
 pub struct AppSettings {
     #[serde(
-        serialize_with = "redacted",
-        deserialize_with = "crate::config::settings::optional_secret"
+        serialize_with = "crate::config::forms::redacted",
+        deserialize_with = "crate::config::forms::optional_secret"
     )]
     pub tic_key: Option<SecretString>,
     pub archive: Option<bool>,
@@ -35,24 +36,35 @@ pub struct AppSettings {
     pub s3_storage_class: Option<String>,
     pub s3_sse: Option<String>,
     #[serde(
-        serialize_with = "redacted",
-        deserialize_with = "crate::config::settings::optional_secret"
+        serialize_with = "crate::config::forms::redacted",
+        deserialize_with = "crate::config::forms::optional_secret"
     )]
     pub s3_access_key_id: Option<SecretString>,
     #[serde(
-        serialize_with = "redacted",
-        deserialize_with = "crate::config::settings::optional_secret"
+        serialize_with = "crate::config::forms::redacted",
+        deserialize_with = "crate::config::forms::optional_secret"
     )]
     pub s3_secret_access_key: Option<SecretString>,
 }
 
-fn redacted<S: Serializer>(secret: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
-    secret.as_ref().map(|_| "[REDACTED]").serialize(s)
-}
-
 /// The apps of the configuration, by sdkappid (the table's keys are text in
-/// TOML and in the environment; [`Config::validate`] checks each is an id).
+/// TOML and in the environment; [`validate`] checks each is an id).
 pub type Apps = BTreeMap<String, AppSettings>;
+
+/// The top-level settings a table falls back on (`Config` gives them).
+#[derive(Debug, Clone, Copy)]
+pub struct Defaults<'a> {
+    pub archive: bool,
+    pub concurrency: u16,
+    pub s3_bucket: Option<&'a str>,
+    pub s3_prefix: &'a str,
+    pub s3_endpoint: Option<&'a str>,
+    pub s3_region: &'a str,
+    pub s3_force_path_style: bool,
+    pub s3_storage_class: Option<&'a str>,
+    pub s3_sse: Option<&'a str>,
+    pub credentials: Option<(&'a SecretString, &'a SecretString)>,
+}
 
 /// One app's settings with the defaults filled in.
 #[derive(Debug, Clone)]
@@ -69,163 +81,154 @@ pub struct Resolved {
     pub credentials: Option<(SecretString, SecretString)>,
 }
 
-impl Config {
-    /// The sdkappids with a table of their own, in order.
-    pub fn app_ids(&self) -> Vec<i64> {
-        self.apps.keys().filter_map(|id| parse_id(id)).collect()
-    }
+/// The sdkappids with a table of their own, in order.
+pub fn ids(apps: &Apps) -> Vec<i64> {
+    apps.keys().filter_map(|id| parse_id(id)).collect()
+}
 
-    /// The settings of app `sdkappid` (`None`: the default, for apps without
-    /// a table and messages without an app).
-    pub fn resolved(&self, sdkappid: Option<i64>) -> Resolved {
-        let app = sdkappid.and_then(|id| self.apps.get(&id.to_string()));
-        let own = |f: fn(&AppSettings) -> Option<String>| app.and_then(f);
-        let credentials = match app {
-            Some(AppSettings {
-                s3_access_key_id: Some(id),
-                s3_secret_access_key: Some(secret),
-                ..
-            }) => Some((id.clone(), secret.clone())),
-            _ => self
-                .s3_access_key_id
-                .clone()
-                .zip(self.s3_secret_access_key.clone()),
+/// The settings of `app`'s table over `defaults` (`None`: no table, the
+/// defaults as they are).
+pub fn resolve(app: Option<&AppSettings>, d: &Defaults) -> Resolved {
+    let text = |own: Option<&String>, default: Option<&str>| {
+        own.cloned().or_else(|| default.map(str::to_owned))
+    };
+    let credentials = match app {
+        Some(AppSettings {
+            s3_access_key_id: Some(id),
+            s3_secret_access_key: Some(secret),
+            ..
+        }) => Some((id.clone(), secret.clone())),
+        _ => d
+            .credentials
+            .map(|(id, secret)| (id.clone(), secret.clone())),
+    };
+    Resolved {
+        archive: app.and_then(|a| a.archive).unwrap_or(d.archive),
+        concurrency: app.and_then(|a| a.concurrency).unwrap_or(d.concurrency),
+        s3_bucket: text(app.and_then(|a| a.s3_bucket.as_ref()), d.s3_bucket),
+        s3_prefix: text(app.and_then(|a| a.s3_prefix.as_ref()), Some(d.s3_prefix))
+            .unwrap_or_default(),
+        s3_endpoint: text(app.and_then(|a| a.s3_endpoint.as_ref()), d.s3_endpoint),
+        s3_region: text(app.and_then(|a| a.s3_region.as_ref()), Some(d.s3_region))
+            .unwrap_or_default(),
+        s3_force_path_style: app
+            .and_then(|a| a.s3_force_path_style)
+            .unwrap_or(d.s3_force_path_style),
+        s3_storage_class: text(
+            app.and_then(|a| a.s3_storage_class.as_ref()),
+            d.s3_storage_class,
+        ),
+        s3_sse: text(app.and_then(|a| a.s3_sse.as_ref()), d.s3_sse),
+        credentials,
+    }
+}
+
+/// Each app's table, checked: its id, its fields, its destination, its
+/// TicKey against `listed` (`tic_keys`). Messages name the app and the
+/// field, never a secret's value.
+pub fn validate(apps: &Apps, d: &Defaults, listed: Option<&TicKeys>) -> Result<(), String> {
+    for (id, app) in apps {
+        let Some(sdkappid) = parse_id(id).filter(|n| n.to_string() == *id) else {
+            return Err(format!(
+                "apps.{}: the table's name must be an sdkappid (a positive integer, written plainly)",
+                printable(id)
+            ));
         };
-        Resolved {
-            archive: app.and_then(|a| a.archive).unwrap_or(self.archive),
-            concurrency: app.and_then(|a| a.concurrency).unwrap_or(self.concurrency),
-            s3_bucket: own(|a| a.s3_bucket.clone()).or_else(|| self.s3_bucket.clone()),
-            s3_prefix: own(|a| a.s3_prefix.clone()).unwrap_or_else(|| self.s3_prefix.clone()),
-            s3_endpoint: own(|a| a.s3_endpoint.clone()).or_else(|| self.s3_endpoint.clone()),
-            s3_region: own(|a| a.s3_region.clone()).unwrap_or_else(|| self.s3_region.clone()),
-            s3_force_path_style: app
-                .and_then(|a| a.s3_force_path_style)
-                .unwrap_or(self.s3_force_path_style),
-            s3_storage_class: own(|a| a.s3_storage_class.clone())
-                .or_else(|| self.s3_storage_class.clone()),
-            s3_sse: own(|a| a.s3_sse.clone()).or_else(|| self.s3_sse.clone()),
-            credentials,
+        let field = |name: &str| format!("apps.{sdkappid}.{name}");
+        if app.concurrency == Some(0) {
+            return Err(format!("{} must be at least 1", field("concurrency")));
         }
-    }
-
-    /// Each app's table, checked: its id, its fields, its destination.
-    /// Messages name the app and the field, never a secret's value.
-    pub(crate) fn validate_apps(&self) -> Result<(), ConfigError> {
-        for (id, app) in &self.apps {
-            let Some(sdkappid) = parse_id(id).filter(|n| n.to_string() == *id) else {
-                return invalid(format!(
-                    "apps.{}: the table's name must be an sdkappid (a positive integer, written plainly)",
-                    printable(id)
+        if app.s3_access_key_id.is_some() != app.s3_secret_access_key.is_some() {
+            return Err(format!(
+                "set both {} and {}, or neither",
+                field("s3_access_key_id"),
+                field("s3_secret_access_key")
+            ));
+        }
+        if let Some(endpoint) = &app.s3_endpoint {
+            if !matches!(url::Url::parse(endpoint), Ok(u) if matches!(u.scheme(), "http" | "https"))
+            {
+                return Err(format!(
+                    "{} {endpoint:?} is not an http(s) URL",
+                    field("s3_endpoint")
                 ));
-            };
-            let field = |name: &str| format!("apps.{sdkappid}.{name}");
-            if app.concurrency == Some(0) {
-                return invalid(format!("{} must be at least 1", field("concurrency")));
             }
-            if app.s3_access_key_id.is_some() != app.s3_secret_access_key.is_some() {
-                return invalid(format!(
-                    "set both {} and {}, or neither",
+            // Credentials belong to their store: an app on a store of its
+            // own brings its own, never the default ones (static or the
+            // ambient chain's).
+            let own_creds = app.s3_access_key_id.is_some();
+            if !own_creds && Some(endpoint.as_str()) != d.s3_endpoint {
+                return Err(format!(
+                    "{} names a store of its own but the app has no credentials: set {} and \
+                     {} (the default credentials are never sent to another store)",
+                    field("s3_endpoint"),
                     field("s3_access_key_id"),
                     field("s3_secret_access_key")
                 ));
             }
-            if let Some(endpoint) = &app.s3_endpoint {
-                if !matches!(url::Url::parse(endpoint), Ok(u) if matches!(u.scheme(), "http" | "https"))
-                {
-                    return invalid(format!(
-                        "{} {endpoint:?} is not an http(s) URL",
-                        field("s3_endpoint")
-                    ));
-                }
-                // Credentials belong to their store: an app on a store of its
-                // own brings its own, never the default ones (static or the
-                // ambient chain's).
-                let own_creds = app.s3_access_key_id.is_some();
-                if !own_creds && Some(endpoint) != self.s3_endpoint.as_ref() {
-                    return invalid(format!(
-                        "{} names a store of its own but the app has no credentials: set {} and \
-                         {} (the default credentials are never sent to another store)",
-                        field("s3_endpoint"),
-                        field("s3_access_key_id"),
-                        field("s3_secret_access_key")
-                    ));
-                }
-            }
-            for (name, value) in [("s3_bucket", &app.s3_bucket), ("s3_region", &app.s3_region)] {
-                if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
-                    return invalid(format!("{} is empty", field(name)));
-                }
-            }
-            let resolved = self.resolved(Some(sdkappid));
-            if resolved.archive && resolved.s3_bucket.as_deref().is_none_or(str::is_empty) {
-                return invalid(format!(
-                    "{} is on but the app has no bucket: set {} (or s3_bucket)",
-                    field("archive"),
-                    field("s3_bucket")
-                ));
-            }
-            if let (Some(own), Ok(keys)) = (&app.tic_key, self.tic_keys.parse())
-                && let Some(listed) = keys.get(sdkappid)
-            {
-                use secrecy::ExposeSecret;
-                if own.expose_secret() != listed.expose_secret() {
-                    return invalid(format!(
-                        "{} and tic_keys give app {sdkappid} two different TicKeys: keep one",
-                        field("tic_key")
-                    ));
-                }
+        }
+        for (name, value) in [("s3_bucket", &app.s3_bucket), ("s3_region", &app.s3_region)] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(format!("{} is empty", field(name)));
             }
         }
-        Ok(())
-    }
-
-    /// The environment form of every app's settings, secrets included
-    /// (for [`Config::to_environment`]).
-    pub(crate) fn apps_environment(&self) -> Vec<(String, String)> {
-        use secrecy::ExposeSecret;
-        let mut out = Vec::new();
-        for (id, app) in &self.apps {
-            let var = |field: &str| {
-                format!(
-                    "{}APPS__{id}__{}",
-                    crate::config::settings::ENV_PREFIX,
-                    field.to_ascii_uppercase()
-                )
-            };
-            let Ok(serde_json::Value::Object(values)) = serde_json::to_value(app) else {
-                unreachable!("AppSettings serializes to an object");
-            };
-            for (name, value) in values {
-                let secret = match name.as_str() {
-                    "tic_key" => Some(&app.tic_key),
-                    "s3_access_key_id" => Some(&app.s3_access_key_id),
-                    "s3_secret_access_key" => Some(&app.s3_secret_access_key),
-                    _ => None,
-                };
-                let text = match secret {
-                    Some(s) => s
-                        .as_ref()
-                        .map(|s| crate::config::settings::quoted(s.expose_secret())),
-                    None => crate::config::settings::env_text(&value),
-                };
-                if let Some(text) = text {
-                    out.push((var(&name), text));
-                }
-            }
-            if values_empty(app) {
-                // An app with a table and nothing in it still has a lane.
-                out.push((
-                    var("archive"),
-                    self.resolved(parse_id(id)).archive.to_string(),
-                ));
-            }
+        let resolved = resolve(Some(app), d);
+        if resolved.archive && resolved.s3_bucket.as_deref().is_none_or(str::is_empty) {
+            return Err(format!(
+                "{} is on but the app has no bucket: set {} (or s3_bucket)",
+                field("archive"),
+                field("s3_bucket")
+            ));
         }
-        out
+        if let (Some(own), Some(listed)) = (&app.tic_key, listed.and_then(|k| k.get(sdkappid)))
+            && own.expose_secret() != listed.expose_secret()
+        {
+            return Err(format!(
+                "{} and tic_keys give app {sdkappid} two different TicKeys: keep one",
+                field("tic_key")
+            ));
+        }
     }
+    Ok(())
 }
 
-fn values_empty(app: &AppSettings) -> bool {
-    matches!(serde_json::to_value(app), Ok(serde_json::Value::Object(m)) if m.values().all(serde_json::Value::is_null))
+/// Every app's TicKey (`tic_key`), by sdkappid.
+pub fn keys(apps: &Apps) -> impl Iterator<Item = (i64, &SecretString)> {
+    apps.iter()
+        .filter_map(|(id, app)| Some((parse_id(id)?, app.tic_key.as_ref()?)))
+}
+
+/// The environment form of every app's settings, secrets included (how a
+/// parent hands a child the same configuration).
+pub fn environment(apps: &Apps, d: &Defaults) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (id, app) in apps {
+        let var = |field: &str| format!("{ENV_PREFIX}APPS__{id}__{}", field.to_ascii_uppercase());
+        let Ok(serde_json::Value::Object(values)) = serde_json::to_value(app) else {
+            unreachable!("AppSettings serializes to an object");
+        };
+        let before = out.len();
+        for (name, value) in values {
+            let secret = match name.as_str() {
+                "tic_key" => Some(&app.tic_key),
+                "s3_access_key_id" => Some(&app.s3_access_key_id),
+                "s3_secret_access_key" => Some(&app.s3_secret_access_key),
+                _ => None,
+            };
+            let text = match secret {
+                Some(s) => s.as_ref().map(|s| quoted(s.expose_secret())),
+                None => env_text(&value),
+            };
+            if let Some(text) = text {
+                out.push((var(&name), text));
+            }
+        }
+        if out.len() == before {
+            // A table with nothing in it still gives the app its lane.
+            out.push((var("archive"), resolve(Some(app), d).archive.to_string()));
+        }
+    }
+    out
 }
 
 fn parse_id(id: &str) -> Option<i64> {
@@ -240,10 +243,6 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
-fn invalid<T>(why: String) -> Result<T, ConfigError> {
-    Err(ConfigError::Invalid(why))
-}
-
 #[cfg(test)]
 #[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error.
 mod tests {
@@ -251,7 +250,7 @@ mod tests {
 
     use secrecy::ExposeSecret;
 
-    use super::*;
+    use crate::config::settings::Config;
 
     const TWO_APPS: &str = r#"
 archive = true

@@ -14,17 +14,12 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::broker::amqp::addresses;
-use crate::config::apps::Apps;
+use crate::config::apps::{self, Apps, Resolved};
+pub use crate::config::forms::{ENV_PREFIX, env_var};
+use crate::config::forms::{REDACTED, env_text, list, optional_secret, quoted, redacted, secret};
 use crate::decision::url_policy::TIC_VOD_HOSTS;
 use crate::decision::verify::{SignatureMode, TicKeys};
 use crate::tic::client::DEFAULT_API_BASE;
-
-pub const ENV_PREFIX: &str = "LESSON_REPLAY_";
-
-/// The environment variable of a setting: `amqp_url` → `LESSON_REPLAY_AMQP_URL`.
-pub fn env_var(name: &str) -> String {
-    format!("{ENV_PREFIX}{}", name.to_ascii_uppercase())
-}
 
 /// S3's limits on a multipart part.
 const MIN_PART_BYTES: usize = 5 * 1024 * 1024;
@@ -111,66 +106,6 @@ pub struct Config {
     pub watch_max_age_secs: u64,
     pub watch_callback_grace_secs: u64,
     pub apps: Apps,
-}
-
-/// A secret as text, whatever the loader made of it: the environment form of
-/// an all-digit secret reads as a number, and a type error would print it.
-fn secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Form {
-        Text(String),
-        Int(i64),
-        Uint(u64),
-        Float(f64),
-        Bool(bool),
-    }
-    let text = match Form::deserialize(d)
-        .map_err(|_| serde::de::Error::custom("a secret must be text (its value is not shown)"))?
-    {
-        Form::Text(t) => t,
-        Form::Int(n) => n.to_string(),
-        Form::Uint(n) => n.to_string(),
-        Form::Float(f) => f.to_string(),
-        Form::Bool(b) => b.to_string(),
-    };
-    Ok(SecretString::from(text))
-}
-
-pub(crate) fn optional_secret<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<SecretString>, D::Error> {
-    secret(d).map(Some)
-}
-
-/// A list given as a TOML array or as a comma-separated string (environment).
-fn list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de> + std::str::FromStr,
-    T::Err: std::fmt::Display,
-{
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Form<T> {
-        List(Vec<T>),
-        Text(String),
-        One(u64),
-    }
-    match Form::<T>::deserialize(d)? {
-        Form::List(items) => Ok(items),
-        Form::Text(text) => text
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| s.parse().map_err(serde::de::Error::custom))
-            .collect(),
-        Form::One(n) => n
-            .to_string()
-            .parse()
-            .map(|v| vec![v])
-            .map_err(serde::de::Error::custom),
-    }
 }
 
 impl Default for Config {
@@ -298,14 +233,8 @@ impl Serialize for TicKeysSetting {
     }
 }
 
-const REDACTED: &str = "[REDACTED]";
-
 fn invalid<T>(why: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError::Invalid(why.into()))
-}
-
-fn redacted<S: Serializer>(secret: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
-    secret.as_ref().map(|_| REDACTED).serialize(s)
 }
 
 /// The broker URL with its password masked: `amqp://user:***@host:5672/%2f`.
@@ -395,7 +324,12 @@ impl Config {
         self.validate_counts()?;
         self.validate_addresses()?;
         self.validate_archive()?;
-        self.validate_apps()?;
+        apps::validate(
+            &self.apps,
+            &self.defaults(),
+            self.tic_keys.parse().ok().as_ref(),
+        )
+        .map_err(ConfigError::Invalid)?;
         let keys = self.keys().map_err(ConfigError::Invalid)?;
         if self.signature == SignatureMode::Required && keys.is_empty() {
             return invalid("signature = required but no tic_keys are configured");
@@ -590,19 +524,48 @@ impl Config {
                 out.push((env_var(&name), text));
             }
         }
-        out.extend(self.apps_environment());
+        out.extend(apps::environment(&self.apps, &self.defaults()));
         out
     }
 
     /// Every TicKey: `tic_keys` and each app's `tic_key`.
     pub fn keys(&self) -> Result<TicKeys, String> {
         let mut keys = self.tic_keys.parse()?;
-        for (id, app) in &self.apps {
-            if let (Some(key), Ok(id)) = (&app.tic_key, id.trim().parse::<i64>()) {
-                keys.insert(id, key.clone());
-            }
+        for (app, key) in apps::keys(&self.apps) {
+            keys.insert(app, key.clone());
         }
         Ok(keys)
+    }
+
+    /// The sdkappids with an `[apps.<sdkappid>]` table, in order.
+    pub fn app_ids(&self) -> Vec<i64> {
+        apps::ids(&self.apps)
+    }
+
+    /// The settings of app `sdkappid` (`None`: the default, for apps without
+    /// a table and messages without an app).
+    pub fn resolved(&self, sdkappid: Option<i64>) -> Resolved {
+        let table = sdkappid.and_then(|id| self.apps.get(&id.to_string()));
+        apps::resolve(table, &self.defaults())
+    }
+
+    /// What every app's table falls back on.
+    fn defaults(&self) -> apps::Defaults<'_> {
+        apps::Defaults {
+            archive: self.archive,
+            concurrency: self.concurrency,
+            s3_bucket: self.s3_bucket.as_deref(),
+            s3_prefix: &self.s3_prefix,
+            s3_endpoint: self.s3_endpoint.as_deref(),
+            s3_region: &self.s3_region,
+            s3_force_path_style: self.s3_force_path_style,
+            s3_storage_class: self.s3_storage_class.as_deref(),
+            s3_sse: self.s3_sse.as_deref(),
+            credentials: self
+                .s3_access_key_id
+                .as_ref()
+                .zip(self.s3_secret_access_key.as_ref()),
+        }
     }
 
     /// The value of a secret setting (`Some(None)`: unset); `None` for a
@@ -617,29 +580,6 @@ impl Config {
             "s3_secret_access_key" => Some(exposed(&self.s3_secret_access_key)),
             _ => None,
         }
-    }
-}
-
-/// A string as the environment form of a setting: quoted, so that a value
-/// that looks like a number or a boolean (`2024`, `true`) stays a string.
-pub(crate) fn quoted(text: &str) -> String {
-    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
-/// A serialized setting as an environment variable's text; `None` when unset.
-pub(crate) fn env_text(value: &serde_json::Value) -> Option<String> {
-    use serde_json::Value;
-    match value {
-        Value::Null => None,
-        Value::String(s) => Some(quoted(s)),
-        Value::Array(items) => Some(
-            items
-                .iter()
-                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
-                .collect::<Vec<_>>()
-                .join(","),
-        ),
-        other => Some(other.to_string()),
     }
 }
 
