@@ -518,3 +518,54 @@ async fn with_lanes_retries_come_back_to_their_lane_and_bad_input_is_parked() {
     worker.stop().await;
     broker.cleanup().await;
 }
+
+/// Orphan cleanup in the app's own bucket: an upload of a lesson's object
+/// left open in app two's store (moto, which lists uploads) is aborted when
+/// the lesson comes again, and the default store is never asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_left_open_in_an_apps_bucket_is_aborted_there() {
+    let s3 = S3Server::start("school-default");
+    let moto = MotoServer::start("school-two").await;
+    let origin = Origin::start().await;
+    let mut config = isolated_config("apps-orphans");
+    s3.configure(&mut config, "school-default");
+    config.probe = true;
+    add_app(
+        &mut config,
+        TWO,
+        app_on(&moto.endpoint, "school-two", "two-key-id", "two-secret"),
+    );
+    let broker = Broker::new(config).await;
+    let metrics = Metrics::new();
+    let worker = spawn_worker_with(broker.config.clone(), Health::default(), metrics.clone()).await;
+    let url = origin.add("/cam.mp4", FASTSTART.to_vec(), Faults::default());
+    let lesson = one_camera("orphan-two", 7, &url, FASTSTART.len());
+    let two = TWO.to_string();
+    broker
+        .publish(&lesson, callback_headers(None, None, Some(&two)))
+        .await;
+    let (record, _) = broker.take(&broker.config.records_queue, 1).await.remove(0);
+    let key = record["tracks"][0]["archive"]["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // An upload of the same object no journal knows, with a part.
+    moto.open_upload("school-two", &key).await;
+    assert_eq!(moto.uploads("school-two").await, vec![key.clone()]);
+    broker
+        .publish(&lesson, callback_headers(None, None, Some(&two)))
+        .await;
+    let (again, _) = broker.take(&broker.config.records_queue, 1).await.remove(0);
+    worker.stop().await;
+    assert_eq!(again, record);
+    assert_eq!(moto.uploads("school-two").await, Vec::<String>::new());
+    assert_eq!(
+        metric(&metrics, "lesson_replay_orphan_uploads_aborted_total"),
+        1
+    );
+    assert!(
+        keys(&s3.client(), "school-default").await.is_empty(),
+        "the default store holds nothing of app two"
+    );
+    broker.cleanup().await;
+}

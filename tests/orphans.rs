@@ -139,24 +139,7 @@ async fn an_upload_the_store_lists_is_aborted_even_without_a_journal_entry() {
 
     // An upload of the same object that no journal knows (its worker died
     // between starting it and journaling it), with a part.
-    let client = moto.client();
-    let started = client
-        .create_multipart_upload()
-        .bucket("school")
-        .key(&key)
-        .send()
-        .await
-        .unwrap();
-    client
-        .upload_part()
-        .bucket("school")
-        .key(&key)
-        .upload_id(started.upload_id().unwrap())
-        .part_number(1)
-        .body(vec![7u8; 5 * MIB].into())
-        .send()
-        .await
-        .unwrap();
+    moto.open_upload("school", &key).await;
     assert_eq!(moto.uploads("school").await, vec![key.clone()]);
 
     // The lesson again (TIC sends duplicates by design): found archived,

@@ -403,7 +403,8 @@ enum Kind {
 }
 
 /// Move a message from the work queue to its app's lane (confirmed), then
-/// acknowledge it; when the move fails, put it back. Only its app is read:
+/// acknowledge it; when the lane does not confirm, the shortest delay tier
+/// takes it; only when that fails too is it put back. Only its app is read:
 /// the lane's consumer decides the rest, and parks what is bad.
 async fn sort(context: Arc<Context>, delivery: Delivery) {
     let envelope = amqp::envelope_of(&delivery.properties);
@@ -436,21 +437,7 @@ async fn sort(context: Arc<Context>, delivery: Delivery) {
         }
         ok => ok,
     };
-    let settled = match moved {
-        Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
-        Err(e) => {
-            error!(error = %e, %lane, "could not move the message on: requeued");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let requeue = BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            };
-            delivery.acker.nack(requeue).await
-        }
-    };
-    if let Err(e) = settled {
-        warn!(error = %e, "ack/nack failed (channel gone): the broker redelivers the message");
-    }
+    ack_or_requeue(&delivery, moved).await;
 }
 
 /// Decide what one delivery becomes, carry it out, and settle it with the
@@ -763,6 +750,12 @@ async fn settle(
         Outcome::Retry(reason) => retry_later(context, delivery, &reason, attempt, kind).await,
         Outcome::Watch(watch, delay) => schedule_watch(context, &watch, delay).await,
     };
+    ack_or_requeue(delivery, carried_out).await;
+}
+
+/// Ack once the message's outcome is safe in the broker; else nack with
+/// requeue, so the broker gives the message to another attempt.
+async fn ack_or_requeue(delivery: &Delivery, carried_out: Result<(), PublishError>) {
     let settled = match carried_out {
         Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
         Err(e) => {

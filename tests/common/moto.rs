@@ -73,6 +73,29 @@ impl MotoServer {
         client_for(&self.endpoint)
     }
 
+    /// Start a multipart upload of `bucket`/`key` and send it one part, as a
+    /// worker that died before journaling it would leave it.
+    pub async fn open_upload(&self, bucket: &str, key: &str) {
+        let client = self.client();
+        let started = client
+            .create_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        client
+            .upload_part()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(started.upload_id().unwrap())
+            .part_number(1)
+            .body(vec![7u8; 5 * 1024 * 1024].into())
+            .send()
+            .await
+            .unwrap();
+    }
+
     /// The keys of the multipart uploads under way in `bucket`.
     pub async fn uploads(&self, bucket: &str) -> Vec<String> {
         let listed = self
