@@ -15,8 +15,8 @@ use common::tic_mock::{
     APP, KEY, TaskScript, TicMock, finished_answer, record_finished, record_started,
 };
 use common::{
-    Broker, WorkerProcess, header, isolated_config, spawn_ingress, spawn_worker_with, wait_until,
-    worker_env,
+    Broker, RunningIngress, RunningWorker, WorkerProcess, header, isolated_config, spawn_ingress,
+    spawn_worker_with, wait_until, worker_env,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lesson_replay::config::settings::{Config, TicKeysSetting};
@@ -51,6 +51,17 @@ fn watch_events(metrics: &Metrics, event: &str) -> u64 {
     )
 }
 
+/// The test's broker, then a worker (its metrics) and an ingress, both ready.
+async fn services(config: &Config) -> (Broker, Metrics, RunningWorker, RunningIngress) {
+    let broker = Broker::new(config.clone()).await;
+    let metrics = Metrics::default();
+    let worker = spawn_worker_with(config.clone(), Health::default(), metrics.clone()).await;
+    let ingress = spawn_ingress(config.clone(), Metrics::default()).await;
+    ingress.wait_ready().await;
+    worker.wait_ready().await;
+    (broker, metrics, worker, ingress)
+}
+
 /// Records until `want` distinct tasks have one (a duplicate must be identical).
 async fn collect(broker: &Broker, want: usize, limit: Duration) -> HashMap<String, Value> {
     let mut records: HashMap<String, Value> = HashMap::new();
@@ -83,12 +94,7 @@ async fn fifty_lessons_get_their_records_though_twenty_callbacks_are_lost() {
     let mut config = watching("watch-fifty", &mock, 5);
     s3.configure(&mut config, "school");
     config.probe = true;
-    let broker = Broker::new(config.clone()).await;
-    let metrics = Metrics::default();
-    let worker = spawn_worker_with(config.clone(), Health::default(), metrics.clone()).await;
-    let ingress = spawn_ingress(config.clone(), Metrics::default()).await;
-    ingress.wait_ready().await;
-    worker.wait_ready().await;
+    let (broker, metrics, worker, ingress) = services(&config).await;
 
     let url = origin.add("/lesson.mp4", FASTSTART.to_vec(), Faults::default());
     let start = now();
@@ -234,12 +240,7 @@ async fn a_watch_looks_for_the_record_in_its_apps_bucket() {
         ..AppSettings::default()
     };
     config.apps.insert(APP.to_string(), table);
-    let broker = Broker::new(config.clone()).await;
-    let metrics = Metrics::default();
-    let worker = spawn_worker_with(config.clone(), Health::default(), metrics.clone()).await;
-    let ingress = spawn_ingress(config.clone(), Metrics::default()).await;
-    ingress.wait_ready().await;
-    worker.wait_ready().await;
+    let (broker, metrics, worker, ingress) = services(&config).await;
 
     let url = origin.add("/app.mp4", FASTSTART.to_vec(), Faults::default());
     let start = now();

@@ -353,15 +353,7 @@ concurrency = 2
             // All-digit secrets stay text.
             let (id, _) = two.credentials.unwrap();
             assert_eq!(id.expose_secret(), "2024");
-            assert_eq!(
-                config
-                    .keys()
-                    .unwrap()
-                    .get(1400000002)
-                    .unwrap()
-                    .expose_secret(),
-                "123456"
-            );
+            assert_eq!(tic_key(&config, 1400000002), "123456");
             // And back: the environment a parent hands a child gives the same.
             let env = config.to_environment();
             jail.clear_env();
@@ -373,15 +365,7 @@ concurrency = 2
                 serde_json::to_value(&again).unwrap(),
                 serde_json::to_value(&config).unwrap()
             );
-            assert_eq!(
-                again
-                    .keys()
-                    .unwrap()
-                    .get(1400000002)
-                    .unwrap()
-                    .expose_secret(),
-                "123456"
-            );
+            assert_eq!(tic_key(&again, 1400000002), "123456");
             Ok(())
         });
     }
@@ -407,6 +391,17 @@ concurrency = 2
             );
             Ok(())
         });
+    }
+
+    /// App `app`'s TicKey, as the worker sees it.
+    fn tic_key(config: &Config, app: i64) -> String {
+        config
+            .keys()
+            .unwrap()
+            .get(app)
+            .unwrap()
+            .expose_secret()
+            .to_owned()
     }
 
     /// The error of loading `toml`.

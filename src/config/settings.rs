@@ -19,6 +19,7 @@ pub use crate::config::forms::{ENV_PREFIX, env_var};
 use crate::config::forms::{REDACTED, env_text, list, optional_secret, quoted, redacted, secret};
 use crate::decision::url_policy::TIC_VOD_HOSTS;
 use crate::decision::verify::{SignatureMode, TicKeys};
+use crate::media::archive::keys::DEFAULT_PREFIX;
 use crate::tic::client::DEFAULT_API_BASE;
 
 /// S3's limits on a multipart part.
@@ -138,7 +139,7 @@ impl Default for Config {
             s3_access_key_id: None,
             s3_secret_access_key: None,
             s3_bucket: None,
-            s3_prefix: "lesson-replay".into(),
+            s3_prefix: DEFAULT_PREFIX.into(),
             s3_storage_class: None,
             s3_sse: None,
             s3_part_size_bytes: 8 * 1024 * 1024,

@@ -30,52 +30,62 @@ struct Destinations {
 }
 
 impl Destinations {
-    /// Build each destination. The default one is checked and stops the
-    /// worker when unusable (as it always has); an app's is checked too, but
-    /// a failure only warns: that app's lessons are parked with the store's
-    /// reason while every other app is served.
+    /// Build each destination and check them all side by side (start-up
+    /// waits for the slowest store, not for the sum). The default one stops
+    /// the worker when unusable (as it always has); an app's only warns:
+    /// that app's lessons are parked with the store's reason while every
+    /// other app is served.
     async fn new(settings: &MediaSettings, metrics: &Metrics) -> Result<Destinations, S3Error> {
-        let mut budget = None;
-        let mut build = async |archive: &ArchiveSettings, app: Option<i64>| {
-            let shared = budget
-                .get_or_insert_with(|| {
-                    PartBudget::new(
-                        archive.part_size,
-                        archive.memory_bytes,
-                        Some(metrics.clone()),
-                    )
-                })
-                .clone();
-            Archiver::for_app(archive, metrics.clone(), shared, app).await
+        let app_settings = settings.apps.iter().filter_map(|(_, a)| a.as_ref());
+        let Some(first) = settings.archive.iter().chain(app_settings).next() else {
+            return Ok(Destinations {
+                default: None,
+                apps: HashMap::new(),
+            });
+        };
+        // The transfer settings are the worker's: the same in every destination.
+        let budget = PartBudget::new(first.part_size, first.memory_bytes, Some(metrics.clone()));
+        let build = async |archive: &ArchiveSettings, app: Option<i64>| {
+            Archiver::for_app(archive, metrics.clone(), budget.clone(), app).await
         };
         let default = match &settings.archive {
-            Some(archive) => {
-                let archiver = build(archive, None).await;
-                archiver.check().await?;
-                info!(bucket = archiver.bucket(), "archiving to S3");
-                Some(archiver)
-            }
+            Some(archive) => Some(build(archive, None).await),
             None => None,
         };
         let mut apps = HashMap::new();
         for (app, archive) in &settings.apps {
             let archiver = match archive {
-                Some(archive) => {
-                    let archiver = build(archive, Some(*app)).await;
-                    match archiver.check().await {
-                        Ok(()) => info!(
-                            sdkappid = app,
-                            bucket = archiver.bucket(),
-                            "app archives to S3"
-                        ),
-                        Err(e) => error!(sdkappid = app, bucket = archiver.bucket(), error = %e,
-                            "the app's bucket is not usable: its lessons are parked until it is (docs/operations.md)"),
-                    }
-                    Some(archiver)
-                }
+                Some(archive) => Some(build(archive, Some(*app)).await),
                 None => None,
             };
             apps.insert(*app, archiver);
+        }
+        let app_checks = apps.iter().filter_map(|(app, archiver)| {
+            let archiver = archiver.as_ref()?;
+            Some(async move { (*app, archiver, archiver.check().await) })
+        });
+        let default_check = async {
+            match &default {
+                Some(archiver) => archiver.check().await,
+                None => Ok(()),
+            }
+        };
+        let (default_checked, apps_checked) =
+            tokio::join!(default_check, futures_util::future::join_all(app_checks));
+        for (app, archiver, checked) in apps_checked {
+            match checked {
+                Ok(()) => info!(
+                    sdkappid = app,
+                    bucket = archiver.bucket(),
+                    "app archives to S3"
+                ),
+                Err(e) => error!(sdkappid = app, bucket = archiver.bucket(), error = %e,
+                    "the app's bucket is not usable: its lessons are parked until it is (docs/operations.md)"),
+            }
+        }
+        default_checked?;
+        if let Some(archiver) = &default {
+            info!(bucket = archiver.bucket(), "archiving to S3");
         }
         Ok(Destinations { default, apps })
     }

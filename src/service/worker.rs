@@ -238,7 +238,7 @@ async fn session(shared: &Shared, connected: impl FnOnce()) -> Result<(), Worker
     // (RabbitMQ applies `basic_qos` to the consumers created after it).
     let mut consumers = Vec::new();
     let mut tags = Vec::new();
-    for (n, (queue, prefetch, kind)) in consumed(config).into_iter().enumerate() {
+    for (n, (queue, prefetch, feed)) in consumed(config).into_iter().enumerate() {
         consumer_channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
@@ -259,7 +259,7 @@ async fn session(shared: &Shared, connected: impl FnOnce()) -> Result<(), Worker
             consumer
                 .map(Some)
                 .chain(ended)
-                .map(move |next| (kind, queue.clone(), next))
+                .map(move |next| (feed, queue.clone(), next))
                 .boxed(),
         );
     }
@@ -283,10 +283,10 @@ async fn session(shared: &Shared, connected: impl FnOnce()) -> Result<(), Worker
         tokio::select! {
             () = shared.stop.cancelled() => break,
             next = deliveries.next() => match next {
-                Some((Kind::Sort, _, Some(Ok(delivery)))) => {
+                Some((Feed::Sort, _, Some(Ok(delivery)))) => {
                     shared.handlers.spawn(sort(context.clone(), delivery));
                 }
-                Some((kind, _, Some(Ok(delivery)))) => {
+                Some((Feed::Handle(kind), _, Some(Ok(delivery)))) => {
                     shared.handlers.spawn(handle_delivery(context.clone(), delivery, kind));
                 }
                 Some((_, _, Some(Err(e)))) => return Err(WorkerError::Broker(e)),
@@ -321,7 +321,7 @@ async fn session(shared: &Shared, connected: impl FnOnce()) -> Result<(), Worker
 /// table, one for every other app — and each lane is processed with a
 /// prefetch of its own, so one app's backlog never holds another's lessons.
 /// And the due watches, always.
-fn consumed(config: &Config) -> Vec<(String, u16, Kind)> {
+fn consumed(config: &Config) -> Vec<(String, u16, Feed)> {
     let topology = &config.broker_settings().topology;
     let lanes = topology::lanes(topology);
     let mut queues = Vec::new();
@@ -329,19 +329,19 @@ fn consumed(config: &Config) -> Vec<(String, u16, Kind)> {
         queues.push((
             config.work_queue.clone(),
             config.concurrency,
-            Kind::Message { app: None },
+            Feed::Handle(Kind::Message { app: None }),
         ));
     } else {
-        queues.push((config.work_queue.clone(), config.concurrency, Kind::Sort));
+        queues.push((config.work_queue.clone(), config.concurrency, Feed::Sort));
         for (app, queue) in lanes {
             let prefetch = config.resolved(app).concurrency;
-            queues.push((queue, prefetch, Kind::Message { app }));
+            queues.push((queue, prefetch, Feed::Handle(Kind::Message { app })));
         }
     }
     queues.push((
         due_queue(&config.work_queue),
         watch_prefetch(config.concurrency),
-        Kind::Watch,
+        Feed::Handle(Kind::Watch),
     ));
     queues
 }
@@ -396,10 +396,17 @@ enum Kind {
     /// A TIC message to process: from the work queue (no apps configured) or
     /// from the lane of `app` (`None`: the lane of every other app).
     Message { app: Option<i64> },
-    /// A TIC message on the work queue, to sort into its app's lane.
-    Sort,
     /// A due watch.
     Watch,
+}
+
+/// What a consumer's deliveries go to.
+#[derive(Debug, Clone, Copy)]
+enum Feed {
+    /// The work queue, with lanes: each message is moved to its app's lane.
+    Sort,
+    /// Processed here, as this kind.
+    Handle(Kind),
 }
 
 /// Move a message from the work queue to its app's lane (confirmed), then
@@ -469,7 +476,7 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery, kind: Kind) 
         // A panic is a bug in one message's processing: caught, retried like a
         // transient failure, and the worker goes on.
         let processing = match kind {
-            Kind::Message { .. } | Kind::Sort => {
+            Kind::Message { .. } => {
                 AssertUnwindSafe(process(&context, &delivery).boxed()).catch_unwind()
             }
             Kind::Watch => {
@@ -505,7 +512,7 @@ async fn handle_delivery(context: Arc<Context>, delivery: Delivery, kind: Kind) 
         lesson: None,
         app: match kind {
             Kind::Message { app } => app,
-            Kind::Sort | Kind::Watch => None,
+            Kind::Watch => None,
         },
     };
     HANDLING
@@ -925,7 +932,7 @@ async fn park_or_defer(
         return Ok(());
     };
     let queue = match kind {
-        Kind::Message { .. } | Kind::Sort => shortest_tier(context),
+        Kind::Message { .. } => shortest_tier(context),
         // A watch waits among the watches: the retry tiers lead to the work queue.
         Kind::Watch => {
             let delays = context.config.watch_schedule().delays();

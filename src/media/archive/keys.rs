@@ -5,6 +5,9 @@
 use crate::decision::record::{Kind, Record, Track};
 use crate::media::archive::{Archiver, md5_hex};
 
+/// The key prefix of every object unless `s3_prefix` says otherwise.
+pub const DEFAULT_PREFIX: &str = "lesson-replay";
+
 /// The folder (under the prefix) of each archived object's record — its size,
 /// ETag, MD5 and probe — written after the upload, read by
 /// [`Archiver::existing`]: `<records>/<MD5 of the object key>.json`. No key

@@ -8,6 +8,7 @@ use aws_sdk_s3::types::{
 };
 
 use crate::media::archive::Archiver;
+use crate::media::archive::keys::DEFAULT_PREFIX;
 use crate::media::archive::orphans::JOURNAL;
 use crate::media::s3_error::S3Error;
 
@@ -31,9 +32,6 @@ pub fn rule_ids(prefix: &str) -> (String, String) {
         )
     }
 }
-
-/// The default of `s3_prefix`.
-const DEFAULT_PREFIX: &str = "lesson-replay";
 
 impl Archiver {
     /// Put the two rules of this archiver's prefix in the bucket's lifecycle
