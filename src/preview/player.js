@@ -1,45 +1,84 @@
-// The replay player: one lesson clock drives every <video>. Each track is
-// shown only while it plays and only where the record's layout segment of
-// the moment puts it; a video that drifts from the clock is re-seeked.
-// Everything shown from the record is set as text, never parsed as HTML.
+// The replay player. One lesson clock drives every <video>: TIC records each
+// user's camera and microphone on a track of its own, at its own offset, so
+// no one track spans the lesson. A track plays (and is heard) while the clock
+// is inside its span, and is shown where the record's layout segment of the
+// moment puts it; a video that drifts from the clock is re-seeked.
+//
+// The clock stands while any track on the timeline has no data to play
+// (`waiting`, a seek): every track pauses, and they go on together once all
+// can play. Sound needs one real click (the browser's autoplay rule); when it
+// is refused, the page says so and offers the click. Speed, volume, mute,
+// keys, full screen, resume and a hidden tab shown again all act on that one
+// clock. Everything shown from the record is set as text, never parsed as HTML.
 (() => {
   "use strict";
   const record = JSON.parse(document.getElementById("record").textContent);
   const sources = JSON.parse(document.getElementById("sources").textContent);
   const DRIFT = 0.25; // seconds a playing video may be off the clock
-  const stage = document.getElementById("stage");
-  const seekBar = document.getElementById("seek");
-  const clock = document.getElementById("clock");
-  const button = document.getElementById("play");
-  const timeline = document.getElementById("timeline");
+  const RATES = [0.5, 0.75, 1, 1.25, 1.5, 1.75, 2];
+  const END_GUARD = 10000; // ms: no resume offered this close to the end
+  const $ = (id) => document.getElementById(id);
+  const player = $("player"), stage = $("stage"), seekBar = $("seek"), clock = $("clock");
+  const button = $("play"), muteButton = $("mute"), volumeBar = $("volume"), speed = $("speed");
+  const fullButton = $("fullscreen"), keysButton = $("keys-button"), keys = $("keys");
+  const status = $("status"), notice = $("notice"), resumeBox = $("resume"), timeline = $("timeline");
   const duration = Math.max(record.duration_ms, 1);
   seekBar.max = String(duration);
+  // iOS lets one element of a page sound at a time: there, the main track.
+  const oneAudible = /iP(hone|ad|od)/.test(navigator.userAgent) ||
+    (navigator.platform === "MacIntel" && navigator.maxTouchPoints > 1);
+
+  // --- what is kept between visits: the position per lesson, the volume, mute and speed ---
+  const store = {
+    get(key) { try { return JSON.parse(localStorage.getItem(key)); } catch (e) { return null; } },
+    set(key, value) { try { localStorage.setItem(key, JSON.stringify(value)); } catch (e) { /* private mode */ } },
+    remove(key) { try { localStorage.removeItem(key); } catch (e) { /* private mode */ } },
+  };
+  const positionKey = "lesson-replay:position:" + record.replay_id;
+  const prefsKey = "lesson-replay:prefs";
+  const prefs = store.get(prefsKey) || {};
+
+  let playing = false; // the viewer wants the lesson to play
+  let waiting = false; // a track on the timeline has no data: the clock stands
+  let base = 0; // lesson ms at `since`
+  let since = 0;
+  let rate = RATES.includes(prefs.rate) ? prefs.rate : 1;
+  let volume = typeof prefs.volume === "number" ? Math.max(0, Math.min(1, prefs.volume)) : 1;
+  let muted = prefs.muted === true;
+  let savedAt = 0;
+  let playedFrom = 0; // where the last Play was pressed
+  const now = () =>
+    playing && !waiting ? Math.min(duration, base + (performance.now() - since) * rate) : base;
 
   const players = record.tracks.map((track) => {
     const video = document.createElement("video");
-    video.muted = true;
     video.playsInline = true;
+    video.setAttribute("playsinline", "");
     video.preload = "auto";
     video.dataset.track = track.track_id;
-    const urls = sources[track.track_id] || [track.source_url];
-    let next = 0;
-    video.src = urls[next];
+    const p = { track, video, urls: sources[track.track_id] || [track.source_url], next: 0, failed: false };
+    video.src = p.urls[0];
     // The archived copy first; when it cannot be reached, the next source.
     video.addEventListener("error", () => {
-      if (++next < urls.length) {
-        video.src = urls[next];
-        show(now(), true);
+      if (++p.next < p.urls.length) {
+        video.src = p.urls[p.next];
+      } else {
+        p.failed = true; // no source left: never waited for
+        const lane = timeline.querySelector(`.lane[data-track="${CSS.escape(track.track_id)}"]`);
+        if (lane) lane.classList.add("failed");
       }
+      show(now(), true);
     });
+    // Its media time can be set from now on: put it on the clock.
+    video.addEventListener("loadedmetadata", () => {
+      const ms = now();
+      if (onTimeline(p, ms)) video.currentTime = (ms - track.offset_ms) / 1000;
+      show(ms, false);
+    });
+    video.addEventListener("waiting", tick);
     stage.appendChild(video);
-    return { track, video };
+    return p;
   });
-
-  let playing = false;
-  let base = 0; // lesson ms at `since`
-  let since = 0;
-  const now = () =>
-    playing ? Math.min(duration, base + (performance.now() - since)) : base;
 
   function segmentAt(ms) {
     const segments = record.layout;
@@ -56,55 +95,138 @@
     return placed;
   }
 
-  // What each track should show at `ms`: its box and media time, or nothing.
-  function wanted(ms) {
-    const placed = placements(ms);
-    return players.map(({ track, video }) => {
-      const box = placed.get(track.track_id);
-      const on = box && ms >= track.offset_ms && ms < track.offset_ms + track.duration_ms;
-      return { video, box: on ? box : null, at: (ms - track.offset_ms) / 1000 };
-    });
+  const onTimeline = (p, ms) =>
+    !p.failed && ms >= p.track.offset_ms && ms < p.track.offset_ms + p.track.duration_ms;
+  const speaks = (p) => p.track.kind === "camera" || p.track.kind === "mixed";
+
+  // Where only one element may sound: the main track when it carries a
+  // voice, else the first speaking track on screen, else the first on the timeline.
+  function soundingTrack(ms, placed) {
+    const s = segmentAt(ms);
+    const live = players.filter((p) => onTimeline(p, ms));
+    const main = s && s.main && live.find((p) => p.track.track_id === s.main.track_id);
+    const pick = (main && speaks(main) && main) ||
+      live.find((p) => speaks(p) && placed.has(p.track.track_id)) || live.find(speaks) || live[0];
+    return pick ? pick.track.track_id : null;
   }
 
+  // Put every track where the clock says at `ms`: shown or hidden, sounding
+  // or not, at its media time (exactly, or within DRIFT), playing or paused.
   function show(ms, exact) {
-    for (const { video, box, at } of wanted(ms)) {
-      if (!box) {
+    const placed = placements(ms);
+    const sounding = oneAudible ? soundingTrack(ms, placed) : null;
+    const run = playing && !waiting;
+    for (const p of players) {
+      const { track, video } = p;
+      const on = onTimeline(p, ms);
+      const box = on ? placed.get(track.track_id) : null;
+      if (box) {
+        Object.assign(video.style, {
+          display: "block",
+          left: box.x * 100 + "%",
+          top: box.y * 100 + "%",
+          width: box.w * 100 + "%",
+          height: box.h * 100 + "%",
+        });
+      } else {
         video.style.display = "none";
+      }
+      video.muted = muted || (sounding !== null && sounding !== track.track_id);
+      video.volume = volume;
+      if (video.playbackRate !== rate) video.playbackRate = rate;
+      video.preservesPitch = true;
+      if (!on) {
         if (!video.paused) video.pause();
         continue;
       }
-      Object.assign(video.style, {
-        display: "block",
-        left: box.x * 100 + "%",
-        top: box.y * 100 + "%",
-        width: box.w * 100 + "%",
-        height: box.h * 100 + "%",
-      });
+      const at = (ms - track.offset_ms) / 1000;
       const off = Math.abs(video.currentTime - at);
-      if ((exact && off > 0.001) || off > DRIFT) {
-        try { video.currentTime = at; } catch (e) { /* not loaded yet: set on loadedmetadata */ }
+      if (video.readyState >= 1 && ((exact && off > 0.001) || (run && off > DRIFT))) {
+        video.currentTime = at;
       }
-      if (playing && video.paused) video.play().catch(() => {});
-      if (!playing && !video.paused) video.pause();
+      if (run && video.paused) start(video);
+      if (!run && !video.paused) video.pause();
     }
     seekBar.value = String(Math.round(ms));
+    seekBar.setAttribute("aria-valuetext", `${format(ms)} of ${format(duration)}`);
     clock.textContent = `${format(ms)} / ${format(duration)}`;
     playhead.style.left = (ms / duration) * 100 + "%";
-    button.textContent = playing ? "Pause" : "Play";
+    const label = playing ? "Pause" : "Play";
+    if (button.textContent !== label) {
+      button.textContent = label;
+      button.setAttribute("aria-label", label);
+      button.title = `${label} (k)`;
+    }
+    status.hidden = !(playing && waiting);
+  }
+
+  function start(video) {
+    const promise = video.play();
+    if (promise) {
+      promise.catch((e) => {
+        // AbortError: a pause() came first, nothing to tell.
+        if (e && e.name === "NotAllowedError") refused();
+      });
+    }
+  }
+
+  // The browser refused to play with sound: back to where Play was
+  // pressed, say so, offer the click.
+  function refused() {
+    playing = false;
+    waiting = false;
+    base = playedFrom;
+    show(base, true);
+    notice.hidden = false;
+    $("notice-play").focus();
+  }
+
+  // The clock's step: stand while a track on the timeline cannot play (at
+  // the earliest moment such a track has shown, so nothing is skipped), go
+  // on when all can.
+  function tick() {
+    if (!playing) return;
+    const ms = now();
+    if (ms >= duration) {
+      pause();
+      base = duration;
+      store.remove(positionKey);
+      show(base, false);
+      return;
+    }
+    const late = players.filter((p) => onTimeline(p, ms) && !p.video.ended &&
+      (p.video.seeking || p.video.readyState < 3));
+    if (late.length && !waiting) {
+      let at = ms;
+      for (const { track, video } of late) {
+        if (video.readyState >= 1 && !video.seeking) at = Math.min(at, track.offset_ms + video.currentTime * 1000);
+      }
+      base = Math.max(0, at);
+      waiting = true;
+    } else if (!late.length && waiting) {
+      waiting = false;
+      since = performance.now();
+    }
+    show(now(), false);
+    if (performance.now() - savedAt > 1000) savePosition();
   }
 
   function frame() {
     if (!playing) return;
-    const ms = now();
-    if (ms >= duration) { pause(); return; }
-    show(ms, false);
+    tick();
     requestAnimationFrame(frame);
   }
+  // A hidden tab gets no animation frames: the clock still steps, slower.
+  setInterval(() => { if (document.hidden) tick(); }, 250);
 
   function play() {
+    notice.hidden = true;
+    resumeBox.hidden = true;
     if (playing) return;
     if (base >= duration) base = 0;
+    playedFrom = base;
     playing = true;
+    waiting = false;
     since = performance.now();
     show(base, true);
     requestAnimationFrame(frame);
@@ -113,13 +235,86 @@
   function pause() {
     base = now();
     playing = false;
+    waiting = false;
     show(base, true);
+    savePosition();
   }
+
+  const toggle = () => (playing ? pause() : play());
 
   function seek(ms) {
     base = Math.max(0, Math.min(duration, ms));
     since = performance.now();
+    waiting = false;
     show(base, true);
+    if (playing) tick();
+  }
+
+  function setRate(r) {
+    base = now();
+    since = performance.now();
+    rate = r;
+    speed.value = String(r);
+    savePrefs();
+    show(base, false);
+  }
+
+  function stepRate(step) {
+    const i = RATES.indexOf(rate) + step;
+    if (i >= 0 && i < RATES.length) setRate(RATES[i]);
+  }
+
+  function setVolume(v) {
+    volume = Math.round(Math.max(0, Math.min(1, v)) * 100) / 100;
+    if (volume > 0) muted = false;
+    volumeBar.value = String(volume);
+    savePrefs();
+    show(now(), false);
+    showMute();
+  }
+
+  function toggleMute() {
+    muted = !muted;
+    savePrefs();
+    show(now(), false);
+    showMute();
+  }
+
+  function showMute() {
+    const label = muted ? "Unmute" : "Mute";
+    muteButton.textContent = label;
+    muteButton.setAttribute("aria-label", label);
+    muteButton.setAttribute("aria-pressed", String(muted));
+    volumeBar.setAttribute("aria-valuetext", muted ? "muted" : `${Math.round(volume * 100)} %`);
+  }
+
+  function toggleFullscreen() {
+    if (document.fullscreenElement) {
+      document.exitFullscreen().catch(() => {});
+    } else if (player.requestFullscreen) {
+      player.requestFullscreen().catch(() => {});
+    } else {
+      // iOS: no element full screen, only a video's own.
+      const main = players.find((p) => p.video.style.display === "block");
+      if (main && main.video.webkitEnterFullscreen) main.video.webkitEnterFullscreen();
+    }
+  }
+
+  function toggleKeys() {
+    keys.hidden = !keys.hidden;
+    keysButton.setAttribute("aria-expanded", String(!keys.hidden));
+  }
+
+  function savePrefs() {
+    store.set(prefsKey, { rate, volume, muted });
+  }
+
+  // The position, for "Resume at …" on return: not near the start or the end.
+  function savePosition() {
+    savedAt = performance.now();
+    const ms = now();
+    if (ms < 5000 || ms > duration - END_GUARD) store.remove(positionKey);
+    else store.set(positionKey, Math.round(ms));
   }
 
   function format(ms) {
@@ -134,9 +329,13 @@
     return new Promise((resolve) => {
       const check = () => {
         const ms = now();
-        const ready = wanted(ms).every(({ video, box, at }) =>
-          !box || (video.readyState >= 2 && !video.seeking &&
-            (playing || Math.abs(video.currentTime - at) < 0.05)));
+        const ready = players.every((p) => {
+          const { video, track } = p;
+          if (!onTimeline(p, ms) || video.style.display !== "block") return true;
+          const at = (ms - track.offset_ms) / 1000;
+          return video.readyState >= 2 && !video.seeking &&
+            (playing || Math.abs(video.currentTime - at) < 0.05);
+        });
         if (ready) requestAnimationFrame(() => requestAnimationFrame(() => resolve(now())));
         else setTimeout(check, 30);
       };
@@ -194,7 +393,7 @@
   });
 
   // --- the facts panel ---
-  const facts = document.getElementById("facts");
+  const facts = $("facts");
   facts.appendChild(el("h2", null, `Lesson ${record.room_id}`));
   const table = (rows) => {
     const t = el("table");
@@ -218,17 +417,78 @@
   }
   for (const w of record.warnings) facts.appendChild(el("p", "warning", `${w.code}: ${w.message}`));
 
-  button.addEventListener("click", () => (playing ? pause() : play()));
+  // --- controls ---
+  button.addEventListener("click", toggle);
+  $("notice-play").addEventListener("click", play);
   seekBar.addEventListener("input", () => seek(Number(seekBar.value)));
-  for (const { video } of players) video.addEventListener("loadedmetadata", () => show(now(), !playing));
+  muteButton.addEventListener("click", toggleMute);
+  volumeBar.addEventListener("input", () => setVolume(Number(volumeBar.value)));
+  speed.addEventListener("change", () => setRate(Number(speed.value)));
+  fullButton.addEventListener("click", toggleFullscreen);
+  keysButton.addEventListener("click", toggleKeys);
+  speed.value = String(rate);
+  volumeBar.value = String(volume);
+  showMute();
 
-  // `#t=754000` opens the lesson at that moment (ms), for support tickets.
+  // Keys, as video players have them; none while typing in a field, and
+  // a slider's or a list's own arrows stay theirs.
+  const ours = (e) => {
+    if (e.ctrlKey || e.metaKey || e.altKey) return false;
+    const t = e.target;
+    if (!(t instanceof Element)) return true;
+    if (t.isContentEditable || t.tagName === "TEXTAREA") return false;
+    if (t.tagName === "INPUT" && t.type !== "range") return false;
+    const native = (t.tagName === "INPUT" && t.type === "range") || t.tagName === "SELECT";
+    return !(native && /^(Arrow|Home|End|Page)/.test(e.key));
+  };
+  const actions = {
+    " ": toggle, k: toggle, K: toggle,
+    ArrowLeft: () => seek(now() - 5000), ArrowRight: () => seek(now() + 5000),
+    j: () => seek(now() - 10000), J: () => seek(now() - 10000),
+    l: () => seek(now() + 10000), L: () => seek(now() + 10000),
+    ArrowUp: () => setVolume(volume + 0.1), ArrowDown: () => setVolume(volume - 0.1),
+    m: toggleMute, M: toggleMute, f: toggleFullscreen, F: toggleFullscreen,
+    "<": () => stepRate(-1), ">": () => stepRate(1), "?": toggleKeys,
+    Escape: () => { if (!keys.hidden) toggleKeys(); },
+  };
+  for (let d = 0; d <= 9; d++) actions[String(d)] = () => seek((duration * d) / 10);
+  document.addEventListener("keydown", (e) => {
+    const action = actions[e.key];
+    if (!action || !ours(e)) return;
+    // Else Space would also press a focused button, and arrows scroll.
+    e.preventDefault();
+    if (!e.repeat || !/^[ kKmMfF?]$/.test(e.key)) action();
+  });
+
+  // A hidden tab: the lesson goes on by ear (the clock steps on a timer,
+  // tracks start and stop on it). Shown again, every track is put back on
+  // the clock at once (Chromium suspends the pictures of hidden tabs), not at
+  // the next frame.
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible") tick();
+    else if (playing) savePosition();
+  });
+  window.addEventListener("pagehide", () => { if (playing) savePosition(); });
+
+  // `#t=754000` opens the lesson at that moment (ms), for support tickets;
+  // without it, a lesson left part-way is offered where it was left.
   const fromHash = () => {
     const m = /(?:^#|&)t=(\d+)/.exec(location.hash);
-    return m ? Number(m[1]) : 0;
+    return m ? Number(m[1]) : null;
   };
-  window.addEventListener("hashchange", () => seek(fromHash()));
-  seek(fromHash());
+  window.addEventListener("hashchange", () => seek(fromHash() ?? 0));
+  const asked = fromHash();
+  const left = store.get(positionKey);
+  seek(asked ?? 0);
+  if (asked === null && typeof left === "number" && left < duration) {
+    $("resume-play").textContent = `Resume at ${format(left)}`;
+    resumeBox.hidden = false;
+    $("resume-play").addEventListener("click", () => { seek(left); play(); });
+    $("resume-restart").addEventListener("click", () => { store.remove(positionKey); seek(0); play(); });
+  }
 
-  window.lessonReplay = { play, pause, seek, settled, time: now, playing: () => playing };
+  window.lessonReplay = {
+    play, pause, seek, settled, time: now, playing: () => playing, waiting: () => waiting,
+    rate: () => rate, volume: () => volume, muted: () => muted,
+  };
 })();

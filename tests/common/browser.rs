@@ -1,6 +1,6 @@
 //! A real headless Chromium (Debian's package; scripts/ensure-browser.sh
 //! installs it) driven through the DevTools protocol: open a page, run
-//! script, click, take screenshots as pixels.
+//! script, click and press keys as trusted input, take screenshots as pixels.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -39,9 +39,24 @@ fn binary() -> String {
     std::env::var("CHROMIUM_BIN").unwrap_or_else(|_| "chromium".into())
 }
 
+/// How a browser is started.
+#[derive(Clone, Copy, Default)]
+pub struct Options {
+    /// The browser's own autoplay rule: media may sound only after a real
+    /// user gesture (a trusted click or key). Off, any script may start
+    /// playback with sound.
+    pub autoplay_rule: bool,
+}
+
 impl Browser {
-    /// Start Chromium headless with a fresh profile and attach to its page.
+    /// Start Chromium headless with a fresh profile and attach to its page;
+    /// any script may start playback.
     pub async fn start() -> Browser {
+        Browser::start_with(Options::default()).await
+    }
+
+    /// Start Chromium headless with a fresh profile and attach to its page.
+    pub async fn start_with(options: Options) -> Browser {
         let profile = std::env::temp_dir().join(format!(
             "lesson-replay-chromium-{}-{}",
             std::process::id(),
@@ -50,15 +65,21 @@ impl Browser {
                 .unwrap()
                 .as_nanos()
         ));
-        let mut child = Command::new(binary())
+        let mut command = Command::new(binary());
+        if !options.autoplay_rule {
+            command.arg("--autoplay-policy=no-user-gesture-required");
+        }
+        // --mute-audio silences the machine's speakers only: the page's
+        // WebAudio graph (where the tests listen) still carries the sound.
+        let mut child = command
             .args([
                 "--headless=new",
                 "--no-sandbox",
                 "--disable-gpu",
                 "--no-first-run",
+                "--disable-background-networking",
                 "--mute-audio",
                 "--hide-scrollbars",
-                "--autoplay-policy=no-user-gesture-required",
                 "--force-device-scale-factor=1",
                 "--window-size=1400,1100",
                 "--remote-debugging-port=0",
@@ -167,6 +188,59 @@ impl Browser {
         }
     }
 
+    /// A trusted key press (down, then up), as a keyboard gives it: `key`
+    /// is a `KeyboardEvent.key` value (`" "`, `"k"`, `"ArrowLeft"`, `"<"`, `"?"`, `"Tab"`, …).
+    pub async fn press(&mut self, key: &str) {
+        let (code, vk, shift) = key_code(key);
+        let text = if key.chars().count() == 1 { key } else { "" };
+        let modifiers = if shift { 8 } else { 0 };
+        for kind in ["keyDown", "keyUp"] {
+            let mut params = json!({"type": kind, "key": key, "code": code,
+                "windowsVirtualKeyCode": vk, "nativeVirtualKeyCode": vk, "modifiers": modifiers});
+            if kind == "keyDown" && !text.is_empty() {
+                params["text"] = json!(text);
+                params["unmodifiedText"] = json!(text);
+            }
+            self.call("Input.dispatchKeyEvent", params).await;
+        }
+    }
+
+    /// Run `source` in every document before the page's own scripts.
+    pub async fn before_each_page(&mut self, source: &str) {
+        self.call(
+            "Page.addScriptToEvaluateOnNewDocument",
+            json!({"source": source}),
+        )
+        .await;
+    }
+
+    /// Show pages at `width`×`height` CSS pixels; `mobile` as a phone does
+    /// (its viewport meta tag, touch).
+    pub async fn viewport(&mut self, width: u32, height: u32, mobile: bool) {
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile}),
+        )
+        .await;
+        self.call(
+            "Emulation.setTouchEmulationEnabled",
+            json!({"enabled": mobile}),
+        )
+        .await;
+    }
+
+    /// Open another tab in front: this page's tab becomes hidden, as when a
+    /// viewer switches tabs. [`Browser::bring_to_front`] shows it again.
+    pub async fn other_tab(&mut self) {
+        self.call("Target.createTarget", json!({"url": "about:blank"}))
+            .await;
+    }
+
+    /// Bring this page's tab to the front.
+    pub async fn bring_to_front(&mut self) {
+        self.call("Page.bringToFront", json!({})).await;
+    }
+
     /// The element `selector`'s box: x, y, width, height in page pixels.
     pub async fn rect(&mut self, selector: &str) -> (f64, f64, f64, f64) {
         let r = self
@@ -194,6 +268,37 @@ impl Browser {
     /// The pixels of the page area `(x, y, w, h)`.
     pub async fn screenshot(&mut self, clip: (f64, f64, f64, f64)) -> Shot {
         decode_png(&self.screenshot_png(Some(clip)).await)
+    }
+}
+
+/// `KeyboardEvent.code`, the Windows virtual key code, and whether Shift is
+/// held, of the keys the tests press (a US keyboard).
+fn key_code(key: &str) -> (String, u32, bool) {
+    let named = match key {
+        " " => Some(("Space", 32, false)),
+        "Tab" => Some(("Tab", 9, false)),
+        "Enter" => Some(("Enter", 13, false)),
+        "Escape" => Some(("Escape", 27, false)),
+        "ArrowLeft" => Some(("ArrowLeft", 37, false)),
+        "ArrowUp" => Some(("ArrowUp", 38, false)),
+        "ArrowRight" => Some(("ArrowRight", 39, false)),
+        "ArrowDown" => Some(("ArrowDown", 40, false)),
+        "<" => Some(("Comma", 188, true)),
+        ">" => Some(("Period", 190, true)),
+        "?" => Some(("Slash", 191, true)),
+        _ => None,
+    };
+    if let Some((code, vk, shift)) = named {
+        return (code.to_owned(), vk, shift);
+    }
+    let c = key.chars().next().expect("a key");
+    if c.is_ascii_digit() {
+        (format!("Digit{c}"), c as u32, false)
+    } else if c.is_ascii_alphabetic() {
+        let upper = c.to_ascii_uppercase();
+        (format!("Key{upper}"), upper as u32, c.is_ascii_uppercase())
+    } else {
+        panic!("no key code for {key:?}")
     }
 }
 

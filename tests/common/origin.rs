@@ -1,9 +1,11 @@
 //! A real HTTP/1.1 VOD origin on 127.0.0.1 serving files from memory, with
 //! faults on demand: 503s, connections cut mid-body, bodies shorter than their
-//! Content-Length, no range support, 404, slow chunks. It counts what it serves.
+//! Content-Length, no range support, 404, slow chunks, bytes withheld until
+//! released. It counts what it serves. Pages (`.html`) are served as HTML, so
+//! a page and its videos can come from one origin.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +34,16 @@ pub struct Faults {
     pub chunk_delay: Option<Duration>,
     /// Answer 302 with this Location instead of the file.
     pub redirect_to: Option<String>,
+    /// Send no byte from this offset on while the gate is shut, in every
+    /// response (as a stalled CDN does).
+    pub withhold: Option<Withhold>,
+}
+
+/// A gate on a file's bytes from `from` on: shut while `shut` is true.
+#[derive(Debug, Clone)]
+pub struct Withhold {
+    pub from: u64,
+    pub shut: Arc<AtomicBool>,
 }
 
 /// A file's bytes: in memory, or generated (for files of many GB).
@@ -295,8 +307,13 @@ impl Origin {
             ),
             None => ("200 OK", 0, total),
         };
+        let content_type = if path.ends_with(".html") {
+            "text/html; charset=utf-8"
+        } else {
+            "video/mp4"
+        };
         let mut response = format!(
-            "HTTP/1.1 {status}\r\ncontent-type: video/mp4\r\ncontent-length: {}\r\naccept-ranges: {}\r\n",
+            "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\naccept-ranges: {}\r\n",
             end - start,
             if faults.no_ranges { "none" } else { "bytes" }
         );
@@ -335,6 +352,15 @@ impl Origin {
                     break;
                 }
                 len = len.min((limit - sent) as usize);
+            }
+            if let Some(gate) = &faults.withhold {
+                if offset < gate.from {
+                    len = len.min((gate.from - offset) as usize);
+                } else {
+                    while gate.shut.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
             }
             let chunk = &mut buf[..len];
             body.read_at(offset, chunk);

@@ -5,8 +5,14 @@
 //! for that moment (main and each tile) is checked in a screenshot, as is
 //! that no track that should be hidden shows anywhere. Play, pause and a
 //! click on the timeline are checked the same way.
+//!
+//! `player.rs` plays lessons that carry sound, a tone per track, and checks
+//! what a viewer hears and does: sound after one click, speed, stalls, keys,
+//! a phone's screen, resume, a tab shown again.
 
+#[path = "../common/mod.rs"]
 mod common;
+mod player;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -38,13 +44,15 @@ const COLOURS: [(&str, [u8; 3]); 14] = [
 ];
 const TOLERANCE: i32 = 48;
 
-/// One track of a test lesson: id, TIC video_type, colour, from, to (s).
+/// One track of a test lesson: id, TIC video_type, colour, from, to (s),
+/// and the tone its sound carries (Hz; none: a video without sound).
 struct Part {
     id: &'static str,
     kind: i64,
     colour: &'static str,
     from: i64,
     to: i64,
+    tone: Option<u32>,
 }
 
 fn rgb(name: &str) -> [u8; 3] {
@@ -58,28 +66,43 @@ fn close(a: [u8; 3], b: [u8; 3]) -> bool {
 }
 
 /// A solid-colour H.264 MP4 of `seconds`, 10 frames a second, with a frame
-/// counter, made by ffmpeg.
-fn make_video(dir: &Path, colour: &str, seconds: i64) -> Vec<u8> {
+/// counter, made by ffmpeg; with `tone`, an AAC sound track of that sine.
+fn make_video(dir: &Path, colour: &str, seconds: i64, tone: Option<u32>) -> Vec<u8> {
     let [r, g, b] = rgb(colour);
-    let path = dir.join(format!("{colour}-{seconds}.mp4"));
-    ffmpeg_mp4(
-        &path,
-        &format!("color=c=0x{r:02x}{g:02x}{b:02x}:s=160x90:r=10:d={seconds}"),
-        // The frame number, small, black, in the bottom-left corner:
-        // outside the area the colour checks sample.
-        &[
-            "-vf",
-            "drawtext=text='%{n}':x=3:y=h-th-3:fontsize=12:fontcolor=black",
-        ],
-    )
+    let picture = format!("color=c=0x{r:02x}{g:02x}{b:02x}:s=160x90:r=10:d={seconds}");
+    // The frame number, small, black, in the bottom-left corner: outside
+    // the area the colour checks sample.
+    let counter = [
+        "-vf",
+        "drawtext=text='%{n}':x=3:y=h-th-3:fontsize=12:fontcolor=black",
+    ];
+    match tone {
+        None => ffmpeg_mp4(
+            &dir.join(format!("{colour}-{seconds}.mp4")),
+            &[&picture],
+            &counter,
+        ),
+        Some(hz) => ffmpeg_mp4(
+            &dir.join(format!("{colour}-{seconds}-{hz}hz.mp4")),
+            &[
+                &picture,
+                &format!("sine=frequency={hz}:sample_rate=48000:duration={seconds}"),
+            ],
+            &[&counter[..], &["-c:a", "aac", "-b:a", "96k"]].concat(),
+        ),
+    }
 }
 
-/// An H.264 MP4 at `path` from ffmpeg's lavfi `source` (made once; the
+/// An H.264 MP4 at `path` from ffmpeg's lavfi `sources` (made once; the
 /// bytes are read back).
-fn ffmpeg_mp4(path: &Path, source: &str, filters: &[&str]) -> Vec<u8> {
+fn ffmpeg_mp4(path: &Path, sources: &[&str], filters: &[&str]) -> Vec<u8> {
     if !path.exists() {
-        let status = Command::new("ffmpeg")
-            .args(["-loglevel", "error", "-y", "-f", "lavfi", "-i", source])
+        let mut command = Command::new("ffmpeg");
+        command.args(["-loglevel", "error", "-y"]);
+        for source in sources {
+            command.args(["-f", "lavfi", "-i", source]);
+        }
+        let status = command
             .args(filters)
             .args(["-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", "10"])
             .args(["-movflags", "+faststart"])
@@ -100,14 +123,25 @@ struct Lesson {
 }
 
 fn lesson(name: &str, parts: &[Part], origin: &Origin, dir: &Path) -> Lesson {
+    lesson_with_faults(name, parts, origin, dir, |_, _| Faults::default())
+}
+
+/// A lesson whose videos the origin serves with `faults(part, its size)`.
+fn lesson_with_faults(
+    name: &str,
+    parts: &[Part],
+    origin: &Origin,
+    dir: &Path,
+    faults: impl Fn(&Part, usize) -> Faults,
+) -> Lesson {
     let mut videos = Vec::new();
     let mut colour_of = HashMap::new();
     for p in parts {
-        let bytes = make_video(dir, p.colour, p.to - p.from);
+        let bytes = make_video(dir, p.colour, p.to - p.from, p.tone);
         let url = origin.add(
             &format!("/{name}/{}.mp4", p.id),
             bytes.clone(),
-            Faults::default(),
+            faults(p, bytes.len()),
         );
         let user = if p.kind == 0 {
             format!("user-{}", p.id)
@@ -251,6 +285,7 @@ fn part(id: &'static str, kind: i64, colour: &'static str, from: i64, to: i64) -
         colour,
         from,
         to,
+        tone: None,
     }
 }
 
@@ -402,7 +437,7 @@ async fn an_archived_lesson_folder_plays_itself() {
     let mut videos = Vec::new();
     let mut colour_of = HashMap::new();
     for p in &parts {
-        let bytes = make_video(&scratch(), p.colour, p.to - p.from);
+        let bytes = make_video(&scratch(), p.colour, p.to - p.from, p.tone);
         let url = origin.add(
             &format!("/archived/{}.mp4", p.id),
             bytes.clone(),
@@ -483,7 +518,7 @@ async fn presigned_urls_open_a_private_buckets_copies() {
         &origin,
         &dir,
     );
-    let bytes = make_video(&scratch(), "grey", 5);
+    let bytes = make_video(&scratch(), "grey", 5, None);
     let moto = MotoServer::start("school").await;
     let key = "lesson-replay/presigned/board.mp4";
     moto.client()
@@ -545,9 +580,9 @@ fn make_shape_video(dir: &Path, colour: &str, (w, h): (u32, u32), seconds: i64) 
     let (x, y) = ((w - side) / 2, (h - side) / 2);
     ffmpeg_mp4(
         &dir.join(format!("{colour}-{w}x{h}-{seconds}.mp4")),
-        &format!(
+        &[&format!(
             "color=c=0x{r:02x}{g:02x}{b:02x}:s={w}x{h}:r=10:d={seconds},drawbox=x={x}:y={y}:w={side}:h={side}:color=white:t=fill"
-        ),
+        )],
         &[],
     )
 }
