@@ -17,6 +17,7 @@
   const DRIFT = 0.25; // seconds a playing video may be off the clock
   const RATES = [0.5, 0.75, 1, 1.25, 1.5, 1.75, 2];
   const END_GUARD = 10000; // ms: no resume offered this close to the end
+  const STALL_LIMIT = 15000; // ms the clock waits for one late track before going on without it
   const $ = (id) => document.getElementById(id);
   const player = $("player"), stage = $("stage"), seekBar = $("seek"), clock = $("clock");
   const button = $("play"), muteButton = $("mute"), volumeBar = $("volume"), speed = $("speed");
@@ -47,6 +48,8 @@
   let muted = prefs.muted === true;
   let savedAt = 0;
   let playedFrom = 0; // where the last Play was pressed
+  let waitingSince = 0;
+  let frameId = 0;
   const now = () =>
     playing && !waiting ? Math.min(duration, base + (performance.now() - since) * rate) : base;
 
@@ -67,7 +70,7 @@
         const lane = timeline.querySelector(`.lane[data-track="${CSS.escape(track.track_id)}"]`);
         if (lane) lane.classList.add("failed");
       }
-      show(now(), true);
+      show(now(), false);
     });
     // Its media time can be set from now on: put it on the clock.
     video.addEventListener("loadedmetadata", () => {
@@ -76,6 +79,8 @@
       show(ms, false);
     });
     video.addEventListener("waiting", tick);
+    // A hidden tab's timers are slowed down: its media's progress steps the clock too.
+    video.addEventListener("timeupdate", () => { if (document.hidden) tick(); });
     stage.appendChild(video);
     return p;
   });
@@ -95,8 +100,14 @@
     return placed;
   }
 
-  const onTimeline = (p, ms) =>
-    !p.failed && ms >= p.track.offset_ms && ms < p.track.offset_ms + p.track.duration_ms;
+  // A track's span: its declared one, cut short where its file ends sooner
+  // (a probe within 2 % keeps the declared duration).
+  const spanEnd = (p) => {
+    const media = p.video.duration;
+    const declared = p.track.duration_ms;
+    return p.track.offset_ms + (Number.isFinite(media) ? Math.min(declared, media * 1000) : declared);
+  };
+  const onTimeline = (p, ms) => !p.failed && ms >= p.track.offset_ms && ms < spanEnd(p);
   const speaks = (p) => p.track.kind === "camera" || p.track.kind === "mixed";
 
   // Where only one element may sound: the main track when it carries a
@@ -144,7 +155,7 @@
       if (video.readyState >= 1 && ((exact && off > 0.001) || (run && off > DRIFT))) {
         video.currentTime = at;
       }
-      if (run && video.paused) start(video);
+      if (run && video.paused && !video.ended) start(video);
       if (!run && !video.paused) video.pause();
     }
     seekBar.value = String(Math.round(ms));
@@ -157,7 +168,8 @@
       button.setAttribute("aria-label", label);
       button.title = `${label} (k)`;
     }
-    status.hidden = !(playing && waiting);
+    const said = playing && waiting ? "Buffering…" : "";
+    if (status.textContent !== said) status.textContent = said;
   }
 
   function start(video) {
@@ -170,12 +182,14 @@
     }
   }
 
-  // The browser refused to play with sound: back to where Play was
-  // pressed, say so, offer the click.
+  // The browser refused to play with sound: stop (back to where Play was
+  // pressed, when nothing was heard since), say so, offer the click.
   function refused() {
+    if (!playing) return;
+    const at = now();
     playing = false;
     waiting = false;
-    base = playedFrom;
+    base = at - playedFrom < 2000 ? playedFrom : at;
     show(base, true);
     notice.hidden = false;
     $("notice-play").focus();
@@ -183,7 +197,8 @@
 
   // The clock's step: stand while a track on the timeline cannot play (at
   // the earliest moment such a track has shown, so nothing is skipped), go
-  // on when all can.
+  // on when all can. A track late for longer than STALL_LIMIT is left
+  // behind: the lesson goes on, and the track joins again once it can play.
   function tick() {
     if (!playing) return;
     const ms = now();
@@ -194,9 +209,15 @@
       show(base, false);
       return;
     }
-    const late = players.filter((p) => onTimeline(p, ms) && !p.video.ended &&
+    for (const p of players) if (p.behind && p.video.readyState >= 3) p.behind = false;
+    const late = players.filter((p) => onTimeline(p, ms) && !p.video.ended && !p.behind &&
       (p.video.seeking || p.video.readyState < 3));
+    if (late.length && waiting && performance.now() - waitingSince > STALL_LIMIT) {
+      for (const p of late) p.behind = true;
+      late.length = 0;
+    }
     if (late.length && !waiting) {
+      waitingSince = performance.now();
       let at = ms;
       for (const { track, video } of late) {
         if (video.readyState >= 1 && !video.seeking) at = Math.min(at, track.offset_ms + video.currentTime * 1000);
@@ -214,7 +235,7 @@
   function frame() {
     if (!playing) return;
     tick();
-    requestAnimationFrame(frame);
+    frameId = requestAnimationFrame(frame);
   }
   // A hidden tab gets no animation frames: the clock still steps, slower.
   setInterval(() => { if (document.hidden) tick(); }, 250);
@@ -229,7 +250,8 @@
     waiting = false;
     since = performance.now();
     show(base, true);
-    requestAnimationFrame(frame);
+    cancelAnimationFrame(frameId);
+    frameId = requestAnimationFrame(frame);
   }
 
   function pause() {
@@ -425,6 +447,8 @@
   volumeBar.addEventListener("input", () => setVolume(Number(volumeBar.value)));
   speed.addEventListener("change", () => setRate(Number(speed.value)));
   fullButton.addEventListener("click", toggleFullscreen);
+  document.addEventListener("fullscreenchange", () =>
+    fullButton.setAttribute("aria-pressed", String(document.fullscreenElement === player)));
   keysButton.addEventListener("click", toggleKeys);
   speed.value = String(rate);
   volumeBar.value = String(volume);
@@ -438,7 +462,11 @@
     if (!(t instanceof Element)) return true;
     if (t.isContentEditable || t.tagName === "TEXTAREA") return false;
     if (t.tagName === "INPUT" && t.type !== "range") return false;
-    const native = (t.tagName === "INPUT" && t.type === "range") || t.tagName === "SELECT";
+    // Space presses a focused button (but Play) and opens a list.
+    if (e.key === " " && ((t.tagName === "BUTTON" && t !== button) || t.tagName === "SELECT")) return false;
+    // The volume slider's and the speed list's arrows stay theirs; the
+    // lesson time's are the page's 5 s steps.
+    const native = (t.tagName === "INPUT" && t.type === "range" && t !== seekBar) || t.tagName === "SELECT";
     return !(native && /^(Arrow|Home|End|Page)/.test(e.key));
   };
   const actions = {

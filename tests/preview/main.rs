@@ -67,7 +67,7 @@ fn close(a: [u8; 3], b: [u8; 3]) -> bool {
 
 /// A solid-colour H.264 MP4 of `seconds`, 10 frames a second, with a frame
 /// counter, made by ffmpeg; with `tone`, an AAC sound track of that sine.
-fn make_video(dir: &Path, colour: &str, seconds: i64, tone: Option<u32>) -> Vec<u8> {
+pub(crate) fn make_video(dir: &Path, colour: &str, seconds: i64, tone: Option<u32>) -> Vec<u8> {
     let [r, g, b] = rgb(colour);
     let picture = format!("color=c=0x{r:02x}{g:02x}{b:02x}:s=160x90:r=10:d={seconds}");
     // The frame number, small, black, in the bottom-left corner: outside
