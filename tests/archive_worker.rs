@@ -10,8 +10,9 @@ use std::time::Duration;
 use common::messages::{FASTSTART, MOOV_AT_END, finished, video};
 use common::origin::{Faults, Origin};
 use common::s3::S3Server;
-use common::{Broker, assert_valid_record, header, isolated_config, spawn_worker};
+use common::{Broker, assert_valid_record, header, isolated_config, metric, spawn_worker};
 use lesson_replay::broker::headers::callback_headers;
+use lesson_replay::telemetry::metrics::Metrics;
 use md5::{Digest, Md5};
 use serde_json::Value;
 
@@ -497,13 +498,17 @@ async fn a_track_gone_for_good_parks_the_lesson_and_deletes_its_other_copies() {
     broker.cleanup().await;
 }
 
-/// A duplicate delivery of a lesson finishes its key first and, sweeping
-/// orphans, aborts the other delivery's upload: that upload's next part is
-/// refused (`403` on s3s-fs, `NoSuchUpload` on S3, MinIO and moto). The
-/// overtaken delivery finds the copy in place, whole, and publishes the
-/// record: it is neither parked nor uploaded again. Here the test plays the duplicate, with the
-/// worker's own library, while the worker's upload is under way.
-async fn overtaken_upload_still_publishes(
+/// A duplicate delivery of a lesson finishes its key first while the
+/// worker's own upload of it has parts in flight (eight at once), then
+/// sweeps for orphans. The worker's upload is alive (its owner holds the
+/// journal entry's lease): the sweep leaves it alone. Aborting it, as the
+/// sweep once did, let parts in flight land after the abort, where nothing
+/// can remove them (s3s-fs keeps them; AWS warns of the same). The worker
+/// finishes its upload of the same bytes and publishes; nothing is left: no
+/// part, no open upload, no journal entry. Here the test plays the
+/// duplicate, with the worker's own library, while the worker's upload is
+/// under way.
+async fn a_duplicate_finishing_first_leaves_nothing_behind(
     store: &str,
     endpoint: &str,
     uploads_under_way: impl Fn() -> bool,
@@ -511,15 +516,14 @@ async fn overtaken_upload_still_publishes(
     use lesson_replay::decision::decide::{Decision, decide};
     use lesson_replay::media::archive::{Archiver, transfer};
     use lesson_replay::media::fetch::Fetcher;
-    use lesson_replay::telemetry::metrics::Metrics;
     let origin = Origin::start().await;
     let mut config = isolated_config(&format!("overtaken-{store}"));
     common::s3::configure_store(&mut config, endpoint, "school");
     config.s3_part_size_bytes = 5 * 1024 * 1024;
-    config.s3_upload_concurrency = 1;
-    let file = common::origin::noise(20 * 1024 * 1024);
+    config.s3_upload_concurrency = 8;
+    let file = common::origin::noise(40 * 1024 * 1024);
     let slow = Faults {
-        chunk_delay: Some(Duration::from_millis(2)),
+        chunk_delay: Some(Duration::from_millis(1)),
         ..Faults::default()
     };
     let url = origin.add("/lesson.mp4", file.clone(), slow);
@@ -535,11 +539,18 @@ async fn overtaken_upload_still_publishes(
         panic!("the lesson is publishable");
     };
     let media = config.media_settings();
-    let archiver = Archiver::new(&media.archive.clone().unwrap(), Metrics::default()).await;
+    let sweeper = Metrics::default();
+    let archiver = Archiver::new(&media.archive.clone().unwrap(), sweeper.clone()).await;
     let key = archiver.track_key(&normalized.record, &normalized.record.tracks[0]);
 
     let broker = Broker::new(config.clone()).await;
-    let worker = spawn_worker(broker.config.clone()).await;
+    let metrics = Metrics::default();
+    let worker = common::spawn_worker_with(
+        broker.config.clone(),
+        lesson_replay::service::endpoints::Health::default(),
+        metrics.clone(),
+    )
+    .await;
     broker.publish(&body, Default::default()).await;
     common::wait_until(
         "the worker's upload is under way",
@@ -557,9 +568,10 @@ async fn overtaken_upload_still_publishes(
         .finish(&copied.md5, copied.probe.as_ref().ok())
         .await
         .unwrap();
-    assert!(
-        archiver.abort_orphans(&key).await >= 1,
-        "the worker's upload was aborted"
+    assert_eq!(
+        archiver.abort_orphans(&key).await,
+        0,
+        "the sweep aborted the worker's live upload"
     );
 
     let (record, _) = broker.take(&broker.config.records_queue, 1).await.remove(0);
@@ -574,21 +586,39 @@ async fn overtaken_upload_still_publishes(
         0,
         "not parked"
     );
-    // The duplicate's copy, and at most one (partial) read by the worker:
-    // it found the copy in place instead of downloading it again.
-    assert!(
-        origin.served() <= 2 * file.len() as u64,
-        "the overtaken delivery uploaded again: {} bytes served",
-        origin.served()
+    // The object holds the lesson's bytes, whoever completed it last.
+    let client = common::s3::client_for(endpoint);
+    let stored = common::s3::object(&client, "school", &key).await;
+    assert_eq!(
+        hex::encode(Md5::digest(&stored)),
+        hex::encode(Md5::digest(&file))
     );
+    let journal: Vec<String> = client
+        .list_objects_v2()
+        .bucket("school")
+        .send()
+        .await
+        .unwrap()
+        .contents()
+        .iter()
+        .filter_map(|o| o.key().map(str::to_owned))
+        .filter(|k| k.contains("/.lesson-replay-uploads/"))
+        .collect();
+    assert_eq!(journal, Vec::<String>::new(), "journal entries left");
+    for metrics in [&metrics, &sweeper] {
+        assert_eq!(
+            metric(metrics, "lesson_replay_orphan_uploads_left_total"),
+            0
+        );
+    }
     broker.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upload_overtaken_by_a_duplicate_delivery_still_publishes_on_s3s_fs() {
+async fn a_duplicate_finishing_first_leaves_nothing_behind_on_s3s_fs() {
     let s3 = S3Server::start("school");
     let root = s3.root.clone();
-    overtaken_upload_still_publishes("s3s", &s3.endpoint, move || {
+    a_duplicate_finishing_first_leaves_nothing_behind("s3s", &s3.endpoint, move || {
         std::fs::read_dir(&root).unwrap().any(|e| {
             e.unwrap()
                 .file_name()
@@ -597,17 +627,23 @@ async fn an_upload_overtaken_by_a_duplicate_delivery_still_publishes_on_s3s_fs()
         })
     })
     .await;
+    assert_eq!(
+        s3.incomplete_uploads(),
+        Vec::<String>::new(),
+        "parts or uploads left in the store"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upload_overtaken_by_a_duplicate_delivery_still_publishes_on_moto() {
+async fn a_duplicate_finishing_first_leaves_nothing_behind_on_moto() {
     let moto = common::moto::MotoServer::start("school").await;
     let client = moto.client();
     let under_way = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watch = under_way.clone();
+    let lister = client.clone();
     let watcher = tokio::spawn(async move {
         loop {
-            let listed = client
+            let listed = lister
                 .list_multipart_uploads()
                 .bucket("school")
                 .send()
@@ -620,9 +656,16 @@ async fn an_upload_overtaken_by_a_duplicate_delivery_still_publishes_on_moto() {
         }
     });
     let seen = under_way.clone();
-    overtaken_upload_still_publishes("moto", &moto.endpoint, move || {
+    a_duplicate_finishing_first_leaves_nothing_behind("moto", &moto.endpoint, move || {
         seen.load(std::sync::atomic::Ordering::SeqCst)
     })
     .await;
     watcher.abort();
+    let open = client
+        .list_multipart_uploads()
+        .bucket("school")
+        .send()
+        .await
+        .unwrap();
+    assert!(open.uploads().is_empty(), "uploads left open: {open:?}");
 }

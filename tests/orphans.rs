@@ -46,6 +46,9 @@ async fn a_killed_workers_uploads_are_aborted_when_its_lessons_come_back() {
     s3.configure(&mut config, "school");
     config.s3_part_size_bytes = 5 * MIB;
     config.concurrency = 3;
+    // A journal entry is its owner's lease, held one part deadline: short
+    // here, so the dead worker's leases run out within the test.
+    config.s3_part_timeout_secs = 3;
     let broker = Broker::new(config).await;
     // 12 MiB at about 1.6 MB/s each: a part is uploaded long before the end.
     let big: Vec<u8> = (0..12 * MIB as u32).map(|i| (i % 251) as u8).collect();
@@ -84,6 +87,14 @@ async fn a_killed_workers_uploads_are_aborted_when_its_lessons_come_back() {
     let metrics = Metrics::default();
     let worker = spawn_worker_with(broker.config.clone(), Health::default(), metrics.clone()).await;
     let records = broker.take(&broker.config.records_queue, lessons).await;
+    // The dead worker's uploads are aborted once their leases run out: by
+    // the lesson's own sweep, or the worker's timed sweep of the journal.
+    common::wait_until(
+        "the dead worker's uploads are aborted",
+        Duration::from_secs(30),
+        || metric(&metrics, "lesson_replay_orphan_uploads_aborted_total") >= lessons as u64,
+    )
+    .await;
     worker.stop().await;
 
     let md5 = hex::encode(Md5::digest(&big));
@@ -237,4 +248,251 @@ async fn a_store_without_lifecycle_rules_gets_a_clear_error() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("lifecycle rules"), "{stderr}");
     assert!(!stderr.contains(common::s3::SECRET_KEY), "{stderr}");
+}
+
+/// Uploads s3s-fs is completing now: part files whose upload (its
+/// `.upload-<id>.json`) is already gone.
+fn completing(s3: &S3Server) -> Vec<String> {
+    let names = s3.incomplete_uploads();
+    let mut ids: Vec<String> = names
+        .iter()
+        .filter_map(|n| n.strip_prefix(".upload_id-")?.split(".part-").next())
+        .filter(|id| !names.contains(&format!(".upload-{id}.json")))
+        .map(str::to_owned)
+        .collect();
+    ids.dedup();
+    ids
+}
+
+/// Uploads s3s-fs holds (`.upload-<id>.json`) that no journal entry names
+/// (an entry's name is the MD5 of its upload id).
+fn unjournaled(s3: &S3Server, entries: &[String]) -> Vec<String> {
+    s3.incomplete_uploads()
+        .iter()
+        .filter_map(|n| n.strip_prefix(".upload-")?.strip_suffix(".json"))
+        .filter(|id| {
+            let named = hex::encode(Md5::digest(id.as_bytes()));
+            !entries.iter().any(|e| e.ends_with(&named))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The run that once left parts behind, in small: two workers, every lesson
+/// sent twice (the duplicates running side by side on the two workers), and
+/// each worker SIGKILLed in turn while parts are in flight. Every lesson
+/// gets its record with the right bytes, and in the end the store holds no
+/// part file and no open upload, and the journal no entry: live uploads were
+/// left to their owners, dead ones aborted once their leases ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_and_kills_mid_part_leave_no_part_behind() {
+    let s3 = S3Server::start("school");
+    let origin = Origin::start().await;
+    let mut config = isolated_config("orphans-chaos");
+    s3.configure(&mut config, "school");
+    config.s3_part_size_bytes = 5 * MIB;
+    config.s3_upload_concurrency = 8;
+    config.concurrency = 4;
+    config.s3_part_timeout_secs = 3;
+    config.retry_delays_secs = vec![1, 2, 3];
+    let broker = Broker::new(config).await;
+    let lessons = 6;
+    let size = 24 * MIB;
+    let paced = Faults {
+        chunk_delay: Some(Duration::from_millis(1)),
+        ..Faults::default()
+    };
+    let mut bodies = Vec::new();
+    for i in 0..lessons {
+        let mut bytes = common::origin::noise(size);
+        bytes[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        let url = origin.add(&format!("/c{i}.mp4"), bytes.clone(), paced.clone());
+        let body = one_camera(&format!("chaos-{i}"), 7, &url, size);
+        bodies.push((body, hex::encode(Md5::digest(&bytes))));
+    }
+    for (body, _) in bodies.iter().chain(bodies.iter()) {
+        broker.publish(body, FieldTable::default()).await;
+    }
+    let client = s3.client();
+    let journal = async || -> Vec<String> {
+        keys(&client, "school")
+            .await
+            .into_iter()
+            .filter(|k| k.contains("/.lesson-replay-uploads/"))
+            .collect()
+    };
+    // Each worker's log, kept past its kill.
+    let mut logs = Vec::new();
+    let mut start = || {
+        let mut worker =
+            WorkerProcess::start_with(&broker.config, "info", std::process::Stdio::piped());
+        logs.push(worker.log_lines());
+        worker
+    };
+    let mut first = start();
+    let mut second = start();
+    // Kill each worker in turn with uploads under way, and start it again.
+    for round in 0..2 {
+        // Mid-part: not mid-completion (s3s-fs completes by deleting the
+        // upload, then appending its parts one by one, and stops where its
+        // client went away; what it has not appended then stays, and no
+        // call can remove it), nor between starting an upload and
+        // journaling it (one round trip, before any part: a store without
+        // an upload listing cannot show that upload to anyone). The docs
+        // say what those two windows leave.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let entries = journal().await;
+            if entries.len() >= 2
+                && s3.incomplete_uploads().len() >= 4
+                && completing(&s3).is_empty()
+                && unjournaled(&s3, &entries).is_empty()
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no uploads under way"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let killed = if round == 0 { &mut first } else { &mut second };
+        killed.kill();
+        *killed = start();
+    }
+    let mut seen = std::collections::HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while seen.len() < lessons {
+        assert!(Instant::now() < deadline, "records: {}", seen.len());
+        if let Some((record, _)) = broker
+            .next(&broker.config.records_queue, Duration::from_millis(200))
+            .await
+        {
+            let task = record["task_id"].as_str().unwrap().to_owned();
+            seen.insert(task, record);
+        }
+    }
+    for (i, (_, md5)) in bodies.iter().enumerate() {
+        let record = &seen[&format!("chaos-{i}")];
+        assert_eq!(record["tracks"][0]["archive"]["md5"], md5.as_str());
+        let key = record["tracks"][0]["archive"]["key"].as_str().unwrap();
+        let stored = common::s3::object(&client, "school", key).await;
+        assert_eq!(&hex::encode(Md5::digest(&stored)), md5, "{key}");
+    }
+    // The dead workers' uploads are aborted once their leases run out.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (parts, entries) = (s3.incomplete_uploads(), journal().await);
+        if parts.is_empty() && entries.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: parts and uploads {parts:?}, journal entries {entries:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    first.terminate();
+    second.terminate();
+    assert!(first.wait_exit(Duration::from_secs(30)).success());
+    assert!(second.wait_exit(Duration::from_secs(30)).success());
+    assert_eq!(s3.incomplete_uploads(), Vec::<String>::new());
+    // No live upload was aborted from outside: no delivery found its upload
+    // refused because another had finished the key first.
+    let overtaken: Vec<String> = logs
+        .iter()
+        .flat_map(|lines| lines.try_iter())
+        .filter(|l| l.contains("another delivery finished it first"))
+        .collect();
+    assert_eq!(overtaken, Vec::<String>::new(), "live uploads aborted");
+    broker.cleanup().await;
+}
+
+/// An abandoned upload that aborts cannot clear: the state a killed client
+/// leaves when s3s-fs was completing (the upload gone, later parts still on
+/// disk, no call able to remove them). The sweep aborts an ordinary
+/// abandoned upload beside it, but this one it counts as left, keeps its
+/// journal entry for the next sweep, and never calls it clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_the_store_keeps_are_counted_and_stay_journaled() {
+    use lesson_replay::media::archive::Archiver;
+    let s3 = S3Server::start("school");
+    let mut config = isolated_config("orphans-left");
+    s3.configure(&mut config, "school");
+    let metrics = Metrics::default();
+    let archiver = Archiver::new(&config.media_settings().archive.unwrap(), metrics.clone()).await;
+    let client = s3.client();
+    // Two uploads of two objects, a part each, journaled by a worker whose
+    // lease ran out long ago.
+    let mut entries = Vec::new();
+    let mut ids = Vec::new();
+    for name in ["cut", "plain"] {
+        let key = format!("lesson-replay/1/2/{name}/camera-u-t.mp4");
+        let id = client
+            .create_multipart_upload()
+            .bucket("school")
+            .key(&key)
+            .send()
+            .await
+            .unwrap()
+            .upload_id()
+            .unwrap()
+            .to_owned();
+        client
+            .upload_part()
+            .bucket("school")
+            .key(&key)
+            .upload_id(&id)
+            .part_number(1)
+            .body(vec![7u8; MIB].into())
+            .send()
+            .await
+            .unwrap();
+        let md5 = |text: &str| hex::encode(Md5::digest(text.as_bytes()));
+        let entry = format!(
+            "lesson-replay/.lesson-replay-uploads/{}/{}",
+            md5(&key),
+            md5(&id)
+        );
+        let body = serde_json::json!({"key": key, "upload_id": id, "lease_until_ms": 1});
+        client
+            .put_object()
+            .bucket("school")
+            .key(&entry)
+            .body(body.to_string().into_bytes().into())
+            .send()
+            .await
+            .unwrap();
+        entries.push(entry);
+        ids.push(id);
+    }
+    // The first one's completion was cut short: the upload is gone, its part stays.
+    std::fs::remove_file(s3.root.join(format!(".upload-{}.json", ids[0]))).unwrap();
+
+    assert_eq!(archiver.sweep_journal().await, 1, "the plain one aborted");
+    assert_eq!(
+        metric(&metrics, "lesson_replay_orphan_uploads_left_total"),
+        1
+    );
+    assert_eq!(
+        metric(&metrics, "lesson_replay_orphan_uploads_aborted_total"),
+        1
+    );
+    let left = keys(&client, "school").await;
+    assert_eq!(
+        left,
+        vec![entries[0].clone()],
+        "only the cut one's entry stays"
+    );
+    assert_eq!(
+        s3.incomplete_uploads(),
+        vec![format!(".upload_id-{}.part-1", ids[0])]
+    );
+    // The next sweep tries again, and counts again: the alert stays while
+    // the parts do.
+    assert_eq!(archiver.sweep_journal().await, 0);
+    assert_eq!(
+        metric(&metrics, "lesson_replay_orphan_uploads_left_total"),
+        2
+    );
 }

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use futures_util::StreamExt;
@@ -195,6 +196,29 @@ impl Media {
     pub async fn wait_for_cleanup(&self, limit: Duration) {
         let waits = self.destinations.all().map(|a| a.wait_for_cleanup(limit));
         futures_util::future::join_all(waits).await;
+    }
+
+    /// Every part deadline until `stop`, abort the uploads the journals of
+    /// every destination hold whose owners are gone (killed workers, whose
+    /// lessons may never come back). The first sweep comes one period after
+    /// start-up: a lease a killed predecessor held runs that long anyway.
+    pub async fn sweep_journals(&self, stop: CancellationToken) {
+        let Some(every) = self.destinations.all().map(Archiver::sweep_every).min() else {
+            return;
+        };
+        loop {
+            // Workers started together drift apart: their sweeps seldom meet.
+            let jitter = every.mul_f64(fastrand::f64() / 4.0);
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every + jitter) => {}
+            }
+            let sweeps = self.destinations.all().map(Archiver::sweep_journal);
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = futures_util::future::join_all(sweeps) => {}
+            }
+        }
     }
 
     /// Whether the lesson of `record` already has its record, as far as this

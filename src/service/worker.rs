@@ -146,6 +146,9 @@ pub async fn run(
         abort: CancellationToken::new(),
     };
     let (stop, health) = (shared.stop.clone(), shared.health.clone());
+    // What killed workers left in the upload journals, swept on a timer.
+    let (sweeping, until) = (shared.media.clone(), stop.clone());
+    tokio::spawn(async move { sweeping.sweep_journals(until).await });
     let supervisor = supervise(&shared);
     tokio::pin!(supervisor);
     tokio::select! {

@@ -157,6 +157,7 @@ pub struct Metrics {
     uploaded_bytes: IntCounter,
     uploads_skipped: IntCounter,
     orphan_uploads_aborted: IntCounter,
+    orphan_uploads_left: IntCounter,
     parking_deferred: IntCounter,
     range_resumes: IntCounter,
     probe_bytes: IntCounter,
@@ -210,12 +211,13 @@ pub enum S3Op {
     Complete,
     Abort,
     List,
+    ListParts,
     Delete,
     Get,
 }
 
 impl S3Op {
-    pub const ALL: [S3Op; 9] = [
+    pub const ALL: [S3Op; 10] = [
         S3Op::Head,
         S3Op::Put,
         S3Op::CreateUpload,
@@ -223,6 +225,7 @@ impl S3Op {
         S3Op::Complete,
         S3Op::Abort,
         S3Op::List,
+        S3Op::ListParts,
         S3Op::Delete,
         S3Op::Get,
     ];
@@ -236,9 +239,47 @@ impl S3Op {
             S3Op::Complete => "complete",
             S3Op::Abort => "abort",
             S3Op::List => "list",
+            S3Op::ListParts => "list_parts",
             S3Op::Delete => "delete",
             S3Op::Get => "get",
         }
+    }
+}
+
+/// The outcomes a message can have with `reason`: their series exist from
+/// start-up. Every code is named (no catch-all), so a new one does not
+/// compile until it is placed here.
+pub fn outcomes_with(reason: ReasonCode) -> &'static [Outcome] {
+    use ReasonCode as R;
+    match reason {
+        R::RecordingStarted | R::NotFinished => &[Outcome::Skipped],
+        // An app without a key: its record_started is skipped (nothing to
+        // watch), its finished recording parked.
+        R::NoKey => &[Outcome::Skipped, Outcome::Parked],
+        R::FetchFailed | R::ArchiveFailed | R::PublishFailed | R::InternalError => {
+            &[Outcome::Retried, Outcome::Parked]
+        }
+        R::InvalidJson
+        | R::UnknownFormat
+        | R::InvalidField
+        | R::SignatureMissing
+        | R::SignatureInvalid
+        | R::SignatureExpired
+        | R::UpstreamError
+        | R::VodNotFound
+        | R::VodUnavailable
+        | R::FileTooLarge
+        | R::SizeMismatch
+        | R::ArchiveDenied
+        | R::ArchiveMisconfigured
+        | R::BodyTooLarge
+        | R::TooManyTracks
+        | R::FieldTooLong
+        | R::UrlNotAllowed
+        | R::WatchNoKey
+        | R::WatchTaskNotFound
+        | R::WatchDenied
+        | R::WatchExpired => &[Outcome::Parked],
     }
 }
 
@@ -452,6 +493,11 @@ impl Metrics {
                 "lesson_replay_orphan_uploads_aborted_total",
                 "Multipart uploads left unfinished by an earlier attempt (a killed worker) and aborted.",
             ),
+            orphan_uploads_left: counter(
+                &r,
+                "lesson_replay_orphan_uploads_left_total",
+                "Aborts of an abandoned multipart upload that did not clear it (the store refused, or kept parts): counted at each try; its journal entry is kept for the next.",
+            ),
             parking_deferred: counter(
                 &r,
                 "lesson_replay_parking_deferred_total",
@@ -630,16 +676,7 @@ impl Metrics {
         self.messages
             .with_label_values(&[Outcome::Published.as_str(), ""]);
         for reason in ReasonCode::ALL {
-            let skip = matches!(
-                reason,
-                ReasonCode::RecordingStarted | ReasonCode::NotFinished
-            );
-            let outcomes: &[Outcome] = match (skip, reason.is_transient()) {
-                (true, _) => &[Outcome::Skipped],
-                (false, true) => &[Outcome::Retried, Outcome::Parked],
-                (false, false) => &[Outcome::Parked],
-            };
-            for outcome in outcomes {
+            for outcome in outcomes_with(reason) {
                 self.messages
                     .with_label_values(&[outcome.as_str(), reason.as_str()]);
             }
@@ -743,6 +780,13 @@ impl Metrics {
     }
 
     fn message(&self, outcome: Outcome, reason: Option<ReasonCode>) {
+        // A combination [`outcomes_with`] does not list would be a series
+        // born above zero: the tests that take that path stop here.
+        debug_assert!(
+            reason.map_or(outcome == Outcome::Published, |r| outcomes_with(r)
+                .contains(&outcome)),
+            "{outcome:?} with {reason:?} is not among the series made at start-up"
+        );
         let reason = reason.map_or("", ReasonCode::as_str);
         self.messages
             .with_label_values(&[outcome.as_str(), reason])
@@ -828,6 +872,11 @@ impl Metrics {
     /// An upload an earlier attempt left unfinished was aborted.
     pub fn orphan_upload_aborted(&self) {
         self.orphan_uploads_aborted.inc();
+    }
+
+    /// An abort did not clear an abandoned upload: it stays journaled.
+    pub fn orphan_upload_left(&self) {
+        self.orphan_uploads_left.inc();
     }
 
     /// A message's parking was not confirmed: it waits in a delay queue.
@@ -1014,21 +1063,52 @@ mod tests {
         let metrics = Metrics::new();
         metrics.expect_tiers(&[Duration::from_secs(10), Duration::from_secs(60)]);
         let text = metrics.render();
-        for series in [
-            r#"lesson_replay_messages_total{outcome="parked",reason="invalid_json"} 0"#,
-            r#"lesson_replay_messages_total{outcome="retried",reason="publish_failed"} 0"#,
-            r#"lesson_replay_messages_total{outcome="parked",reason="publish_failed"} 0"#,
-            r#"lesson_replay_messages_total{outcome="skipped",reason="recording_started"} 0"#,
-            r#"lesson_replay_messages_total{outcome="published",reason=""} 0"#,
-            r#"lesson_replay_retries_total{tier="60s"} 0"#,
-            r#"lesson_replay_http_responses_total{class="4xx",target="vod"} 0"#,
-            r#"lesson_replay_stage_duration_seconds_count{stage="archive"} 0"#,
-            r#"lesson_replay_s3_request_duration_seconds_count{operation="upload_part"} 0"#,
-            r#"lesson_replay_ingress_requests_total{outcome="broker_unavailable"} 0"#,
-            r#"lesson_replay_watches_total{event="reconciled"} 0"#,
-        ] {
-            assert!(text.contains(series), "{series} missing");
+        let mut series = vec![
+            r#"lesson_replay_messages_total{outcome="published",reason=""} 0"#.to_owned(),
+            r#"lesson_replay_retries_total{tier="60s"} 0"#.to_owned(),
+            r#"lesson_replay_ingress_requests_total{outcome="broker_unavailable"} 0"#.to_owned(),
+            r#"lesson_replay_watches_total{event="reconciled"} 0"#.to_owned(),
+            "lesson_replay_orphan_uploads_left_total 0".to_owned(),
+        ];
+        // Every reason with every outcome it can have, every target with
+        // every status class, every stage and S3 operation: a new one is
+        // covered as soon as it is listed in its `ALL`.
+        for reason in ReasonCode::ALL {
+            for outcome in outcomes_with(reason) {
+                series.push(format!(
+                    r#"lesson_replay_messages_total{{outcome="{}",reason="{}"}} 0"#,
+                    outcome.as_str(),
+                    reason.as_str()
+                ));
+            }
         }
+        for target in Target::ALL {
+            for class in StatusClass::ALL {
+                series.push(format!(
+                    r#"lesson_replay_http_responses_total{{class="{}",target="{}"}} 0"#,
+                    class.as_str(),
+                    target.as_str()
+                ));
+            }
+        }
+        for stage in Stage::ALL {
+            series.push(format!(
+                r#"lesson_replay_stage_duration_seconds_count{{stage="{}"}} 0"#,
+                stage.as_str()
+            ));
+        }
+        for op in S3Op::ALL {
+            series.push(format!(
+                r#"lesson_replay_s3_request_duration_seconds_count{{operation="{}"}} 0"#,
+                op.as_str()
+            ));
+        }
+        for series in &series {
+            assert!(text.contains(series.as_str()), "{series} missing");
+        }
+        assert!(series.contains(
+            &r#"lesson_replay_messages_total{outcome="skipped",reason="no_key"} 0"#.to_owned()
+        ));
         // Combinations that cannot occur are not made up.
         assert!(!text.contains(r#"outcome="retried",reason="invalid_json""#));
         assert!(!text.contains(r#"outcome="parked",reason="recording_started""#));

@@ -13,8 +13,8 @@
 //!   earlier parts upload, the MD5 computed in order;
 //! - [`upload`]: one object's upload, parts in flight side by side;
 //! - [`budget`]: the worker's one memory budget of part buffers;
-//! - [`orphans`]: the journal of uploads under way, and aborting what a killed
-//!   worker left;
+//! - [`orphans`]: the journal of uploads under way (each entry its owner's
+//!   lease), and aborting, until it is gone, what a killed worker left;
 //! - [`manifest`]: the lesson's `manifest.json` and `index.html`, and each
 //!   object's record (size, ETag, MD5, probe), written after the upload
 //!   instead of copying the whole object onto itself;
@@ -139,6 +139,9 @@ pub struct Archiver {
     /// Whether the store answered `ListMultipartUploads` with "not
     /// implemented" (s3s-fs): the journal alone finds orphans then.
     no_upload_listing: Arc<AtomicBool>,
+    /// Whether the store answered `ListParts` with "not implemented": an
+    /// abort is then taken at its word.
+    no_part_listing: Arc<AtomicBool>,
 }
 
 impl Archiver {
@@ -200,6 +203,7 @@ impl Archiver {
             metrics,
             cleanup: TaskTracker::new(),
             no_upload_listing: Arc::new(AtomicBool::new(false)),
+            no_part_listing: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -228,17 +232,22 @@ impl Archiver {
     }
 
     /// Fail fast at start-up when the bucket or the credentials are wrong.
+    /// Not counted among the store's answers: it comes before the first
+    /// scrape, and a series first seen above zero hides its first events
+    /// from `rate()` and `increase()`.
     pub async fn check(&self) -> Result<(), S3Error> {
         self.client
             .head_bucket()
             .bucket(&self.bucket)
             .send()
-            .timed(self.metrics.s3_timer(S3Op::Head))
             .await
-            .observed(&self.metrics, || {
-                format!(
-                    "bucket {:?} is not usable (does it exist, are the credentials right?)",
-                    self.bucket
+            .map_err(|e| {
+                S3Error::from_sdk(
+                    format!(
+                        "bucket {:?} is not usable (does it exist, are the credentials right?)",
+                        self.bucket
+                    ),
+                    e,
                 )
             })
             .map(|_| ())

@@ -8,9 +8,11 @@
 //! upload (create, then journal) as soon as its size is known, while its
 //! first part is still being read.
 //!
-//! Any failure, and a drop half-way (shutdown, panic, a sibling track's
-//! failure), aborts every part in flight and then the upload, so no orphan
-//! parts remain.
+//! While the upload lives its journal entry's lease is renewed
+//! ([`Lease`]), so no other delivery aborts it. Any failure, and a drop
+//! half-way (shutdown, panic, a sibling track's failure), waits for the parts
+//! in flight to end and then aborts the upload until it is gone: a part that
+//! lands after an abort would stay in the store.
 
 use std::sync::Arc;
 
@@ -24,7 +26,7 @@ use tracing::Instrument;
 use crate::decision::record::{Archive, Probe};
 use crate::media::archive::budget::{PartBudget, PartBuf};
 use crate::media::archive::manifest::metadata;
-use crate::media::archive::orphans::{abort_upload, forget_upload};
+use crate::media::archive::orphans::{Lease, abort_until_gone, forget_upload};
 use crate::media::archive::{Archiver, Observed, Timed, attempt_timeout};
 use crate::media::fetch::ChunkSink;
 use crate::media::s3_error::S3Error;
@@ -35,8 +37,9 @@ enum Started {
     /// No: a single PUT, unless a part is handed over.
     No,
     /// Its creation (and journal entry) is under way.
-    Starting(JoinHandle<Result<String, S3Error>>),
-    Id(String),
+    Starting(JoinHandle<Result<(String, Lease), S3Error>>),
+    /// Created and journaled, its lease renewed.
+    Id(String, Lease),
 }
 
 /// A part uploaded: its number, ETag and size.
@@ -151,13 +154,14 @@ impl Upload {
                 })?
                 .to_owned();
             // Journaled before any part: a killed worker's upload is found
-            // and aborted by the next attempt. If the journal fails, the
-            // upload is abandoned at once.
+            // and aborted once its lease runs out. If the journal fails, the
+            // upload is abandoned at once (no part was sent).
             if let Err(e) = store.journal(&key, &id).await {
-                abort_upload(store.job(&key, &id)).await;
+                abort_until_gone(store.job(&key, &id)).await;
                 return Err(e);
             }
-            Ok(id)
+            let lease = Lease::start(store.clone(), key, id.clone());
+            Ok((id, lease))
         };
         self.started = Started::Starting(tokio::spawn(start.in_current_span()));
     }
@@ -171,14 +175,19 @@ impl Upload {
                 Err(e) => Err(joined(&self.key, "starting the upload", e)),
             };
             // Failed: nothing to abort (the start task cleaned up after itself).
-            self.started = match &id {
-                Ok(id) => Started::Id(id.clone()),
-                Err(_) => Started::No,
+            return match id {
+                Ok((id, lease)) => {
+                    self.started = Started::Id(id.clone(), lease);
+                    Ok(id)
+                }
+                Err(e) => {
+                    self.started = Started::No;
+                    Err(e)
+                }
             };
-            return id;
         }
         match &self.started {
-            Started::Id(id) => Ok(id.clone()),
+            Started::Id(id, _) => Ok(id.clone()),
             _ => unreachable!("begun above"),
         }
     }
@@ -297,7 +306,9 @@ impl Upload {
             .timed(store.metrics.s3_timer(S3Op::Complete))
             .await
             .observed(&store.metrics, || format!("completing {}", self.key))?;
-        self.started = Started::No;
+        if let Started::Id(_, lease) = std::mem::replace(&mut self.started, Started::No) {
+            lease.end().await;
+        }
         let archive = store.archive(&self.key, size, md5, completed.e_tag());
         let job = store.job(&self.key, &upload_id);
         let (_, recorded) = tokio::join!(
@@ -344,41 +355,51 @@ impl Upload {
         Ok(store.archive(&self.key, size, md5, put.e_tag()))
     }
 
-    /// Abandon the upload: stop every part in flight, then delete the parts.
+    /// Abandon the upload: let the parts in flight end, then abort it until
+    /// it is gone.
     pub async fn abort(mut self) {
-        self.in_flight.shutdown().await;
+        let parts = std::mem::take(&mut self.in_flight);
         let started = std::mem::replace(&mut self.started, Started::No);
-        abort_started(self.store.clone(), self.key.clone(), started).await;
+        abort_started(self.store.clone(), self.key.clone(), started, parts).await;
     }
 }
 
-/// Abort the multipart upload `started` describes, once its creation (if
-/// under way) has an id; nothing when none was started.
-async fn abort_started(store: Archiver, key: String, started: Started) {
-    let id = match started {
+/// Abort the multipart upload `started` describes, once its parts in flight
+/// have ended (landed or failed) and its creation (if under way) has an id;
+/// nothing when none was started. Its lease ends first: a renewal must not
+/// write the entry again after the abort forgets it.
+async fn abort_started(
+    store: Archiver,
+    key: String,
+    started: Started,
+    mut parts: JoinSet<Result<Uploaded, S3Error>>,
+) {
+    while parts.join_next().await.is_some() {}
+    let (id, lease) = match started {
         Started::No => return,
-        Started::Id(id) => id,
+        Started::Id(id, lease) => (id, lease),
         Started::Starting(handle) => match handle.await {
-            Ok(Ok(id)) => id,
+            Ok(Ok(started)) => started,
             // Not created, or its start task aborted it already.
             _ => return,
         },
     };
-    abort_upload(store.job(&key, &id)).await;
+    lease.end().await;
+    abort_until_gone(store.job(&key, &id)).await;
 }
 
 /// An upload dropped half-way (its task aborted at shutdown, a sibling
-/// track's failure, a panic) is aborted in the background — its parts in
-/// flight stopped first (the `JoinSet` aborts them as it drops) — so no
-/// orphan parts remain.
+/// track's failure, a panic) is aborted in the background, once its parts
+/// in flight have ended (each within the part deadline), so no orphan parts
+/// remain.
 impl Drop for Upload {
     fn drop(&mut self) {
-        self.in_flight.abort_all();
+        let parts = std::mem::take(&mut self.in_flight);
         let started = std::mem::replace(&mut self.started, Started::No);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let abort = abort_started(self.store.clone(), self.key.clone(), started);
+        let abort = abort_started(self.store.clone(), self.key.clone(), started, parts);
         self.store.cleanup.spawn_on(abort, &runtime);
     }
 }
