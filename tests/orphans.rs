@@ -264,6 +264,25 @@ fn completing(s3: &S3Server) -> Vec<String> {
     ids
 }
 
+/// Uploads with three or more of their five parts written: their completion
+/// may begin before a kill lands.
+fn near_completion(s3: &S3Server) -> Vec<String> {
+    let mut parts: std::collections::HashMap<String, usize> = Default::default();
+    for name in s3.incomplete_uploads() {
+        if let Some(id) = name
+            .strip_prefix(".upload_id-")
+            .and_then(|rest| rest.split(".part-").next())
+        {
+            *parts.entry(id.to_owned()).or_default() += 1;
+        }
+    }
+    parts
+        .into_iter()
+        .filter(|(_, n)| *n >= 3)
+        .map(|(id, _)| id)
+        .collect()
+}
+
 /// Uploads s3s-fs holds (`.upload-<id>.json`) that no journal entry names
 /// (an entry's name is the MD5 of its upload id).
 fn unjournaled(s3: &S3Server, entries: &[String]) -> Vec<String> {
@@ -293,7 +312,9 @@ async fn duplicates_and_kills_mid_part_leave_no_part_behind() {
     config.s3_part_size_bytes = 5 * MIB;
     config.s3_upload_concurrency = 8;
     config.concurrency = 4;
-    config.s3_part_timeout_secs = 3;
+    // Leases of 8 s, renewed every 2.7 s: short enough for the test, long
+    // enough that a worker starved of CPU on a busy machine keeps its own.
+    config.s3_part_timeout_secs = 8;
     config.retry_delays_secs = vec![1, 2, 3];
     let broker = Broker::new(config).await;
     let lessons = 6;
@@ -346,6 +367,7 @@ async fn duplicates_and_kills_mid_part_leave_no_part_behind() {
             if entries.len() >= 2
                 && s3.incomplete_uploads().len() >= 4
                 && completing(&s3).is_empty()
+                && near_completion(&s3).is_empty()
                 && unjournaled(&s3, &entries).is_empty()
             {
                 break;
