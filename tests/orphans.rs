@@ -312,9 +312,10 @@ async fn duplicates_and_kills_mid_part_leave_no_part_behind() {
     config.s3_part_size_bytes = 5 * MIB;
     config.s3_upload_concurrency = 8;
     config.concurrency = 4;
-    // Leases of 8 s, renewed every 2.7 s: short enough for the test, long
-    // enough that a worker starved of CPU on a busy machine keeps its own.
-    config.s3_part_timeout_secs = 8;
+    // Leases of 10 s (two part deadlines), renewed every 1.7 s: short
+    // enough for the test, long enough that a worker starved of CPU on a
+    // busy machine keeps its own.
+    config.s3_part_timeout_secs = 5;
     config.retry_delays_secs = vec![1, 2, 3];
     let broker = Broker::new(config).await;
     let lessons = 6;

@@ -164,7 +164,7 @@ pub const SETTINGS: &[Setting] = &[
     ),
     setting(
         "s3_part_timeout_secs",
-        "longest wait for one part upload (or a small file's single PUT), per attempt; also the lease of an upload's journal entry (renewed every third of it) and the period of the journal sweep",
+        "longest wait for one part upload (or a small file's single PUT), per attempt; also paces the upload journal: an entry's lease is two of it, renewed every third of it, and the journal is swept every one of it",
     ),
     setting(
         "retry_delays_secs",

@@ -496,7 +496,7 @@ impl Metrics {
             orphan_uploads_left: counter(
                 &r,
                 "lesson_replay_orphan_uploads_left_total",
-                "Aborts of an abandoned multipart upload that did not clear it (the store refused, or kept parts): counted at each try; its journal entry is kept for the next.",
+                "Aborts of a multipart upload (abandoned, or given up by its owner) that did not clear it (the store refused, or kept parts): counted at each try; its journal entry is kept for the next sweep.",
             ),
             parking_deferred: counter(
                 &r,
@@ -1114,6 +1114,17 @@ mod tests {
         assert!(!text.contains(r#"outcome="parked",reason="recording_started""#));
         #[cfg(target_os = "linux")]
         assert!(text.contains("process_resident_memory_bytes"));
+    }
+
+    #[test]
+    fn the_outcomes_of_a_reason_follow_whether_it_is_transient() {
+        for reason in ReasonCode::ALL {
+            assert_eq!(
+                outcomes_with(reason).contains(&Outcome::Retried),
+                reason.is_transient(),
+                "{reason:?}"
+            );
+        }
     }
 
     #[test]

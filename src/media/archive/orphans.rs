@@ -8,7 +8,7 @@
 //! Two rules keep an abort from leaving parts behind:
 //! - **Never abort a live upload from outside.** A journal entry is its
 //!   owner's lease: renewed every third of the part deadline while the upload
-//!   lives, it runs out one part deadline after its owner died. Another
+//!   lives, it runs out two part deadlines after its owner died. Another
 //!   delivery of the same lesson leaves an upload under a live lease alone;
 //!   its owner finishes it (the same bytes) or aborts it itself. A store may
 //!   write a part still in flight after an abort (s3s-fs does, and AWS warns
@@ -79,7 +79,7 @@ pub(crate) enum Cleared {
 }
 
 impl Archiver {
-    /// Journal the upload `upload_id` of `key`, held for one part deadline:
+    /// Journal the upload `upload_id` of `key`, held for two part deadlines:
     /// written before any part, and renewed by the owner's [`Lease`]. With
     /// the store's encryption setting, as every other write: a bucket policy
     /// that refuses unencrypted writes refuses an unencrypted entry too.
@@ -88,7 +88,7 @@ impl Archiver {
         let body = serde_json::to_vec(&Entry {
             key: key.to_owned(),
             upload_id: upload_id.to_owned(),
-            lease_until_ms: now_ms() + self.part_timeout.as_millis() as u64,
+            lease_until_ms: now_ms() + self.lease().as_millis() as u64,
         })
         .expect("an entry serializes");
         self.client
@@ -103,6 +103,13 @@ impl Archiver {
             .await
             .observed(&self.metrics, || format!("journaling the upload of {key}"))?;
         Ok(())
+    }
+
+    /// How long an entry holds its upload without a renewal: two part
+    /// deadlines, so a renewal held up by a slow store (each is cut at a
+    /// third of one) or clocks a little apart never let a live upload go.
+    fn lease(&self) -> Duration {
+        self.part_timeout * 2
     }
 
     /// The journal folder of every object, with its trailing slash.
@@ -127,7 +134,7 @@ impl Archiver {
     /// owner. Found through the journal, and through the store's
     /// `ListMultipartUploads` where it has one (that also finds an upload
     /// killed before its journal entry was written, once it is older than a
-    /// part deadline). Failures are logged, never fatal: the next sweep
+    /// lease). Failures are logged, never fatal: the next sweep
     /// ([`Archiver::sweep_journal`]) and the bucket's lifecycle rule remain.
     pub async fn abort_orphans(&self, key: &str) -> usize {
         // The journal and the store's listing, read side by side (one round trip).
@@ -136,18 +143,24 @@ impl Archiver {
         let mut seen = std::collections::HashSet::new();
         let mut abandoned = Vec::new();
         let journal_read = journaled.is_some();
-        for entry in journaled.unwrap_or_default() {
+        let (names, entries) = journaled.unwrap_or_default();
+        for entry in entries {
             seen.insert(entry.upload_id.clone());
             if entry.abandoned {
                 abandoned.push(entry.upload_id);
             }
         }
         // Listed without an entry: its creation was never journaled (no part
-        // was sent: parts wait for the entry), or its entry is older than the
-        // listing. Only when the journal was read, and the upload is old.
-        let old = SystemTime::now() - self.part_timeout;
+        // was sent: parts wait for the entry). Only when the journal was
+        // listed, when no entry of that name exists (even one that could not
+        // be read), and when the upload is older than a lease.
+        let old = SystemTime::now() - self.lease();
         for (upload_id, initiated) in listed {
-            if journal_read && initiated.is_none_or(|t| t < old) && seen.insert(upload_id.clone()) {
+            if journal_read
+                && !names.contains(&self.journal_key(key, &upload_id))
+                && initiated.is_none_or(|t| t < old)
+                && seen.insert(upload_id.clone())
+            {
                 abandoned.push(upload_id);
             }
         }
@@ -197,6 +210,10 @@ impl Archiver {
                 };
                 // An entry of the first format names no object: its own
                 // object's sweep ([`Archiver::abort_orphans`]) aborts it.
+                if found.abandoned && found.key.is_none() {
+                    tracing::warn!(%entry, upload_id = %found.upload_id,
+                        "an abandoned upload journaled by an older version: aborted only when its lesson comes back");
+                }
                 if let (true, Some(key)) = (found.abandoned, &found.key) {
                     let job = self.job(key, &found.upload_id);
                     if job.journal_key == entry && abort_until_gone(job).await == Cleared::Aborted {
@@ -213,7 +230,7 @@ impl Archiver {
     }
 
     /// How often [`Archiver::sweep_journal`] runs: every part deadline (a
-    /// lease runs out one part deadline after its owner's last renewal).
+    /// lease runs out two part deadlines after its owner's last renewal).
     pub fn sweep_every(&self) -> Duration {
         self.part_timeout.max(Duration::from_secs(1))
     }
@@ -227,8 +244,9 @@ impl Archiver {
         }
     }
 
-    /// The uploads in `key`'s journal folder; `None` when it cannot be read.
-    async fn journaled_uploads(&self, key: &str) -> Option<Vec<Journaled>> {
+    /// The entry names in `key`'s journal folder and the uploads read from
+    /// them; `None` when the folder cannot be listed.
+    async fn journaled_uploads(&self, key: &str) -> Option<(Vec<String>, Vec<Journaled>)> {
         let folder = self.journal_folder(key);
         let listed = self
             .client
@@ -256,14 +274,14 @@ impl Archiver {
             }
         };
         let mut found = Vec::with_capacity(entries.len());
-        for (entry, modified) in entries {
-            found.extend(self.read_entry(&entry, modified).await);
+        for (entry, modified) in &entries {
+            found.extend(self.read_entry(entry, *modified).await);
         }
-        Some(found)
+        Some((entries.into_iter().map(|(name, _)| name).collect(), found))
     }
 
     /// One journal entry. The first format held the bare upload id, and no
-    /// lease: it counts as held for one part deadline after it was written.
+    /// lease: it counts as held for a lease after it was written.
     async fn read_entry(&self, entry: &str, modified: Option<SystemTime>) -> Option<Journaled> {
         let read = self
             .client
@@ -295,7 +313,7 @@ impl Archiver {
             Ok(id) if !id.is_empty() && !id.starts_with('{') => Some(Journaled {
                 upload_id: id,
                 key: None,
-                abandoned: modified.is_none_or(|t| t + self.part_timeout < SystemTime::now()),
+                abandoned: modified.is_none_or(|t| t + self.lease() < SystemTime::now()),
             }),
             _ => {
                 tracing::warn!(%entry, "unreadable upload journal entry: left to the lifecycle rule");
@@ -389,11 +407,16 @@ impl Lease {
                     _ = &mut stopped => return,
                     () = tokio::time::sleep(every) => {}
                 }
-                // A renewal that fails is tried again next time; three
-                // failures in a row and the lease runs out: a sweep may then
+                // Each renewal is cut at a third of a part deadline; one that
+                // fails is tried again next time. The lease (two deadlines)
+                // outlives five failures in a row; after that a sweep may
                 // abort this upload, and its next part fails transiently.
-                if let Err(e) = store.journal(&key, &upload_id).await {
-                    tracing::warn!(%key, error = %e, "could not renew the upload's lease");
+                match tokio::time::timeout(every, store.journal(&key, &upload_id)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(%key, error = %e, "could not renew the upload's lease")
+                    }
+                    Err(_) => tracing::warn!(%key, "the upload's lease renewal timed out"),
                 }
             }
         };
@@ -467,6 +490,10 @@ pub(crate) async fn abort_until_gone(job: AbortJob) -> Cleared {
             Some(parts) => {
                 tracing::info!(%key, upload_id = %job.upload_id, parts, round, "parts remain after the abort: aborting again");
             }
+            // The listing failed for a moment: the next round looks again.
+            None if !job.store.no_part_listing.load(Ordering::Relaxed) => {
+                tracing::info!(%key, upload_id = %job.upload_id, round, "could not list the parts: trying again");
+            }
             // No listing to check by: the abort's word is taken.
             None if !refused => {
                 forget_upload(&job).await;
@@ -517,7 +544,11 @@ async fn parts_left(job: &AbortJob) -> Option<usize> {
         .timed(job.metrics().s3_timer(S3Op::ListParts))
         .await;
     match listed {
-        Ok(list) => Some(list.parts().len()),
+        Ok(list) => {
+            job.metrics()
+                .http_response(crate::telemetry::metrics::Target::S3, Some(200));
+            Some(list.parts().len())
+        }
         Err(e) => {
             let status = e.raw_response().map(|r| r.status().as_u16());
             let e = S3Error::from_sdk(format!("listing the parts of {key}"), e);
