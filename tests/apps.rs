@@ -44,21 +44,6 @@ fn add_app(config: &mut Config, id: i64, app: AppSettings) {
     config.apps.insert(id.to_string(), app);
 }
 
-/// Every key of `bucket`.
-async fn keys(client: &aws_sdk_s3::Client, bucket: &str) -> Vec<String> {
-    let listed = client
-        .list_objects_v2()
-        .bucket(bucket)
-        .send()
-        .await
-        .unwrap();
-    listed
-        .contents()
-        .iter()
-        .filter_map(|o| o.key().map(str::to_owned))
-        .collect()
-}
-
 // Long on purpose: the second half (a store refusing one app) only means
 // something once the first showed both apps archiving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,8 +109,8 @@ async fn each_app_archives_to_its_own_bucket_and_a_refusing_store_parks_only_its
         }
     }
     // Each bucket holds its app's lessons (tracks and manifests), nothing else.
-    let one_keys = keys(&s3.client(), "school-one").await;
-    let two_keys = keys(&moto.client(), "school-two").await;
+    let one_keys = common::s3::keys(&s3.client(), "school-one").await;
+    let two_keys = common::s3::keys(&moto.client(), "school-two").await;
     for (keys, own, other) in [(&one_keys, ONE, TWO), (&two_keys, TWO, ONE)] {
         let lessons: Vec<&String> = keys
             .iter()
@@ -564,7 +549,9 @@ async fn an_upload_left_open_in_an_apps_bucket_is_aborted_there() {
         1
     );
     assert!(
-        keys(&s3.client(), "school-default").await.is_empty(),
+        common::s3::keys(&s3.client(), "school-default")
+            .await
+            .is_empty(),
         "the default store holds nothing of app two"
     );
     broker.cleanup().await;

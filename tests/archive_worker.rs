@@ -593,18 +593,11 @@ async fn a_duplicate_finishing_first_leaves_nothing_behind(
         hex::encode(Md5::digest(&stored)),
         hex::encode(Md5::digest(&file))
     );
-    let journal: Vec<String> = client
-        .list_objects_v2()
-        .bucket("school")
-        .send()
-        .await
-        .unwrap()
-        .contents()
-        .iter()
-        .filter_map(|o| o.key().map(str::to_owned))
-        .filter(|k| k.contains("/.lesson-replay-uploads/"))
-        .collect();
-    assert_eq!(journal, Vec::<String>::new(), "journal entries left");
+    assert_eq!(
+        common::s3::journal_entries(&client, "school").await,
+        Vec::<String>::new(),
+        "journal entries left"
+    );
     for metrics in [&metrics, &sweeper] {
         assert_eq!(
             metric(metrics, "lesson_replay_orphan_uploads_left_total"),

@@ -6,12 +6,13 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::messages::one_camera;
 use common::moto::MotoServer;
 use common::origin::{Faults, Origin};
-use common::s3::S3Server;
+use common::s3::{S3Server, journal_entries, keys};
 use common::{Broker, WorkerProcess, isolated_config, metric, spawn_worker_with};
 use lapin::types::FieldTable;
 use lesson_replay::media::archive::{JOURNAL_RULE, LIFECYCLE_RULE};
@@ -20,23 +21,6 @@ use lesson_replay::telemetry::metrics::Metrics;
 use md5::{Digest, Md5};
 
 const MIB: usize = 1024 * 1024;
-
-/// Every key in `bucket`.
-async fn keys(client: &aws_sdk_s3::Client, bucket: &str) -> Vec<String> {
-    let listed = client
-        .list_objects_v2()
-        .bucket(bucket)
-        .send()
-        .await
-        .unwrap();
-    let mut keys: Vec<String> = listed
-        .contents()
-        .iter()
-        .filter_map(|o| o.key().map(str::to_owned))
-        .collect();
-    keys.sort();
-    keys
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_workers_uploads_are_aborted_when_its_lessons_come_back() {
@@ -64,14 +48,9 @@ async fn a_killed_workers_uploads_are_aborted_when_its_lessons_come_back() {
     }
 
     let client = s3.client();
-    let journal = |keys: Vec<String>| -> Vec<String> {
-        keys.into_iter()
-            .filter(|k| k.contains("/.lesson-replay-uploads/"))
-            .collect()
-    };
     let mut worker = WorkerProcess::start(&broker.config);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while journal(keys(&client, "school").await).len() < lessons {
+    while journal_entries(&client, "school").await.len() < lessons {
         assert!(Instant::now() < deadline, "the uploads did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -79,7 +58,7 @@ async fn a_killed_workers_uploads_are_aborted_when_its_lessons_come_back() {
     // The positive control: a crash leaves its uploads open (their parts in
     // the store), one journal entry each.
     assert!(!s3.incomplete_uploads().is_empty(), "parts after SIGKILL");
-    assert_eq!(journal(keys(&client, "school").await).len(), lessons);
+    assert_eq!(journal_entries(&client, "school").await.len(), lessons);
 
     for i in 0..lessons {
         origin.add(&format!("/l{i}.mp4"), big.clone(), Faults::default());
@@ -112,7 +91,7 @@ async fn a_killed_workers_uploads_are_aborted_when_its_lessons_come_back() {
     );
     let left = keys(&client, "school").await;
     assert_eq!(
-        journal(left.clone()),
+        journal_entries(&client, "school").await,
         Vec::<String>::new(),
         "the journal is empty"
     );
@@ -250,59 +229,45 @@ async fn a_store_without_lifecycle_rules_gets_a_clear_error() {
     assert!(!stderr.contains(common::s3::SECRET_KEY), "{stderr}");
 }
 
-/// Uploads s3s-fs is completing now: part files whose upload (its
-/// `.upload-<id>.json`) is already gone.
-fn completing(s3: &S3Server) -> Vec<String> {
-    let names = s3.incomplete_uploads();
-    let mut ids: Vec<String> = names
-        .iter()
-        .filter_map(|n| n.strip_prefix(".upload_id-")?.split(".part-").next())
-        .filter(|id| !names.contains(&format!(".upload-{id}.json")))
-        .map(str::to_owned)
-        .collect();
-    ids.dedup();
-    ids
-}
-
-/// Uploads with three or more of their five parts written: their completion
-/// may begin before a kill lands.
-fn near_completion(s3: &S3Server) -> Vec<String> {
-    let mut parts: std::collections::HashMap<String, usize> = Default::default();
+/// The uploads s3s-fs holds in its root, by id: whether the upload itself
+/// is there (`.upload-<id>.json`), and how many part files it has
+/// (`.upload_id-<id>.part-<n>`).
+fn on_disk(s3: &S3Server) -> BTreeMap<String, (bool, usize)> {
+    let mut uploads: BTreeMap<String, (bool, usize)> = BTreeMap::new();
     for name in s3.incomplete_uploads() {
         if let Some(id) = name
-            .strip_prefix(".upload_id-")
-            .and_then(|rest| rest.split(".part-").next())
+            .strip_prefix(".upload-")
+            .and_then(|n| n.strip_suffix(".json"))
         {
-            *parts.entry(id.to_owned()).or_default() += 1;
+            uploads.entry(id.to_owned()).or_default().0 = true;
+        } else if let Some(id) = name
+            .strip_prefix(".upload_id-")
+            .and_then(|n| n.split(".part-").next())
+        {
+            uploads.entry(id.to_owned()).or_default().1 += 1;
         }
     }
-    parts
-        .into_iter()
-        .filter(|(_, n)| *n >= 3)
-        .map(|(id, _)| id)
-        .collect()
+    uploads
 }
 
-/// Uploads s3s-fs holds (`.upload-<id>.json`) that no journal entry names
-/// (an entry's name is the MD5 of its upload id).
-fn unjournaled(s3: &S3Server, entries: &[String]) -> Vec<String> {
-    s3.incomplete_uploads()
-        .iter()
-        .filter_map(|n| n.strip_prefix(".upload-")?.strip_suffix(".json"))
-        .filter(|id| {
-            let named = hex::encode(Md5::digest(id.as_bytes()));
-            !entries.iter().any(|e| e.ends_with(&named))
-        })
-        .map(str::to_owned)
-        .collect()
+/// Whether a kill now would land mid-part: every upload is journaled (an
+/// entry's name is the MD5 of its upload id), none is being completed (its
+/// parts still there, the upload gone), and none has three or more of its
+/// five parts written (its completion could begin before the kill lands).
+fn mid_part(s3: &S3Server, entries: &[String]) -> bool {
+    on_disk(s3).iter().all(|(id, (open, parts))| {
+        let named = hex::encode(Md5::digest(id.as_bytes()));
+        *open && *parts < 3 && entries.iter().any(|e| e.ends_with(&named))
+    })
 }
 
 /// The run that once left parts behind, in small: two workers, every lesson
 /// sent twice (the duplicates running side by side on the two workers), and
 /// each worker SIGKILLed in turn while parts are in flight. Every lesson
 /// gets its record with the right bytes, and in the end the store holds no
-/// part file and no open upload, and the journal no entry: live uploads were
-/// left to their owners, dead ones aborted once their leases ran out.
+/// part file and the journal no entry (an open upload may stay only when a
+/// kill met its creation: empty, and unknown to the journal): live uploads
+/// were left to their owners, dead ones aborted once their leases ran out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_and_kills_mid_part_leave_no_part_behind() {
     let s3 = S3Server::start("school");
@@ -336,13 +301,6 @@ async fn duplicates_and_kills_mid_part_leave_no_part_behind() {
         broker.publish(body, FieldTable::default()).await;
     }
     let client = s3.client();
-    let journal = async || -> Vec<String> {
-        keys(&client, "school")
-            .await
-            .into_iter()
-            .filter(|k| k.contains("/.lesson-replay-uploads/"))
-            .collect()
-    };
     // Each worker's log, kept past its kill.
     let mut logs = Vec::new();
     let mut start = || {
@@ -364,13 +322,8 @@ async fn duplicates_and_kills_mid_part_leave_no_part_behind() {
         // say what those two windows leave.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let entries = journal().await;
-            if entries.len() >= 2
-                && s3.incomplete_uploads().len() >= 4
-                && completing(&s3).is_empty()
-                && near_completion(&s3).is_empty()
-                && unjournaled(&s3, &entries).is_empty()
-            {
+            let entries = journal_entries(&client, "school").await;
+            if entries.len() >= 2 && s3.incomplete_uploads().len() >= 4 && mid_part(&s3, &entries) {
                 break;
             }
             assert!(
@@ -402,16 +355,24 @@ async fn duplicates_and_kills_mid_part_leave_no_part_behind() {
         let stored = common::s3::object(&client, "school", key).await;
         assert_eq!(&hex::encode(Md5::digest(&stored)), md5, "{key}");
     }
-    // The dead workers' uploads are aborted once their leases run out.
+    // The dead workers' uploads are aborted once their leases run out. A
+    // kill can still meet a create in flight: s3s-fs makes the upload after
+    // its client died, no entry ever names it, and nothing can find it on a
+    // store without an upload listing (docs/operations.md, promise 10). It
+    // holds no part (parts wait for the entry): only such empty uploads may
+    // stay, and no part file at all.
+    let empty = |uploads: &BTreeMap<String, (bool, usize)>| {
+        uploads.values().all(|(open, parts)| *open && *parts == 0)
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (parts, entries) = (s3.incomplete_uploads(), journal().await);
-        if parts.is_empty() && entries.is_empty() {
+        let (uploads, entries) = (on_disk(&s3), journal_entries(&client, "school").await);
+        if empty(&uploads) && entries.is_empty() {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "left behind: parts and uploads {parts:?}, journal entries {entries:?}"
+            "left behind: uploads (open, parts) {uploads:?}, journal entries {entries:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -419,7 +380,11 @@ async fn duplicates_and_kills_mid_part_leave_no_part_behind() {
     second.terminate();
     assert!(first.wait_exit(Duration::from_secs(30)).success());
     assert!(second.wait_exit(Duration::from_secs(30)).success());
-    assert_eq!(s3.incomplete_uploads(), Vec::<String>::new());
+    let uploads = on_disk(&s3);
+    assert!(empty(&uploads), "parts left: {uploads:?}");
+    if !uploads.is_empty() {
+        eprintln!("empty uploads a kill met in creation: {uploads:?}");
+    }
     // No live upload was aborted from outside: no delivery found its upload
     // refused because another had finished the key first.
     let overtaken: Vec<String> = logs

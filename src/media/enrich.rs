@@ -402,11 +402,12 @@ impl Media {
             .collect()
     }
 
-    /// The store refused this attempt's upload: was it overtaken? A duplicate
-    /// delivery of the same lesson that finished the key first aborts every
-    /// other open upload of it (the orphan sweep), and the next part or
-    /// completion of this one is refused — `NoSuchUpload` on S3 and MinIO,
-    /// `403` on some stores, a connection cut mid-part on others. When the
+    /// The store refused this attempt's upload: was it overtaken? No sweep
+    /// aborts an upload under a live lease, but one whose renewals failed
+    /// long enough may be aborted by another delivery that finished the key
+    /// first; the next part or completion of this one is then refused —
+    /// `NoSuchUpload` on S3 and MinIO, `403` on some stores, a connection
+    /// cut mid-part on others. When the
     /// copy is in place, whole (its size and its MD5 known), the track is
     /// archived: the lesson goes on, with neither a parking nor a second
     /// upload. Otherwise the refusal stands (retried or parked by its kind).

@@ -127,6 +127,32 @@ pub fn client_for(endpoint: &str) -> Client {
     Client::from_conf(config)
 }
 
+/// Every key of `bucket`, sorted.
+pub async fn keys(client: &Client, bucket: &str) -> Vec<String> {
+    let listed = client
+        .list_objects_v2()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap();
+    let mut keys: Vec<String> = listed
+        .contents()
+        .iter()
+        .filter_map(|o| o.key().map(str::to_owned))
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// The upload journal's entries in `bucket` (any prefix), sorted.
+pub async fn journal_entries(client: &Client, bucket: &str) -> Vec<String> {
+    keys(client, bucket)
+        .await
+        .into_iter()
+        .filter(|k| k.contains("/.lesson-replay-uploads/"))
+        .collect()
+}
+
 /// The bytes of `bucket/key`, read with `client`.
 pub async fn object(client: &Client, bucket: &str, key: &str) -> Vec<u8> {
     let object = client

@@ -163,6 +163,15 @@ const DRIFT: &str = "(() => { const t = lessonReplay.time(); \
   return Math.max(0, ...[...document.querySelectorAll('#stage video')] \
     .filter(v => !v.paused).map(v => Math.abs(offsets[v.dataset.track] + v.currentTime * 1000 - t))); })()";
 
+/// Every playing track is within [`DRIFT_MS`] of the lesson clock.
+async fn assert_on_clock(browser: &mut Browser, when: &str) {
+    let drift = number(browser, DRIFT).await;
+    assert!(
+        drift < DRIFT_MS,
+        "{when}: a track is {drift} ms off the clock"
+    );
+}
+
 /// The teacher (440 Hz) speaks all lesson; a student (550 Hz) from 0:04 to
 /// 0:10; the whiteboard is silent.
 fn class(origin: &Origin, name: &str) -> (Lesson, String) {
@@ -368,11 +377,7 @@ async fn speed_moves_every_track_with_the_clock_at_the_same_pitch() {
                 }
             );
         }
-        let drift = number(&mut browser, DRIFT).await;
-        assert!(
-            drift < DRIFT_MS,
-            "at {rate}x a track is {drift} ms off the clock"
-        );
+        assert_on_clock(&mut browser, &format!("at {rate}x")).await;
         // The pitch is kept: the teacher still sounds at 440 Hz, not higher.
         let faster = (f64::from(TEACHER) * rate) as u32;
         assert_eq!(
@@ -460,11 +465,7 @@ async fn a_track_out_of_data_stops_the_clock_until_every_track_can_play() {
         browser.eval("lessonReplay.waiting()").await,
         Value::Bool(false)
     );
-    let drift = number(&mut browser, DRIFT).await;
-    assert!(
-        drift < DRIFT_MS,
-        "after the stall a track is {drift} ms off the clock"
-    );
+    assert_on_clock(&mut browser, "after the stall").await;
     // No track was sent past what it had shown: nothing said was skipped.
     let seeks = browser.eval("seeks").await;
     for seek in seeks.as_array().unwrap() {
@@ -788,11 +789,7 @@ async fn a_hidden_tab_goes_on_by_ear_and_shown_again_every_track_is_on_the_clock
         browser.eval("lessonReplay.playing()").await,
         Value::Bool(true)
     );
-    let drift = number(&mut browser, DRIFT).await;
-    assert!(
-        drift < DRIFT_MS,
-        "a track is {drift} ms off the clock after the tab came back"
-    );
+    assert_on_clock(&mut browser, "after the tab came back").await;
     // Every track on the timeline now plays.
     let idle = browser
         .eval(

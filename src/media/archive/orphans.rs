@@ -179,54 +179,31 @@ impl Archiver {
     /// it every part deadline (`Archiver::sweep_every`); two sweeps meeting
     /// on one upload both find it gone. The number aborted.
     pub async fn sweep_journal(&self) -> usize {
-        let root = self.journal_root();
+        let Some(entries) = self.list_journal(&self.journal_root()).await else {
+            return 0;
+        };
         let mut aborted = 0;
-        let mut token = None;
-        loop {
-            let listed = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(&root)
-                .set_continuation_token(token.take())
-                .send()
-                .timed(self.metrics.s3_timer(S3Op::List))
-                .await
-                .observed(&self.metrics, || format!("listing {root}"));
-            let page = match listed {
-                Ok(page) => page,
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not read the upload journal");
-                    return aborted;
-                }
+        for (entry, modified) in &entries {
+            let Some(found) = self.read_entry(entry, *modified).await else {
+                continue;
             };
-            for object in page.contents() {
-                let Some(entry) = object.key() else { continue };
-                let modified = object
-                    .last_modified()
-                    .and_then(|t| SystemTime::try_from(*t).ok());
-                let Some(found) = self.read_entry(entry, modified).await else {
-                    continue;
-                };
-                // An entry of the first format names no object: its own
-                // object's sweep ([`Archiver::abort_orphans`]) aborts it.
-                if found.abandoned && found.key.is_none() {
-                    tracing::warn!(%entry, upload_id = %found.upload_id,
-                        "an abandoned upload journaled by an older version: aborted only when its lesson comes back");
-                }
-                if let (true, Some(key)) = (found.abandoned, &found.key) {
-                    let job = self.job(key, &found.upload_id);
-                    if job.journal_key == entry && abort_until_gone(job).await == Cleared::Aborted {
-                        aborted += 1;
-                        self.count_aborted(key, 1);
-                    }
-                }
+            if !found.abandoned {
+                continue;
             }
-            match page.next_continuation_token() {
-                Some(next) if page.is_truncated() == Some(true) => token = Some(next.to_owned()),
-                _ => return aborted,
+            // An entry of the first format names no object: its own
+            // object's sweep ([`Archiver::abort_orphans`]) aborts it.
+            let Some(key) = &found.key else {
+                tracing::warn!(%entry, upload_id = %found.upload_id,
+                    "an abandoned upload journaled by an older version: aborted only when its lesson comes back");
+                continue;
+            };
+            let job = self.job(key, &found.upload_id);
+            if job.journal_key == *entry && abort_until_gone(job).await == Cleared::Aborted {
+                aborted += 1;
+                self.count_aborted(key, 1);
             }
         }
+        aborted
     }
 
     /// How often [`Archiver::sweep_journal`] runs: every part deadline (a
@@ -247,37 +224,48 @@ impl Archiver {
     /// The entry names in `key`'s journal folder and the uploads read from
     /// them; `None` when the folder cannot be listed.
     async fn journaled_uploads(&self, key: &str) -> Option<(Vec<String>, Vec<Journaled>)> {
-        let folder = self.journal_folder(key);
-        let listed = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(&folder)
-            .send()
-            .timed(self.metrics.s3_timer(S3Op::List))
-            .await
-            .observed(&self.metrics, || format!("listing {folder}"));
-        let entries: Vec<(String, Option<SystemTime>)> = match listed {
-            Ok(list) => list
-                .contents()
-                .iter()
-                .filter_map(|o| {
-                    let modified = o
-                        .last_modified()
-                        .and_then(|t| SystemTime::try_from(*t).ok());
-                    o.key().map(|k| (k.to_owned(), modified))
-                })
-                .collect(),
-            Err(e) => {
-                tracing::warn!(%key, error = %e, "could not read the upload journal");
-                return None;
-            }
-        };
+        let entries = self.list_journal(&self.journal_folder(key)).await?;
         let mut found = Vec::with_capacity(entries.len());
         for (entry, modified) in &entries {
             found.extend(self.read_entry(entry, *modified).await);
         }
         Some((entries.into_iter().map(|(name, _)| name).collect(), found))
+    }
+
+    /// The journal entries under `folder` (every page), with when each was
+    /// last written; `None` when it cannot be listed.
+    async fn list_journal(&self, folder: &str) -> Option<Vec<(String, Option<SystemTime>)>> {
+        let mut entries = Vec::new();
+        let mut token = None;
+        loop {
+            let listed = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(folder)
+                .set_continuation_token(token.take())
+                .send()
+                .timed(self.metrics.s3_timer(S3Op::List))
+                .await
+                .observed(&self.metrics, || format!("listing {folder}"));
+            let page = match listed {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(%folder, error = %e, "could not read the upload journal");
+                    return None;
+                }
+            };
+            entries.extend(page.contents().iter().filter_map(|o| {
+                let modified = o
+                    .last_modified()
+                    .and_then(|t| SystemTime::try_from(*t).ok());
+                o.key().map(|k| (k.to_owned(), modified))
+            }));
+            match page.next_continuation_token() {
+                Some(next) if page.is_truncated() == Some(true) => token = Some(next.to_owned()),
+                _ => return Some(entries),
+            }
+        }
     }
 
     /// One journal entry. The first format held the bare upload id, and no
