@@ -6,7 +6,7 @@
 set -euo pipefail
 version=5.1.0
 venv="${MOTO_VENV:-$HOME/.cache/lesson-replay/moto}"
-if [ -x "$venv/bin/moto_server" ] && "$venv/bin/pip" show moto 2>/dev/null | grep -q "^Version: $version$"; then
+if [ -x "$venv/bin/moto_server" ] && "$venv/bin/pip" show moto 2>/dev/null | grep -x "Version: $version" >/dev/null; then
   exit 0
 fi
 if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
