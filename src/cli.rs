@@ -27,6 +27,7 @@ use crate::service::endpoints::Health;
 use crate::service::run::{Service, ServiceError, init_logging, shutdown_signal};
 use crate::telemetry::metrics::Metrics;
 use crate::tic::client::{StartRequest, TicClient, TicError};
+use crate::webhook::send::{Sender, Verdict};
 
 /// Exit code of a rejected message (sysexits EX_DATAERR).
 pub const EXIT_DATA_ERROR: u8 = 65;
@@ -161,6 +162,23 @@ pub enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Try a school's webhook endpoint.
+    Webhook {
+        #[command(subcommand)]
+        action: WebhookAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhookAction {
+    /// Send one signed `webhook.test` event to the app's endpoint (its
+    /// `[apps.<sdkappid>]` table's, else `webhook_url`) and print what it
+    /// answered. Exit 0 on a 2xx, else 1.
+    Test {
+        /// The app whose endpoint is tried (none: the top-level `webhook_url`).
+        #[arg(long)]
+        sdkappid: Option<i64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -246,6 +264,8 @@ pub enum CliError {
     Usage(String),
     #[error("the store: {0}")]
     Store(#[from] S3Error),
+    #[error("webhook: {0}")]
+    Webhook(String),
 }
 
 /// Run the command line; returns the process exit code.
@@ -366,6 +386,9 @@ async fn run_networked(config: Config, command: Command) -> Result<(), CliError>
             start_watch(&broker, &watch).await?;
         }
         Command::Dlq { action } => run_dlq(&broker, action).await?,
+        Command::Webhook {
+            action: WebhookAction::Test { sdkappid },
+        } => try_webhook(&config, sdkappid).await?,
         Command::Publish {
             files,
             sign,
@@ -388,6 +411,43 @@ async fn run_networked(config: Config, command: Command) -> Result<(), CliError>
         }
     }
     Ok(())
+}
+
+/// Send a test event to app `sdkappid`'s endpoint; print the answer.
+async fn try_webhook(config: &Config, sdkappid: Option<i64>) -> Result<(), CliError> {
+    let destination = config.webhook_destination(sdkappid).ok_or_else(|| {
+        CliError::Usage(match sdkappid {
+            Some(app) => format!(
+                "app {app} has no webhook endpoint: set webhook_url (and webhook_secrets) in [apps.{app}] or at the top level"
+            ),
+            None => "no webhook endpoint: set webhook_url and webhook_secrets".into(),
+        })
+    })?;
+    let sender = Sender::new(std::time::Duration::from_secs(config.webhook_timeout_secs))
+        .map_err(CliError::Webhook)?;
+    let event = crate::webhook::event::test(sdkappid, time::OffsetDateTime::now_utc());
+    println!(
+        "POST {} webhook-id {} ({} signature{})",
+        destination.url,
+        event.id,
+        destination.secrets.len(),
+        if destination.secrets.len() == 1 { "" } else { "s" }
+    );
+    let attempt = sender.send(&destination, &event.id, &event.body).await;
+    println!(
+        "{} in {} ms",
+        attempt.explanation,
+        attempt.elapsed.as_millis()
+    );
+    match attempt.verdict {
+        Verdict::Delivered => Ok(()),
+        Verdict::Gone => Err(CliError::Webhook(
+            "the endpoint answered 410 Gone: the worker would park its events (webhook_gone)".into(),
+        )),
+        Verdict::Retry { .. } => Err(CliError::Webhook(
+            "not delivered: the worker would try again on webhook_delays_secs".into(),
+        )),
+    }
 }
 
 /// The replay page of the record in `file`, written to `output` or stdout.

@@ -12,12 +12,14 @@
 //! - [`telemetry`] — every metric, with its labels as closed enums.
 //! - [`media`] and [`broker`] — the edges. [`media`] checks every track against
 //!   its file over HTTP (fetch, guard, probe) and archives it to S3; [`broker`]
-//!   speaks AMQP (connection, headers, topology, delay tiers, parking queue).
+//!   speaks AMQP (connection, headers, topology, delay tiers, parking queue);
+//!   [`webhook`] tells a school's backend over HTTP: its events, their
+//!   Standard Webhooks signature, one attempt to send one.
 //! - [`config`] — the settings: loaded once, validated, and turned into the
 //!   typed settings of each part above.
 //! - [`service`] — the running services: [`service::worker`] consumes a
 //!   message (enters), calls `decide` (decided), lets [`media`] check its
-//!   files, then publishes the record, sends the message to a delay tier or
+//!   files, then publishes the record (and its webhook event), sends the message to a delay tier or
 //!   parks it (leaves) and only then acknowledges it. [`service::run`] starts
 //!   a service with its health endpoints and shutdown; [`cli`] parses the
 //!   command line and calls it.
@@ -31,3 +33,4 @@ pub mod preview;
 pub mod service;
 pub mod telemetry;
 pub mod tic;
+pub mod webhook;

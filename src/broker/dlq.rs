@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::broker::amqp::{self, BrokerSettings, DeclareError, PublishError};
 use crate::broker::headers::{self, header_text};
 use crate::decision::watch::{WATCH_TYPE, due_queue};
+use crate::webhook::event::WEBHOOK_TYPE;
 
 /// Why a `dlq` command failed.
 #[derive(Debug, thiserror::Error)]
@@ -127,8 +128,8 @@ pub async fn list(
 }
 
 /// Move parked messages (those with `reason`, at most `limit`) back to the
-/// work queue — parked watches to the due watches — with their attempt count
-/// reset. Returns how many moved.
+/// work queue — parked watches to the due watches, webhook events to the
+/// webhook queue — with their attempt count reset. Returns how many moved.
 pub async fn replay(
     broker: &BrokerSettings,
     reason: Option<&str>,
@@ -157,9 +158,15 @@ pub async fn replay(
             .properties
             .clone()
             .with_headers(headers::without_bookkeeping(&original));
-        // A parked watch goes back to the due watches, a message to the work queue.
+        // A parked watch goes back to the due watches, a webhook event to
+        // the webhook queue (left parked while no webhook URL is set), a
+        // message to the work queue.
         let target = match delivery.properties.kind() {
             Some(kind) if kind.as_str() == WATCH_TYPE => due_queue(&queues.work_queue),
+            Some(kind) if kind.as_str() == WEBHOOK_TYPE => match &queues.webhooks {
+                Some(webhooks) => webhooks.queue.clone(),
+                None => continue,
+            },
             _ => queues.work_queue.clone(),
         };
         amqp::publish_confirmed(&channel, "", &target, &delivery.data, properties).await?;

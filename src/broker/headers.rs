@@ -33,6 +33,11 @@ pub const ERROR: &str = "x-lesson-replay-error";
 /// When it was parked (RFC 3339).
 pub const PARKED_AT: &str = "x-lesson-replay-parked-at";
 
+/// The sdkappid a webhook event is for (absent: an app unknown).
+pub const WEBHOOK_APP: &str = "x-lesson-replay-app";
+/// A webhook event's type (`lesson.replay_ready`, ...), for logs.
+pub const WEBHOOK_EVENT: &str = "x-lesson-replay-event";
+
 /// The broker's dead-lettering history (RabbitMQ sets it, never the product).
 pub const X_DEATH: &str = "x-death";
 /// W3C trace context, copied from the inbound message to its record.

@@ -16,6 +16,11 @@
 //! lesson-replay.records (topic) --#--> lesson-replay.records (quorum)
 //! lesson-replay.recordings.watch.<N>s --TTL--> lesson-replay.recordings.watch
 //!  (quorum, one per watch delay)                (quorum: due watches, consumed)
+//!
+//! with a webhook URL (events published by the worker itself):
+//! lesson-replay.webhooks (quorum) --sorted by app--> lesson-replay.webhooks.app.<sdkappid> | .app.other
+//!        ^  TTL expired: dead-letter
+//!  lesson-replay.webhooks.retry.<N>s (quorum, one per webhook delay)
 //! ```
 //!
 //! Every queue is a quorum queue, replicated over the cluster: no queue lives
@@ -50,6 +55,17 @@ pub struct TopologySettings {
     /// The apps with a lane of their own ([`app_queue`]). Empty: no lanes,
     /// the work queue is consumed as it is.
     pub apps: Vec<i64>,
+    /// The webhook events' queues; `None` (no webhook URL anywhere): none.
+    pub webhooks: Option<WebhookQueues>,
+}
+
+/// The queues of the webhook events.
+#[derive(Debug, Clone)]
+pub struct WebhookQueues {
+    /// Events waiting to be sent (sorted into lanes when there are apps).
+    pub queue: String,
+    /// The delay of each retry tier; one queue each, back to `queue`.
+    pub retry_tiers: Vec<Duration>,
 }
 
 /// The lane of app `app` (`None`: every app without one): a work queue of
@@ -64,15 +80,25 @@ pub fn app_queue(work_queue: &str, app: Option<i64>) -> String {
 
 /// Every lane of `config`, in declaration order (none without apps).
 pub fn lanes(config: &TopologySettings) -> Vec<(Option<i64>, String)> {
-    if config.apps.is_empty() {
+    lanes_of(&config.work_queue, &config.apps)
+}
+
+/// Every lane of the webhook events (none without apps or webhooks).
+pub fn webhook_lanes(config: &TopologySettings) -> Vec<(Option<i64>, String)> {
+    match &config.webhooks {
+        Some(webhooks) => lanes_of(&webhooks.queue, &config.apps),
+        None => Vec::new(),
+    }
+}
+
+fn lanes_of(base: &str, apps: &[i64]) -> Vec<(Option<i64>, String)> {
+    if apps.is_empty() {
         return Vec::new();
     }
-    config
-        .apps
-        .iter()
+    apps.iter()
         .map(|app| Some(*app))
         .chain([None])
-        .map(|app| (app, app_queue(&config.work_queue, app)))
+        .map(|app| (app, app_queue(base, app)))
         .collect()
 }
 
@@ -198,6 +224,39 @@ pub fn plan(config: &TopologySettings) -> Topology {
             arguments: waiting,
         });
     }
+    // Webhook events: like the work queue (lanes, a delivery limit that
+    // parks an event crashing every worker), with delay tiers of their own.
+    if let Some(webhooks) = &config.webhooks {
+        let mut intake = vec![
+            ("x-queue-type", text("quorum")),
+            (DELIVERY_LIMIT, Arg::Int(config.delivery_limit.into())),
+        ];
+        intake.extend(dead_letter_to(&config.parking_queue));
+        for (_, lane) in webhook_lanes(config) {
+            queues.push(QueueSpec {
+                name: lane,
+                arguments: intake.clone(),
+            });
+        }
+        queues.push(QueueSpec {
+            name: webhooks.queue.clone(),
+            arguments: intake,
+        });
+        for &delay in &webhooks.retry_tiers {
+            let mut tier = vec![
+                ("x-queue-type", text("quorum")),
+                (
+                    "x-message-ttl",
+                    Arg::Int(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+                ),
+            ];
+            tier.extend(dead_letter_to(&webhooks.queue));
+            queues.push(QueueSpec {
+                name: tier_queue(&webhooks.queue, delay),
+                arguments: tier,
+            });
+        }
+    }
     // Read by consumers outside the worker: no delivery limit may drop a
     // record they put back (RabbitMQ 4 gives quorum queues one of 20).
     queues.push(QueueSpec {
@@ -285,6 +344,7 @@ mod tests {
             retry_tiers: [10, 60, 300, 1800, 7200].map(Duration::from_secs).to_vec(),
             watch_delays: [60, 3600].map(Duration::from_secs).to_vec(),
             apps: Vec::new(),
+            webhooks: None,
         };
         let topology = plan(&settings);
         let tier = topology
@@ -335,6 +395,7 @@ mod tests {
             retry_tiers: vec![Duration::from_secs(10)],
             watch_delays: vec![Duration::from_secs(60)],
             apps: Vec::new(),
+            webhooks: None,
         };
         let without = plan(&settings);
         assert!(lanes(&settings).is_empty());
@@ -359,5 +420,40 @@ mod tests {
             tier.arguments
                 .contains(&("x-dead-letter-routing-key", text("wq")))
         );
+    }
+
+    #[test]
+    fn webhook_events_get_lanes_and_delay_tiers_of_their_own_only_when_asked() {
+        let mut settings = TopologySettings {
+            inbound_exchange: "in".into(),
+            work_queue: "wq".into(),
+            parking_queue: "park".into(),
+            records_exchange: "rx".into(),
+            records_queue: "rq".into(),
+            delivery_limit: 7,
+            retry_tiers: vec![Duration::from_secs(10)],
+            watch_delays: vec![Duration::from_secs(60)],
+            apps: vec![1400000001],
+            webhooks: None,
+        };
+        let without = plan(&settings);
+        assert!(!without.queue_names().any(|q| q.starts_with("wh")));
+        settings.webhooks = Some(WebhookQueues {
+            queue: "wh".into(),
+            retry_tiers: [5, 300].map(Duration::from_secs).to_vec(),
+        });
+        let with = plan(&settings);
+        let added: Vec<&str> = with.queue_names().filter(|q| q.starts_with("wh")).collect();
+        assert_eq!(
+            added,
+            ["wh.app.1400000001", "wh.app.other", "wh", "wh.retry.5s", "wh.retry.300s"]
+        );
+        let work = with.queues.iter().find(|q| q.name == "wq").unwrap();
+        let intake = with.queues.iter().find(|q| q.name == "wh").unwrap();
+        // A delivery limit, then parked, as the work queue.
+        assert_eq!(intake.arguments, work.arguments);
+        let tier = with.queues.iter().find(|q| q.name == "wh.retry.300s").unwrap();
+        assert!(tier.arguments.contains(&("x-message-ttl", Arg::Int(300_000))));
+        assert!(tier.arguments.contains(&("x-dead-letter-routing-key", text("wh"))));
     }
 }

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use crate::config::forms::{ENV_PREFIX, env_text, quoted};
+use crate::config::forms::{ENV_PREFIX, env_text, exposed_list, quoted};
 use crate::decision::verify::TicKeys;
 
 /// What one app overrides. Every field is optional: unset, the top-level
@@ -45,6 +45,12 @@ pub struct AppSettings {
         deserialize_with = "crate::config::forms::optional_secret"
     )]
     pub s3_secret_access_key: Option<SecretString>,
+    pub webhook_url: Option<String>,
+    #[serde(
+        serialize_with = "crate::config::forms::optional_redacted_list",
+        deserialize_with = "crate::config::forms::optional_secret_list"
+    )]
+    pub webhook_secrets: Option<Vec<SecretString>>,
 }
 
 /// The apps of the configuration, by sdkappid (the table's keys are text in
@@ -64,6 +70,8 @@ pub struct Defaults<'a> {
     pub s3_storage_class: Option<&'a str>,
     pub s3_sse: Option<&'a str>,
     pub credentials: Option<(&'a SecretString, &'a SecretString)>,
+    pub webhook_url: Option<&'a str>,
+    pub webhook_secrets: &'a [SecretString],
 }
 
 /// One app's settings with the defaults filled in.
@@ -79,6 +87,15 @@ pub struct Resolved {
     pub s3_storage_class: Option<String>,
     pub s3_sse: Option<String>,
     pub credentials: Option<(SecretString, SecretString)>,
+    /// Where the app's events go; `None`: nowhere.
+    pub webhook: Option<WebhookTarget>,
+}
+
+/// A webhook endpoint and the secrets its events are signed with.
+#[derive(Debug, Clone)]
+pub struct WebhookTarget {
+    pub url: String,
+    pub secrets: Vec<SecretString>,
 }
 
 /// The sdkappids with a table of their own, in order.
@@ -120,6 +137,20 @@ pub fn resolve(app: Option<&AppSettings>, d: &Defaults) -> Resolved {
         ),
         s3_sse: text(app.and_then(|a| a.s3_sse.as_ref()), d.s3_sse),
         credentials,
+        // An endpoint and its secrets go together: an app naming its own
+        // URL signs with its own secrets (`validate` makes sure it has some).
+        webhook: match app.and_then(|a| a.webhook_url.as_ref()) {
+            Some(url) => Some(WebhookTarget {
+                url: url.clone(),
+                secrets: app
+                    .and_then(|a| a.webhook_secrets.clone())
+                    .unwrap_or_default(),
+            }),
+            None => d.webhook_url.map(|url| WebhookTarget {
+                url: url.to_owned(),
+                secrets: d.webhook_secrets.to_vec(),
+            }),
+        },
     }
 }
 
@@ -172,6 +203,16 @@ pub fn validate(apps: &Apps, d: &Defaults, listed: Option<&TicKeys>) -> Result<(
                 return Err(format!("{} is empty", field(name)));
             }
         }
+        if let Some(url) = &app.webhook_url {
+            check_webhook(url, app.webhook_secrets.as_deref().unwrap_or_default())
+                .map_err(|why| format!("{}: {why}", field("webhook_url")))?;
+        } else if app.webhook_secrets.is_some() {
+            return Err(format!(
+                "{} is set but {} is not: secrets belong to their endpoint",
+                field("webhook_secrets"),
+                field("webhook_url")
+            ));
+        }
         let resolved = resolve(Some(app), d);
         if resolved.archive && resolved.s3_bucket.as_deref().is_none_or(str::is_empty) {
             return Err(format!(
@@ -188,6 +229,26 @@ pub fn validate(apps: &Apps, d: &Defaults, listed: Option<&TicKeys>) -> Result<(
                 field("tic_key")
             ));
         }
+    }
+    Ok(())
+}
+
+/// A webhook endpoint's URL and secrets, checked: an http(s) URL, at least
+/// one secret, each `whsec_` + base64 of 24 to 64 bytes. Never shows a secret.
+pub fn check_webhook(url: &str, secrets: &[SecretString]) -> Result<(), String> {
+    match url::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+        _ => return Err(format!("{:?} is not an http(s) URL", printable(url))),
+    }
+    if secrets.is_empty() {
+        return Err(
+            "an endpoint needs at least one webhook secret (whsec_...): events are always signed"
+                .into(),
+        );
+    }
+    for (n, secret) in secrets.iter().enumerate() {
+        crate::webhook::sign::Secret::parse(secret.expose_secret())
+            .map_err(|why| format!("secret {} of {}: {why}", n + 1, secrets.len()))?;
     }
     Ok(())
 }
@@ -215,9 +276,14 @@ pub fn environment(apps: &Apps, d: &Defaults) -> Vec<(String, String)> {
                 "s3_secret_access_key" => Some(&app.s3_secret_access_key),
                 _ => None,
             };
-            let text = match secret {
-                Some(s) => s.as_ref().map(|s| quoted(s.expose_secret())),
-                None => env_text(&value),
+            let text = match (secret, name.as_str()) {
+                (Some(s), _) => s.as_ref().map(|s| quoted(s.expose_secret())),
+                (None, "webhook_secrets") => app
+                    .webhook_secrets
+                    .as_deref()
+                    .and_then(exposed_list)
+                    .map(|list| quoted(&list)),
+                (None, _) => env_text(&value),
             };
             if let Some(text) = text {
                 out.push((var(&name), text));

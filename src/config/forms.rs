@@ -103,3 +103,59 @@ pub fn env_text(value: &serde_json::Value) -> Option<String> {
         other => Some(other.to_string()),
     }
 }
+
+/// Secrets given as a TOML array or as text separated by commas or spaces
+/// (environment); each as text, never shown in an error.
+pub fn secret_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SecretString>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        List(Vec<String>),
+        Text(String),
+    }
+    let items = match Form::deserialize(d)
+        .map_err(|_| serde::de::Error::custom("secrets must be text (their values are not shown)"))?
+    {
+        Form::List(items) => items,
+        Form::Text(text) => text
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .map(str::to_owned)
+            .collect(),
+    };
+    Ok(items
+        .into_iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .map(SecretString::from)
+        .collect())
+}
+
+pub fn optional_secret_list<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<SecretString>>, D::Error> {
+    secret_list(d).map(Some)
+}
+
+/// Secrets shown as one `[REDACTED]` each: how many, never what.
+pub fn redacted_list<S: Serializer>(secrets: &[SecretString], s: S) -> Result<S::Ok, S::Error> {
+    vec![REDACTED; secrets.len()].serialize(s)
+}
+
+pub fn optional_redacted_list<S: Serializer>(
+    secrets: &Option<Vec<SecretString>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    secrets.as_ref().map(|list| vec![REDACTED; list.len()]).serialize(s)
+}
+
+/// The environment form of a list of secrets, exposed.
+pub fn exposed_list(secrets: &[SecretString]) -> Option<String> {
+    use secrecy::ExposeSecret;
+    (!secrets.is_empty()).then(|| {
+        secrets
+            .iter()
+            .map(|s| s.expose_secret())
+            .collect::<Vec<_>>()
+            .join(",")
+    })
+}

@@ -5,11 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::broker::amqp::BrokerSettings;
 use crate::broker::retry::RetryPolicy;
-use crate::broker::topology::TopologySettings;
+use crate::broker::topology::{TopologySettings, WebhookQueues};
 use crate::config::settings::{Config, ConfigError, PayloadSigning};
 use crate::decision::decide::InputPolicy;
 use crate::decision::decode::Limits;
@@ -19,6 +19,8 @@ use crate::media::archive::ArchiveSettings;
 use crate::media::enrich::MediaSettings;
 use crate::media::fetch::FetchSettings;
 use crate::tic::client::TicSettings;
+use crate::webhook::send::Destination;
+use crate::webhook::sign::Secret;
 
 impl Config {
     /// What the decision demands of every inbound message.
@@ -73,6 +75,10 @@ impl Config {
                 retry_tiers: self.retry_policy().tiers,
                 watch_delays: self.watch_schedule().delays(),
                 apps: self.app_ids(),
+                webhooks: self.webhooks_enabled().then(|| WebhookQueues {
+                    queue: self.webhook_queue.clone(),
+                    retry_tiers: self.webhook_policy().tiers,
+                }),
             },
         );
         settings.refused_recheck = Duration::from_secs(self.topology_recheck_secs);
@@ -88,6 +94,38 @@ impl Config {
                 .collect(),
             max_age: Duration::from_secs(self.retry_max_age_secs),
         }
+    }
+
+    /// Whether any app's events go anywhere: the top-level URL or a table's.
+    pub fn webhooks_enabled(&self) -> bool {
+        self.webhook_url.is_some() || self.apps.values().any(|a| a.webhook_url.is_some())
+    }
+
+    /// When failed webhook attempts are tried again: the delays, and an age
+    /// past which nothing is retried (their sum and a day: never reached
+    /// before the last delay).
+    pub fn webhook_policy(&self) -> RetryPolicy {
+        let tiers: Vec<Duration> = self
+            .webhook_delays_secs
+            .iter()
+            .map(|s| Duration::from_secs(*s))
+            .collect();
+        let max_age = tiers.iter().sum::<Duration>() + Duration::from_secs(24 * 3600);
+        RetryPolicy { tiers, max_age }
+    }
+
+    /// Where app `sdkappid`'s events go (`None`: nowhere).
+    pub fn webhook_destination(&self, sdkappid: Option<i64>) -> Option<Destination> {
+        let target = self.resolved(sdkappid).webhook?;
+        // validate() has checked both.
+        Some(Destination {
+            url: url::Url::parse(&target.url).ok()?,
+            secrets: target
+                .secrets
+                .iter()
+                .filter_map(|s| Secret::parse(s.expose_secret()).ok())
+                .collect(),
+        })
     }
 
     /// How tracks are fetched, probed and archived.

@@ -272,6 +272,34 @@ pub const SETTINGS: &[Setting] = &[
         "attempts of one call to TIC's API (commands and watches), transient failures retried with backoff; answers larger than 1 MiB are refused unread",
     ),
     setting(
+        "webhook_url",
+        "where `lesson.replay_ready` and `lesson.replay_failed` events are POSTed (http or https), signed as Standard Webhooks says; unset: no webhooks (docs/operations.md, \"Webhooks\")",
+    ),
+    secret(
+        "webhook_secrets",
+        "the endpoint's secrets, `whsec_` + base64 of 24–64 random bytes, comma-separated; each signs every event (several while one is rotated)",
+    ),
+    setting(
+        "webhook_queue",
+        "the quorum queue of events waiting to be sent (with a lane per app and delay queues `.retry.<N>s`); declared only when a webhook URL is set",
+    ),
+    setting(
+        "webhook_delays_secs",
+        "the waits after each failed attempt, comma-separated (each is a queue; up to 20 % shorter, at random); after the last the event is parked as `webhook_failed`",
+    ),
+    setting(
+        "webhook_timeout_secs",
+        "longest attempt: connecting, sending and reading the answer (its body read to 64 KiB, then dropped)",
+    ),
+    setting(
+        "webhook_concurrency",
+        "events sent at once per lane per worker: a slow endpoint holds at most this many of one app's",
+    ),
+    setting(
+        "webhook_max_record_bytes",
+        "a record larger than this as JSON is not carried by `lesson.replay_ready`: the event says where it is",
+    ),
+    setting(
         "apps",
         "one table per TIC app, `[apps.<sdkappid>]`, with the settings below that differ for it; each app with a table gets a lane of its own (docs/operations.md, \"Many apps\")",
     ),
@@ -304,6 +332,11 @@ pub const APP_SETTINGS: &[Setting] = &[
     setting("s3_sse", "server-side encryption of the app's objects"),
     secret("s3_access_key_id", "the app's access key id"),
     secret("s3_secret_access_key", "the app's secret access key"),
+    setting(
+        "webhook_url",
+        "the app's webhook endpoint; an app naming its own must have its own secrets",
+    ),
+    secret("webhook_secrets", "the secrets of the app's endpoint"),
 ];
 
 /// The environment variable of an app's setting.

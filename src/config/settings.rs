@@ -16,7 +16,10 @@ use serde::{Deserialize, Serialize, Serializer};
 use crate::broker::amqp::addresses;
 use crate::config::apps::{self, Apps, Resolved};
 pub use crate::config::forms::{ENV_PREFIX, env_var};
-use crate::config::forms::{REDACTED, env_text, list, optional_secret, quoted, redacted, secret};
+use crate::config::forms::{
+    REDACTED, env_text, exposed_list, list, optional_secret, quoted, redacted, redacted_list, secret,
+    secret_list,
+};
 use crate::decision::url_policy::TIC_VOD_HOSTS;
 use crate::decision::verify::{SignatureMode, TicKeys};
 use crate::media::archive::keys::DEFAULT_PREFIX;
@@ -106,6 +109,15 @@ pub struct Config {
     pub watch_retry_secs: u64,
     pub watch_max_age_secs: u64,
     pub watch_callback_grace_secs: u64,
+    pub webhook_url: Option<String>,
+    #[serde(serialize_with = "redacted_list", deserialize_with = "secret_list")]
+    pub webhook_secrets: Vec<SecretString>,
+    pub webhook_queue: String,
+    #[serde(deserialize_with = "list")]
+    pub webhook_delays_secs: Vec<u64>,
+    pub webhook_timeout_secs: u64,
+    pub webhook_concurrency: u16,
+    pub webhook_max_record_bytes: usize,
     pub apps: Apps,
 }
 
@@ -176,6 +188,14 @@ impl Default for Config {
             watch_retry_secs: 60,
             watch_max_age_secs: 2 * 24 * 3600,
             watch_callback_grace_secs: 20 * 60,
+            webhook_url: None,
+            webhook_secrets: Vec::new(),
+            webhook_queue: "lesson-replay.webhooks".into(),
+            // The schedule of the Standard Webhooks specification.
+            webhook_delays_secs: vec![5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400],
+            webhook_timeout_secs: 15,
+            webhook_concurrency: 4,
+            webhook_max_record_bytes: 20 * 1024,
             apps: Apps::new(),
         }
     }
@@ -331,6 +351,12 @@ impl Config {
             self.tic_keys.parse().ok().as_ref(),
         )
         .map_err(ConfigError::Invalid)?;
+        if let Some(url) = &self.webhook_url {
+            apps::check_webhook(url, &self.webhook_secrets)
+                .map_err(|why| ConfigError::Invalid(format!("webhook_url: {why}")))?;
+        } else if !self.webhook_secrets.is_empty() {
+            return invalid("webhook_secrets is set but webhook_url is not: secrets belong to their endpoint");
+        }
         let keys = self.keys().map_err(ConfigError::Invalid)?;
         if self.signature == SignatureMode::Required && keys.is_empty() {
             return invalid("signature = required but no tic_keys are configured");
@@ -407,6 +433,8 @@ impl Config {
             ("watch_first_check_secs", self.watch_first_check_secs),
             ("watch_retry_secs", self.watch_retry_secs),
             ("watch_max_age_secs", self.watch_max_age_secs),
+            ("webhook_timeout_secs", self.webhook_timeout_secs),
+            ("webhook_concurrency", u64::from(self.webhook_concurrency)),
         ] {
             if value == 0 {
                 return invalid(format!("{name} must be at least 1"));
@@ -421,6 +449,14 @@ impl Config {
         }
         if self.retry_delays_secs.contains(&0) {
             return invalid("retry_delays_secs must all be at least 1");
+        }
+        if self.webhook_delays_secs.len() > MAX_RETRY_TIERS
+            || self.webhook_delays_secs.is_empty()
+            || self.webhook_delays_secs.contains(&0)
+        {
+            return invalid(format!(
+                "webhook_delays_secs needs 1 to {MAX_RETRY_TIERS} delays, each at least 1"
+            ));
         }
         if self.watch_delays_secs.is_empty() || self.watch_delays_secs.contains(&0) {
             return invalid("watch_delays_secs needs at least one delay, each at least 1");
@@ -566,6 +602,8 @@ impl Config {
                 .s3_access_key_id
                 .as_ref()
                 .zip(self.s3_secret_access_key.as_ref()),
+            webhook_url: self.webhook_url.as_deref(),
+            webhook_secrets: &self.webhook_secrets,
         }
     }
 
@@ -579,6 +617,7 @@ impl Config {
             "tic_keys" => Some(Some(self.tic_keys.as_list())),
             "s3_access_key_id" => Some(exposed(&self.s3_access_key_id)),
             "s3_secret_access_key" => Some(exposed(&self.s3_secret_access_key)),
+            "webhook_secrets" => Some(exposed_list(&self.webhook_secrets)),
             _ => None,
         }
     }

@@ -64,11 +64,17 @@ pub enum ReasonCode {
     WatchDenied,
     /// The watched task was still not finished after `watch_max_age_secs`.
     WatchExpired,
+    /// A webhook event's endpoint did not take it (no answer in time, a
+    /// non-2xx answer, a redirect): tried again on `webhook_delays_secs`,
+    /// parked after the last.
+    WebhookFailed,
+    /// A webhook event's endpoint answered 410 Gone: parked at once.
+    WebhookGone,
 }
 
 impl ReasonCode {
     /// Every code, in documentation order.
-    pub const ALL: [ReasonCode; 28] = [
+    pub const ALL: [ReasonCode; 30] = [
         ReasonCode::InvalidJson,
         ReasonCode::UnknownFormat,
         ReasonCode::InvalidField,
@@ -97,6 +103,8 @@ impl ReasonCode {
         ReasonCode::WatchTaskNotFound,
         ReasonCode::WatchDenied,
         ReasonCode::WatchExpired,
+        ReasonCode::WebhookFailed,
+        ReasonCode::WebhookGone,
     ];
 
     /// The stable wire name (snake_case).
@@ -130,6 +138,8 @@ impl ReasonCode {
             ReasonCode::WatchTaskNotFound => "watch_task_not_found",
             ReasonCode::WatchDenied => "watch_denied",
             ReasonCode::WatchExpired => "watch_expired",
+            ReasonCode::WebhookFailed => "webhook_failed",
+            ReasonCode::WebhookGone => "webhook_gone",
         }
     }
 }
@@ -143,7 +153,14 @@ impl ReasonCode {
                 | ReasonCode::ArchiveFailed
                 | ReasonCode::PublishFailed
                 | ReasonCode::InternalError
+                | ReasonCode::WebhookFailed
         )
+    }
+
+    /// A reason of a webhook event, not of a lesson: counted by the webhook
+    /// metrics, never told to a school as a lesson's failure.
+    pub fn is_webhook(self) -> bool {
+        matches!(self, ReasonCode::WebhookFailed | ReasonCode::WebhookGone)
     }
 }
 

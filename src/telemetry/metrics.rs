@@ -82,18 +82,58 @@ pub enum Target {
     Vod,
     /// The S3-compatible store.
     S3,
+    /// A school's webhook endpoint.
+    Webhook,
 }
 
 impl Target {
-    pub const ALL: [Target; 2] = [Target::Vod, Target::S3];
+    pub const ALL: [Target; 3] = [Target::Vod, Target::S3, Target::Webhook];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Target::Vod => "vod",
             Target::S3 => "s3",
+            Target::Webhook => "webhook",
         }
     }
 }
+
+/// What became of one attempt to deliver a webhook event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookOutcome {
+    /// Answered 2xx.
+    Delivered,
+    /// Failed: sent to a webhook delay tier.
+    Retried,
+    /// Parked: 410 Gone, or the last attempt failed.
+    Parked,
+    /// Its app has no endpoint any more: acknowledged, not sent.
+    Dropped,
+}
+
+impl WebhookOutcome {
+    pub const ALL: [WebhookOutcome; 4] = [
+        WebhookOutcome::Delivered,
+        WebhookOutcome::Retried,
+        WebhookOutcome::Parked,
+        WebhookOutcome::Dropped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookOutcome::Delivered => "delivered",
+            WebhookOutcome::Retried => "retried",
+            WebhookOutcome::Parked => "parked",
+            WebhookOutcome::Dropped => "dropped",
+        }
+    }
+}
+
+/// The webhook events' types, for the events counter.
+const WEBHOOK_EVENTS: [&str; 2] = [
+    crate::webhook::event::REPLAY_READY,
+    crate::webhook::event::REPLAY_FAILED,
+];
 
 /// An HTTP answer's status class, or no answer at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,6 +223,7 @@ pub struct Metrics {
     ingress_connected: IntGauge,
     ingress_connected_registered: Arc<std::sync::Once>,
     watches: IntCounterVec,
+    webhook_events: IntCounterVec,
     apps: AppSeries,
 }
 
@@ -196,6 +237,9 @@ struct AppSeries {
     failures: IntCounterVec,
     uploaded: IntCounterVec,
     wait: HistogramVec,
+    webhook_deliveries: IntCounterVec,
+    webhook_attempt_seconds: HistogramVec,
+    webhook_oldest_pending: prometheus::GaugeVec,
 }
 
 /// The `app` label of everything not configured.
@@ -280,6 +324,9 @@ pub fn outcomes_with(reason: ReasonCode) -> &'static [Outcome] {
         | R::WatchTaskNotFound
         | R::WatchDenied
         | R::WatchExpired => &[Outcome::Parked],
+        // Webhook events are not inbound messages: counted by
+        // `lesson_replay_webhook_deliveries_total`.
+        R::WebhookFailed | R::WebhookGone => &[],
     }
 }
 
@@ -611,7 +658,44 @@ impl Metrics {
                 "Time from a recording's end (its stop time) to its record being published.",
                 WAIT_BUCKETS,
             ),
+            webhook_events: counter_vec(
+                &r,
+                "lesson_replay_webhook_events_total",
+                "Webhook events made, by type (lesson.replay_ready, lesson.replay_failed), for apps whose events go to an endpoint.",
+                &["event"],
+            ),
             apps: AppSeries {
+                webhook_deliveries: counter_vec(
+                    &r,
+                    "lesson_replay_webhook_deliveries_total",
+                    "Attempts to deliver a webhook event, by app and outcome (delivered, retried, parked, dropped).",
+                    &["app", "outcome"],
+                ),
+                webhook_attempt_seconds: {
+                    let h = HistogramVec::new(
+                        HistogramOpts::new(
+                            "lesson_replay_webhook_attempt_duration_seconds",
+                            "Time of one attempt to deliver a webhook event, by app: from the request to the answer read, or the failure.",
+                        )
+                        .buckets(DURATION_BUCKETS.to_vec()),
+                        &["app"],
+                    )
+                    .expect("valid metric");
+                    r.register(Box::new(h.clone())).expect("unique metric");
+                    h
+                },
+                webhook_oldest_pending: {
+                    let g = prometheus::GaugeVec::new(
+                        Opts::new(
+                            "lesson_replay_webhook_oldest_pending_seconds",
+                            "Age of the oldest webhook event of the app this worker saw fail and not yet delivered or parked (0: none). Across workers, the largest value is the app's oldest.",
+                        ),
+                        &["app"],
+                    )
+                    .expect("valid metric");
+                    r.register(Box::new(g.clone())).expect("unique metric");
+                    g
+                },
                 known: Arc::default(),
                 records: counter_vec(
                     &r,
@@ -654,6 +738,9 @@ impl Metrics {
         }
         for event in WatchEvent::ALL {
             metrics.watches.with_label_values(&[event.as_str()]);
+        }
+        for event in WEBHOOK_EVENTS {
+            metrics.webhook_events.with_label_values(&[event]);
         }
         metrics.precreate();
         // `other` from the start; the worker adds its configured apps.
@@ -717,6 +804,13 @@ impl Metrics {
             self.apps.records.with_label_values(&[app]);
             self.apps.uploaded.with_label_values(&[app]);
             self.apps.wait.with_label_values(&[app]);
+            for outcome in WebhookOutcome::ALL {
+                self.apps
+                    .webhook_deliveries
+                    .with_label_values(&[app, outcome.as_str()]);
+            }
+            self.apps.webhook_attempt_seconds.with_label_values(&[app]);
+            self.apps.webhook_oldest_pending.with_label_values(&[app]);
             for reason in [ReasonCode::ArchiveDenied, ReasonCode::ArchiveFailed] {
                 self.apps.failures.with_label_values(&[
                     app,
@@ -759,6 +853,38 @@ impl Metrics {
             .failures
             .with_label_values(&[&self.app_label(sdkappid), outcome.as_str(), reason.as_str()])
             .inc();
+    }
+
+    /// A webhook event of type `event` was made.
+    pub fn webhook_event(&self, event: &str) {
+        self.webhook_events.with_label_values(&[event]).inc();
+    }
+
+    /// One attempt to deliver an event of `sdkappid` ended with `status`
+    /// (`None`: no answer) after `elapsed`.
+    pub fn webhook_attempt(&self, sdkappid: Option<i64>, status: Option<u16>, elapsed: Duration) {
+        self.apps
+            .webhook_attempt_seconds
+            .with_label_values(&[&self.app_label(sdkappid)])
+            .observe(elapsed.as_secs_f64());
+        self.http_response(Target::Webhook, status);
+    }
+
+    /// What became of an attempt to deliver an event of `sdkappid`.
+    pub fn webhook_delivery(&self, sdkappid: Option<i64>, outcome: WebhookOutcome) {
+        self.apps
+            .webhook_deliveries
+            .with_label_values(&[&self.app_label(sdkappid), outcome.as_str()])
+            .inc();
+    }
+
+    /// The age of the oldest event pending on this worker of the apps of
+    /// `app_label` ([`Metrics::app_label`]).
+    pub fn webhook_oldest_pending(&self, app_label: &str, seconds: f64) {
+        self.apps
+            .webhook_oldest_pending
+            .with_label_values(&[app_label])
+            .set(seconds);
     }
 
     /// Time one S3 request.
@@ -1121,7 +1247,7 @@ mod tests {
         for reason in ReasonCode::ALL {
             assert_eq!(
                 outcomes_with(reason).contains(&Outcome::Retried),
-                reason.is_transient(),
+                reason.is_transient() && !reason.is_webhook(),
                 "{reason:?}"
             );
         }

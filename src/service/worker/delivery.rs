@@ -17,6 +17,7 @@ use super::disposition::{Outcome, settle};
 use super::due_watches::{check_watch, retry_watch};
 use super::lessons::process;
 use super::session::Kind;
+use super::webhooks;
 use crate::broker::amqp;
 use crate::broker::headers::{self, header_text};
 use crate::decision::reason::{ReasonCode, Rejection};
@@ -45,8 +46,10 @@ pub(super) async fn handle_delivery(context: Arc<Context>, delivery: Delivery, k
     );
     let handling = async move {
         let metrics = &context.metrics;
-        let _in_flight = metrics.in_flight_guard();
-        let timer = metrics.processing_timer();
+        // Lessons and watches: a webhook attempt has its own histogram.
+        let lesson = !matches!(kind, Kind::Webhook { .. });
+        let _in_flight = lesson.then(|| metrics.in_flight_guard());
+        let timer = lesson.then(|| metrics.processing_timer());
         // A panic is a bug in one message's processing: caught, retried like a
         // transient failure, and the worker goes on.
         let processing = match kind {
@@ -55,6 +58,9 @@ pub(super) async fn handle_delivery(context: Arc<Context>, delivery: Delivery, k
             }
             Kind::Watch => {
                 AssertUnwindSafe(check_watch(&context, &delivery).boxed()).catch_unwind()
+            }
+            Kind::Webhook { .. } => {
+                AssertUnwindSafe(webhooks::deliver(&context, &delivery).boxed()).catch_unwind()
             }
         };
         let outcome = tokio::select! {
@@ -79,13 +85,17 @@ pub(super) async fn handle_delivery(context: Arc<Context>, delivery: Delivery, k
             (_, outcome) => outcome,
         };
         settle(&context, &delivery, outcome, attempt, kind).await;
-        timer.observe_duration();
+        if let Some(timer) = timer {
+            timer.observe_duration();
+        }
     };
     let handling_state = Handling {
         started: Instant::now(),
-        lesson: None,
+        replay_id: None,
+        task_id: None,
+        room_id: None,
         app: match kind {
-            Kind::Message { app } => app,
+            Kind::Message { app } | Kind::Webhook { app } => app,
             Kind::Watch => None,
         },
     };
@@ -100,8 +110,11 @@ pub(super) struct Handling {
     started: Instant,
     /// The lesson it is about, once known: its outcome's log line carries
     /// `replay_id` and `task_id` as top-level fields, where log tools index
-    /// them (JSON lines nest span fields).
-    lesson: Option<(String, Option<String>)>,
+    /// them (JSON lines nest span fields); a `lesson.replay_failed` event
+    /// carries them and the room.
+    replay_id: Option<String>,
+    task_id: Option<String>,
+    room_id: Option<i64>,
     /// Its app, once known (its lane's, then its record's): the per-app metrics' label.
     app: Option<i64>,
 }
@@ -110,12 +123,27 @@ tokio::task_local! {
     static HANDLING: RefCell<Handling>;
 }
 
-pub(super) fn remember_lesson(replay_id: &str, task_id: Option<&str>, app: Option<i64>) {
+pub(super) fn remember_lesson(
+    replay_id: Option<&str>,
+    task_id: Option<&str>,
+    room_id: i64,
+    app: Option<i64>,
+) {
     let _ = HANDLING.try_with(|handling| {
         let mut handling = handling.borrow_mut();
-        handling.lesson = Some((replay_id.to_owned(), task_id.map(str::to_owned)));
+        handling.replay_id = replay_id.map(str::to_owned);
+        handling.task_id = task_id.map(str::to_owned);
+        handling.room_id = Some(room_id);
         handling.app = app.or(handling.app);
     });
+}
+
+/// The room of the delivery being handled, when known.
+pub(super) fn lesson_room() -> Option<i64> {
+    HANDLING
+        .try_with(|handling| handling.borrow().room_id)
+        .ok()
+        .flatten()
 }
 
 /// The app of the delivery being handled, when known.
@@ -129,10 +157,11 @@ pub(super) fn lesson_app() -> Option<i64> {
 /// The `replay_id` and `task_id` of the delivery being handled, when known.
 pub(super) fn lesson_ids() -> (Option<String>, Option<String>) {
     HANDLING
-        .try_with(|handling| handling.borrow().lesson.clone())
-        .ok()
-        .flatten()
-        .map_or((None, None), |(replay, task)| (Some(replay), task))
+        .try_with(|handling| {
+            let handling = handling.borrow();
+            (handling.replay_id.clone(), handling.task_id.clone())
+        })
+        .unwrap_or_default()
 }
 
 /// Milliseconds since the handler of the current delivery started (to 0.01).

@@ -12,14 +12,18 @@ use time::format_description::well_known::Rfc3339;
 use tracing::{error, warn};
 
 use super::Context;
-use super::delivery::{lesson_app, lesson_ids};
+use super::delivery::{lesson_app, lesson_ids, lesson_room};
+use super::webhooks;
 use super::due_watches::schedule_watch;
 use super::session::Kind;
 use crate::broker::amqp::{self, PublishError};
 use crate::broker::headers::{self, header_text, set_header};
-use crate::broker::retry::{self, RetryStep};
+use crate::broker::retry::{self, RetryPolicy, RetryStep};
+use crate::decision::decide::app_of;
 use crate::decision::reason::Rejection;
 use crate::decision::watch::{Watch, delay_queue};
+use crate::telemetry::metrics::WebhookOutcome;
+use crate::webhook::event::{self, Failure};
 
 /// What to do with a delivery once its processing is over.
 pub(super) enum Outcome {
@@ -29,6 +33,9 @@ pub(super) enum Outcome {
     Park(Rejection),
     /// Transient failure: retry it later through a delay tier.
     Retry(Rejection),
+    /// Transient failure, and the other side asked for at least this long
+    /// (`Retry-After`): the first delay tier that is as long, else the longest.
+    RetryNoSooner(Rejection, Duration),
     /// Watch this task: publish the watch to the delay queue of this delay,
     /// then acknowledge.
     Watch(Watch, Duration),
@@ -46,7 +53,12 @@ pub(super) async fn settle(
     let carried_out = match outcome {
         Outcome::Done => Ok(()),
         Outcome::Park(reason) => park_or_defer(context, delivery, &reason, attempt, kind).await,
-        Outcome::Retry(reason) => retry_later(context, delivery, &reason, attempt, kind).await,
+        Outcome::Retry(reason) => {
+            retry_later(context, delivery, &reason, attempt, kind, None).await
+        }
+        Outcome::RetryNoSooner(reason, wait) => {
+            retry_later(context, delivery, &reason, attempt, kind, Some(wait)).await
+        }
         Outcome::Watch(watch, delay) => schedule_watch(context, &watch, delay).await,
     };
     ack_or_requeue(delivery, carried_out).await;
@@ -100,45 +112,93 @@ pub(super) fn failure_headers(
 }
 
 /// Copy the message, with the bookkeeping of its `failures`, to the delay
-/// queue `queue` (confirmed): its TTL brings it back.
+/// queue `queue` (confirmed): its TTL brings it back — or `expires`, when
+/// given, if that is sooner (a message's own TTL; the broker drops it when
+/// it dead-letters the message, so it never travels further).
 pub(super) async fn send_to_wait(
     context: &Context,
     delivery: &Delivery,
     reason: &Rejection,
     failures: u32,
     queue: &str,
+    expires: Option<Duration>,
 ) -> Result<(), PublishError> {
     let table = failure_headers(delivery, reason, failures);
-    let properties = delivery.properties.clone().with_headers(table);
+    let mut properties = delivery.properties.clone().with_headers(table);
+    if let Some(expires) = expires {
+        properties = properties.with_expiration(expires.as_millis().to_string().into());
+    }
     amqp::publish_confirmed(&context.publisher, "", queue, &delivery.data, properties).await
 }
 
 /// Republish to the next delay tier (confirmed), or park when out of tiers.
+/// A webhook event waits in the webhook tiers, up to a fifth less than the
+/// tier's delay at random (events failing together do not all come back at
+/// once); `at_least` moves it to a longer tier.
 pub(super) async fn retry_later(
     context: &Context,
     delivery: &Delivery,
     reason: &Rejection,
     attempt: u32,
     kind: Kind,
+    at_least: Option<Duration>,
 ) -> Result<(), PublishError> {
     let first_seen = header_text(delivery.properties.headers().as_ref(), headers::FIRST_SEEN)
         .and_then(|t| OffsetDateTime::parse(&t, &Rfc3339).ok())
         .unwrap_or_else(now);
-    match context.retry.next_step(attempt, first_seen, now()) {
+    let (policy, base) = retries_of(context, kind);
+    match policy.next_step(attempt, first_seen, now()) {
         RetryStep::Park(why) => {
             let reason = Rejection::new(reason.code, format!("{}; {why}", reason.message));
             park_or_defer(context, delivery, &reason, attempt, kind).await
         }
         RetryStep::Delay(tier) => {
-            let delay = context.retry.tiers[tier];
-            let queue = retry::tier_queue(&context.config.work_queue, delay);
-            send_to_wait(context, delivery, reason, attempt + 1, &queue).await?;
+            let delay = no_sooner_than(&policy.tiers, policy.tiers[tier], at_least);
+            let queue = retry::tier_queue(base, delay);
             let (replay_id, task_id) = lesson_ids();
+            if let Kind::Webhook { .. } = kind {
+                let jittered = delay.mul_f64(1.0 - fastrand::f64() / 5.0);
+                send_to_wait(context, delivery, reason, attempt + 1, &queue, Some(jittered))
+                    .await?;
+                warn!(reason = %reason.code, delay_secs = jittered.as_secs(), attempt = attempt + 1,
+                    "webhook not delivered: tried again later: {}", reason.message);
+                let app = webhooks::app_of_event(delivery);
+                context.metrics.webhook_delivery(app, WebhookOutcome::Retried);
+                if let Some(webhooks) = &context.webhooks {
+                    webhooks.waiting(delivery, app, jittered);
+                }
+                return Ok(());
+            }
+            send_to_wait(context, delivery, reason, attempt + 1, &queue, None).await?;
             warn!(replay_id, task_id, reason = %reason.code, delay_secs = delay.as_secs(), "retrying later: {}", reason.message);
             context.metrics.retried(reason.code, delay);
             context.metrics.app_failed(lesson_app(), false, reason.code);
             Ok(())
         }
+    }
+}
+
+/// The retry policy of `kind`'s deliveries and the base name of its tiers.
+fn retries_of(context: &Context, kind: Kind) -> (&RetryPolicy, &str) {
+    match (kind, &context.webhooks) {
+        (Kind::Webhook { .. }, Some(webhooks)) => (&webhooks.policy, webhooks.queue.as_str()),
+        _ => (&context.retry, context.config.work_queue.as_str()),
+    }
+}
+
+/// `delay`, or when `at_least` is longer, the first of `tiers` as long as
+/// it (the longest when none is).
+fn no_sooner_than(tiers: &[Duration], delay: Duration, at_least: Option<Duration>) -> Duration {
+    match at_least {
+        Some(wait) if wait > delay => {
+            let mut longer: Vec<Duration> = tiers.iter().copied().filter(|t| *t >= wait).collect();
+            longer.sort();
+            longer
+                .first()
+                .copied()
+                .unwrap_or_else(|| tiers.iter().copied().max().unwrap_or(delay))
+        }
+        _ => delay,
     }
 }
 
@@ -155,18 +215,18 @@ pub(super) async fn park_or_defer(
     attempt: u32,
     kind: Kind,
 ) -> Result<(), PublishError> {
-    let Err(e) = park_message(context, delivery, reason, attempt + 1).await else {
+    let Err(e) = park_message(context, delivery, reason, attempt + 1, kind).await else {
         return Ok(());
     };
     let queue = match kind {
-        Kind::Message { .. } => shortest_tier(context),
+        Kind::Message { .. } | Kind::Webhook { .. } => shortest_tier(context, kind),
         // A watch waits among the watches: the retry tiers lead to the work queue.
         Kind::Watch => {
             let delays = context.config.watch_schedule().delays();
             delay_queue(&context.config.work_queue, delays[0])
         }
     };
-    send_to_wait(context, delivery, reason, attempt + 1, &queue).await?;
+    send_to_wait(context, delivery, reason, attempt + 1, &queue, None).await?;
     let (replay_id, task_id) = lesson_ids();
     warn!(replay_id, task_id, reason = %reason.code, error = %e, %queue,
         "parking not confirmed: the message waits in a delay queue and is parked when it comes back");
@@ -174,26 +234,31 @@ pub(super) async fn park_or_defer(
     Ok(())
 }
 
-/// The shortest delay tier's queue: it dead-letters back to the work queue.
-pub(super) fn shortest_tier(context: &Context) -> String {
-    let shortest = context
-        .retry
-        .tiers
-        .iter()
-        .min()
-        .copied()
-        .unwrap_or_default();
-    retry::tier_queue(&context.config.work_queue, shortest)
+/// The shortest delay tier's queue of `kind`: it dead-letters back to the
+/// work queue (the webhook queue).
+pub(super) fn shortest_tier(context: &Context, kind: Kind) -> String {
+    let (policy, base) = retries_of(context, kind);
+    let shortest = policy.tiers.iter().min().copied().unwrap_or_default();
+    retry::tier_queue(base, shortest)
 }
 
 /// Copy the message — original body and headers, plus the reason, the attempt
-/// count and the times — to the parking queue.
+/// count and the times — to the parking queue. A lesson's school is told
+/// first (`lesson.replay_failed`, when its app has a webhook endpoint).
 pub(super) async fn park_message(
     context: &Context,
     delivery: &Delivery,
     reason: &Rejection,
     failures: u32,
+    kind: Kind,
 ) -> Result<(), PublishError> {
+    let is_lesson = !matches!(kind, Kind::Webhook { .. });
+    if is_lesson
+        && context.webhooks.is_some()
+        && let Some(failure) = failure_of(context, delivery, reason, failures)
+    {
+        webhooks::publish_event(context, event::replay_failed(&failure, now())).await?;
+    }
     let mut table = failure_headers(delivery, reason, failures);
     set_header(&mut table, headers::REASON, reason.code.as_str());
     set_header(&mut table, headers::ERROR, &reason.message);
@@ -211,9 +276,46 @@ pub(super) async fn park_message(
         properties,
     )
     .await?;
+    if !is_lesson {
+        let app = webhooks::app_of_event(delivery);
+        warn!(reason = %reason.code, "webhook event parked: {}", reason.message);
+        context.metrics.webhook_delivery(app, WebhookOutcome::Parked);
+        webhooks::parked(context, delivery);
+        return Ok(());
+    }
     let (replay_id, task_id) = lesson_ids();
     warn!(replay_id, task_id, reason = %reason.code, "parked: {}", reason.message);
     context.metrics.parked(reason.code);
     context.metrics.app_failed(lesson_app(), true, reason.code);
     Ok(())
+}
+
+/// What a school is told of a lesson parked; `None` when nothing names a
+/// lesson (no app, no replay or task id: a body nobody could read).
+fn failure_of(
+    context: &Context,
+    delivery: &Delivery,
+    reason: &Rejection,
+    failures: u32,
+) -> Option<Failure> {
+    let (replay_id, task_id) = lesson_ids();
+    let app = lesson_app().or_else(|| {
+        let envelope = amqp::envelope_of(&delivery.properties);
+        app_of(&delivery.data, &envelope, &context.policy.limits)
+    });
+    if app.is_none() && replay_id.is_none() && task_id.is_none() {
+        return None;
+    }
+    let table = delivery.properties.headers().as_ref();
+    Some(Failure {
+        sdkappid: app,
+        room_id: lesson_room(),
+        task_id,
+        replay_id,
+        reason: reason.code.as_str().to_owned(),
+        message: reason.message.clone(),
+        attempts: failures,
+        first_failed_at: header_text(table, headers::FIRST_SEEN).or_else(|| Some(rfc3339(now()))),
+        message_md5: amqp::body_md5(&delivery.data),
+    })
 }

@@ -7,6 +7,7 @@ use lapin::message::Delivery;
 use tracing::{info, warn};
 
 use super::Context;
+use super::delivery::remember_lesson;
 use super::disposition::{Outcome, now};
 use super::lessons::publish_normalized;
 use crate::broker::amqp::{self, PublishError};
@@ -33,6 +34,7 @@ pub(super) async fn check_watch(context: &Context, delivery: &Delivery) -> Outco
         task_id = watch.task_id.as_str(),
         sdkappid = watch.sdkappid
     );
+    remember_lesson(None, Some(&watch.task_id), watch.room_id, Some(watch.sdkappid));
     let retry = watch.clone();
     match context.watcher.check(watch, now().unix_timestamp()).await {
         WatchCheck::Again(watch, delay) => Outcome::Watch(watch, delay),

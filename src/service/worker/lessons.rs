@@ -12,6 +12,7 @@ use super::Context;
 use super::delivery::{handling_ms, lesson_ids, remember_lesson};
 use super::disposition::{Outcome, now};
 use super::due_watches::rescheduled;
+use super::webhooks::publish_event;
 use crate::broker::amqp::{self, PublishError};
 use crate::broker::headers::{self, header_text, set_header};
 use crate::decision::decide::{Decision, decide};
@@ -19,6 +20,7 @@ use crate::decision::normalize::Normalized;
 use crate::decision::reason::{ReasonCode, Rejection};
 use crate::decision::record::Record;
 use crate::telemetry::metrics::Stage;
+use crate::webhook;
 
 pub(super) async fn process(context: &Context, delivery: &Delivery) -> Outcome {
     let envelope = amqp::envelope_of(&delivery.properties);
@@ -68,8 +70,9 @@ pub(super) async fn publish_normalized(
         sdkappid = record.sdkappid
     );
     remember_lesson(
-        &record.replay_id,
+        Some(&record.replay_id),
         record.task_id.as_deref(),
+        record.room_id,
         record.sdkappid,
     );
     match context.media.enrich(normalized).await {
@@ -82,7 +85,19 @@ pub(super) async fn publish_normalized(
         hook(record);
     }
     let stage = context.metrics.stage_timer(Stage::Publish);
-    let published = publish_record(context, record, delivery).await;
+    // The record, then its event for the school's endpoint (when it has
+    // one): both confirmed before the ack. A failure in between sends the
+    // record again later (records are deduplicated by `message_id`).
+    let published = match publish_record(context, record, delivery).await {
+        Ok(()) if context.webhooks.is_some() => {
+            let event = webhook::event::replay_ready(record, now(), max_record_bytes(context));
+            publish_event(context, event)
+                .await
+                .map_err(|e| format!("the record is published but not its webhook event: {e}"))
+        }
+        Ok(()) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    };
     stage.observe_duration();
     match published {
         Ok(()) => {
@@ -104,8 +119,15 @@ pub(super) async fn publish_normalized(
             context.metrics.app_published(record.sdkappid, age);
             Outcome::Done
         }
-        Err(e) => Outcome::Retry(Rejection::new(ReasonCode::PublishFailed, e.to_string())),
+        Err(e) => Outcome::Retry(Rejection::new(ReasonCode::PublishFailed, e)),
     }
+}
+
+fn max_record_bytes(context: &Context) -> usize {
+    context
+        .webhooks
+        .as_ref()
+        .map_or(usize::MAX, |w| w.max_record_bytes)
 }
 
 /// How long ago the message arrived: its AMQP `timestamp` (set by the ingress

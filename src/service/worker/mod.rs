@@ -30,6 +30,7 @@ mod intake;
 mod lessons;
 mod session;
 mod supervisor;
+mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -53,6 +54,7 @@ use crate::tic::client::TicError;
 pub use lessons::record_routing_key;
 pub use session::watch_prefetch;
 use supervisor::supervise;
+use webhooks::Webhooks;
 
 /// After the grace period, how long aborted handlers get to clean up
 /// (abort multipart uploads) before the channels close.
@@ -75,6 +77,8 @@ pub enum WorkerError {
     Media(#[from] MediaError),
     #[error("TIC client: {0}")]
     Tic(#[from] TicError),
+    #[error("{0}")]
+    Webhook(String),
 }
 
 /// Code a test runs with each record before it is published.
@@ -102,6 +106,8 @@ pub(super) struct Context {
     pub(super) abort: CancellationToken,
     /// The apps with a lane of their own.
     pub(super) lanes: Arc<Vec<i64>>,
+    /// The webhook feed; `None` when no app's events go anywhere.
+    pub(super) webhooks: Option<Arc<Webhooks>>,
 }
 
 /// Everything that outlives a broker session.
@@ -118,6 +124,7 @@ pub(super) struct Shared {
     pub(super) handlers: TaskTracker,
     pub(super) stop: CancellationToken,
     pub(super) abort: CancellationToken,
+    pub(super) webhooks: Option<Arc<Webhooks>>,
 }
 
 /// Run the worker until `shutdown` completes, then stop in order: cancel the
@@ -136,7 +143,11 @@ pub async fn run(
     metrics.set_concurrency(config.concurrency);
     metrics.expect_tiers(&config.retry_policy().tiers);
     metrics.expect_apps(&config.app_ids());
+    let webhooks = Webhooks::from_config(&config, metrics.clone())
+        .map_err(WorkerError::Webhook)?
+        .map(Arc::new);
     let shared = Shared {
+        webhooks,
         hooks,
         watcher: Arc::new(watcher),
         broker: config.broker_settings(),
@@ -154,6 +165,19 @@ pub async fn run(
     // What killed workers left in the upload journals, swept on a timer.
     let (sweeping, until) = (shared.media.clone(), stop.clone());
     tokio::spawn(async move { sweeping.sweep_journals(until).await });
+    // The oldest pending event's age grows between attempts: kept current.
+    if let Some(webhooks) = shared.webhooks.clone() {
+        let until = stop.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => webhooks.refresh(),
+                    () = until.cancelled() => return,
+                }
+            }
+        });
+    }
     let supervisor = supervise(&shared);
     tokio::pin!(supervisor);
     tokio::select! {

@@ -73,13 +73,14 @@ pub(super) async fn session(shared: &Shared, connected: impl FnOnce()) -> Result
         publisher: publisher.clone(),
         abort: shared.abort.clone(),
         lanes: Arc::new(config.app_ids()),
+        webhooks: shared.webhooks.clone(),
     });
     loop {
         tokio::select! {
             () = shared.stop.cancelled() => break,
             next = deliveries.next() => match next {
-                Some((Feed::Sort, _, Some(Ok(delivery)))) => {
-                    shared.handlers.spawn(sort(context.clone(), delivery));
+                Some((Feed::Sort(lanes), _, Some(Ok(delivery)))) => {
+                    shared.handlers.spawn(sort(context.clone(), delivery, lanes));
                 }
                 Some((Feed::Handle(kind), _, Some(Ok(delivery)))) => {
                     shared.handlers.spawn(handle_delivery(context.clone(), delivery, kind));
@@ -115,7 +116,10 @@ pub(super) async fn session(shared: &Shared, connected: impl FnOnce()) -> Result
 /// work queue only sorts ([`sort`]) into the lanes — one per app with a
 /// table, one for every other app — and each lane is processed with a
 /// prefetch of its own, so one app's backlog never holds another's lessons.
-/// And the due watches, always.
+/// And the due watches, always. With a webhook URL, the webhook events the
+/// same way: sorted into a lane per app when there are apps, each lane
+/// sending `webhook_concurrency` at once, so an endpoint that hangs holds
+/// only its own app's events.
 pub(super) fn consumed(config: &Config) -> Vec<(String, u16, Feed)> {
     let topology = &config.broker_settings().topology;
     let lanes = topology::lanes(topology);
@@ -127,7 +131,11 @@ pub(super) fn consumed(config: &Config) -> Vec<(String, u16, Feed)> {
             Feed::Handle(Kind::Message { app: None }),
         ));
     } else {
-        queues.push((config.work_queue.clone(), config.concurrency, Feed::Sort));
+        queues.push((
+            config.work_queue.clone(),
+            config.concurrency,
+            Feed::Sort(Lanes::Lessons),
+        ));
         for (app, queue) in lanes {
             let prefetch = config.resolved(app).concurrency;
             queues.push((queue, prefetch, Feed::Handle(Kind::Message { app })));
@@ -138,6 +146,21 @@ pub(super) fn consumed(config: &Config) -> Vec<(String, u16, Feed)> {
         watch_prefetch(config.concurrency),
         Feed::Handle(Kind::Watch),
     ));
+    if config.webhooks_enabled() {
+        let prefetch = config.webhook_concurrency;
+        let lanes = topology::webhook_lanes(topology);
+        if lanes.is_empty() {
+            let feed = Feed::Handle(Kind::Webhook { app: None });
+            queues.push((config.webhook_queue.clone(), prefetch, feed));
+        } else {
+            // Sorting is one publish each: the lessons' concurrency.
+            let feed = Feed::Sort(Lanes::Webhooks);
+            queues.push((config.webhook_queue.clone(), config.concurrency, feed));
+            for (app, queue) in lanes {
+                queues.push((queue, prefetch, Feed::Handle(Kind::Webhook { app })));
+            }
+        }
+    }
     queues
 }
 
@@ -155,13 +178,25 @@ pub(super) enum Kind {
     Message { app: Option<i64> },
     /// A due watch.
     Watch,
+    /// A webhook event to send: from the webhook queue (no apps) or from
+    /// the webhook lane of `app` (`None`: of every other app).
+    Webhook { app: Option<i64> },
 }
 
 /// What a consumer's deliveries go to.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Feed {
-    /// The work queue, with lanes: each message is moved to its app's lane.
-    Sort,
+    /// A queue with lanes: each delivery is moved to its app's lane.
+    Sort(Lanes),
     /// Processed here, as this kind.
     Handle(Kind),
+}
+
+/// Which lanes a sorted queue feeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lanes {
+    /// The work queue's messages, by the app their body names.
+    Lessons,
+    /// The webhook events, by the app of their header.
+    Webhooks,
 }
