@@ -12,6 +12,7 @@ scripts/ensure-s3s-fs.sh
 scripts/ensure-moto.sh
 scripts/ensure-browser.sh
 scripts/ensure-prometheus.sh
+scripts/ensure-webhook-receiver.sh
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
@@ -21,6 +22,7 @@ cargo test --lib --bins --tests --locked
 rabbitmq4_url="$(scripts/ensure-rabbitmq4.sh)"
 TEST_AMQP_URL="$rabbitmq4_url" cargo test --locked \
   --test worker --test guarantees --test faults --test hostile --test ingress \
-  --test watches --test archive_worker --test orphans --test observability --test apps
+  --test watches --test archive_worker --test orphans --test observability --test apps \
+  --test webhooks
 scripts/check-deploy.sh
 scripts/bench.sh --smoke

@@ -431,7 +431,11 @@ async fn try_webhook(config: &Config, sdkappid: Option<i64>) -> Result<(), CliEr
         destination.url,
         event.id,
         destination.secrets.len(),
-        if destination.secrets.len() == 1 { "" } else { "s" }
+        if destination.secrets.len() == 1 {
+            ""
+        } else {
+            "s"
+        }
     );
     let attempt = sender.send(&destination, &event.id, &event.body).await;
     println!(
@@ -442,7 +446,8 @@ async fn try_webhook(config: &Config, sdkappid: Option<i64>) -> Result<(), CliEr
     match attempt.verdict {
         Verdict::Delivered => Ok(()),
         Verdict::Gone => Err(CliError::Webhook(
-            "the endpoint answered 410 Gone: the worker would park its events (webhook_gone)".into(),
+            "the endpoint answered 410 Gone: the worker would park its events (webhook_gone)"
+                .into(),
         )),
         Verdict::Retry { .. } => Err(CliError::Webhook(
             "not delivered: the worker would try again on webhook_delays_secs".into(),

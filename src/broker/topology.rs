@@ -446,14 +446,30 @@ mod tests {
         let added: Vec<&str> = with.queue_names().filter(|q| q.starts_with("wh")).collect();
         assert_eq!(
             added,
-            ["wh.app.1400000001", "wh.app.other", "wh", "wh.retry.5s", "wh.retry.300s"]
+            [
+                "wh.app.1400000001",
+                "wh.app.other",
+                "wh",
+                "wh.retry.5s",
+                "wh.retry.300s"
+            ]
         );
         let work = with.queues.iter().find(|q| q.name == "wq").unwrap();
         let intake = with.queues.iter().find(|q| q.name == "wh").unwrap();
         // A delivery limit, then parked, as the work queue.
         assert_eq!(intake.arguments, work.arguments);
-        let tier = with.queues.iter().find(|q| q.name == "wh.retry.300s").unwrap();
-        assert!(tier.arguments.contains(&("x-message-ttl", Arg::Int(300_000))));
-        assert!(tier.arguments.contains(&("x-dead-letter-routing-key", text("wh"))));
+        let tier = with
+            .queues
+            .iter()
+            .find(|q| q.name == "wh.retry.300s")
+            .unwrap();
+        assert!(
+            tier.arguments
+                .contains(&("x-message-ttl", Arg::Int(300_000)))
+        );
+        assert!(
+            tier.arguments
+                .contains(&("x-dead-letter-routing-key", text("wh")))
+        );
     }
 }

@@ -113,9 +113,9 @@ pub fn secret_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SecretS
         List(Vec<String>),
         Text(String),
     }
-    let items = match Form::deserialize(d)
-        .map_err(|_| serde::de::Error::custom("secrets must be text (their values are not shown)"))?
-    {
+    let items = match Form::deserialize(d).map_err(|_| {
+        serde::de::Error::custom("secrets must be text (their values are not shown)")
+    })? {
         Form::List(items) => items,
         Form::Text(text) => text
             .split(|c: char| c == ',' || c.is_whitespace())
@@ -145,7 +145,10 @@ pub fn optional_redacted_list<S: Serializer>(
     secrets: &Option<Vec<SecretString>>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
-    secrets.as_ref().map(|list| vec![REDACTED; list.len()]).serialize(s)
+    secrets
+        .as_ref()
+        .map(|list| vec![REDACTED; list.len()])
+        .serialize(s)
 }
 
 /// The environment form of a list of secrets, exposed.

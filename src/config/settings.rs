@@ -17,8 +17,8 @@ use crate::broker::amqp::addresses;
 use crate::config::apps::{self, Apps, Resolved};
 pub use crate::config::forms::{ENV_PREFIX, env_var};
 use crate::config::forms::{
-    REDACTED, env_text, exposed_list, list, optional_secret, quoted, redacted, redacted_list, secret,
-    secret_list,
+    REDACTED, env_text, exposed_list, list, optional_secret, quoted, redacted, redacted_list,
+    secret, secret_list,
 };
 use crate::decision::url_policy::TIC_VOD_HOSTS;
 use crate::decision::verify::{SignatureMode, TicKeys};
@@ -355,7 +355,9 @@ impl Config {
             apps::check_webhook(url, &self.webhook_secrets)
                 .map_err(|why| ConfigError::Invalid(format!("webhook_url: {why}")))?;
         } else if !self.webhook_secrets.is_empty() {
-            return invalid("webhook_secrets is set but webhook_url is not: secrets belong to their endpoint");
+            return invalid(
+                "webhook_secrets is set but webhook_url is not: secrets belong to their endpoint",
+            );
         }
         let keys = self.keys().map_err(ConfigError::Invalid)?;
         if self.signature == SignatureMode::Required && keys.is_empty() {

@@ -68,6 +68,38 @@ pub fn app_of(body: &[u8], envelope: &Envelope, limits: &Limits) -> Option<i64> 
     }
 }
 
+/// What a message says of its lesson, when it can be read: its app, task
+/// and room. What a `lesson.replay_failed` event names when the message was
+/// rejected before it became a record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Named {
+    pub app: Option<i64>,
+    pub task_id: Option<String>,
+    pub room_id: Option<i64>,
+}
+
+pub fn named(body: &[u8], envelope: &Envelope, limits: &Limits) -> Named {
+    let Ok(announcement) = decode(body, limits) else {
+        return Named::default();
+    };
+    let app = match announcement.sdkappid {
+        Some(id) => Some(id),
+        None => header_sdkappid(envelope).ok().flatten(),
+    };
+    match announcement.payload {
+        Payload::Finished(recording) => Named {
+            app,
+            task_id: recording.task_id,
+            room_id: Some(recording.room_id),
+        },
+        Payload::NotFinished(unfinished) => Named {
+            app,
+            task_id: unfinished.task_id,
+            room_id: Some(unfinished.room_id),
+        },
+    }
+}
+
 fn try_decide(
     body: &[u8],
     envelope: &Envelope,

@@ -203,7 +203,10 @@ mod tests {
 
     #[test]
     fn the_same_lesson_is_the_same_event_whenever_it_is_sent() {
-        let (t0, t1) = (datetime!(2026-12-07 10:00 UTC), datetime!(2026-12-08 10:00 UTC));
+        let (t0, t1) = (
+            datetime!(2026-12-07 10:00 UTC),
+            datetime!(2026-12-08 10:00 UTC),
+        );
         let a = replay_ready(&record(1), t0, 20_000);
         let b = replay_ready(&record(1), t1, 20_000);
         assert_eq!(a.id, b.id);
@@ -234,7 +237,10 @@ mod tests {
         let body: Value = serde_json::from_slice(&small.body).unwrap();
         assert_eq!(body["type"], REPLAY_READY);
         assert_eq!(body["timestamp"], "2026-12-07T10:00:00Z");
-        assert_eq!(body["data"]["record"]["tracks"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            body["data"]["record"]["tracks"].as_array().unwrap().len(),
+            2
+        );
         let large = replay_ready(&record(200), at, 20_000);
         assert!(large.body.len() < 2_000, "{}", large.body.len());
         let body: Value = serde_json::from_slice(&large.body).unwrap();

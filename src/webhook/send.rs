@@ -216,17 +216,27 @@ mod tests {
         let seconds = HeaderValue::from_static("120");
         assert_eq!(
             judge(429, Some(&seconds), now),
-            Verdict::Retry { at_least: Some(Duration::from_secs(120)) }
+            Verdict::Retry {
+                at_least: Some(Duration::from_secs(120))
+            }
         );
-        let date = HeaderValue::from_str(&httpdate::fmt_http_date(now + Duration::from_secs(90)))
-            .unwrap();
+        let date =
+            HeaderValue::from_str(&httpdate::fmt_http_date(now + Duration::from_secs(90))).unwrap();
         assert_eq!(
             judge(503, Some(&date), now),
-            Verdict::Retry { at_least: Some(Duration::from_secs(90)) }
+            Verdict::Retry {
+                at_least: Some(Duration::from_secs(90))
+            }
         );
         // Only where the specification gives it a meaning.
-        assert_eq!(judge(500, Some(&seconds), now), Verdict::Retry { at_least: None });
+        assert_eq!(
+            judge(500, Some(&seconds), now),
+            Verdict::Retry { at_least: None }
+        );
         let nonsense = HeaderValue::from_static("soon");
-        assert_eq!(judge(429, Some(&nonsense), now), Verdict::Retry { at_least: None });
+        assert_eq!(
+            judge(429, Some(&nonsense), now),
+            Verdict::Retry { at_least: None }
+        );
     }
 }

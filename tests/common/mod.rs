@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod messages;
 pub mod moto;
 pub mod origin;
+pub mod receiver;
 pub mod s3;
 pub mod tic_mock;
 

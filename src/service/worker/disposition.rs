@@ -13,13 +13,13 @@ use tracing::{error, warn};
 
 use super::Context;
 use super::delivery::{lesson_app, lesson_ids, lesson_room};
-use super::webhooks;
 use super::due_watches::schedule_watch;
 use super::session::Kind;
+use super::webhooks;
 use crate::broker::amqp::{self, PublishError};
 use crate::broker::headers::{self, header_text, set_header};
 use crate::broker::retry::{self, RetryPolicy, RetryStep};
-use crate::decision::decide::app_of;
+use crate::decision::decide::named;
 use crate::decision::reason::Rejection;
 use crate::decision::watch::{Watch, delay_queue};
 use crate::telemetry::metrics::WebhookOutcome;
@@ -158,12 +158,21 @@ pub(super) async fn retry_later(
             let (replay_id, task_id) = lesson_ids();
             if let Kind::Webhook { .. } = kind {
                 let jittered = delay.mul_f64(1.0 - fastrand::f64() / 5.0);
-                send_to_wait(context, delivery, reason, attempt + 1, &queue, Some(jittered))
-                    .await?;
+                send_to_wait(
+                    context,
+                    delivery,
+                    reason,
+                    attempt + 1,
+                    &queue,
+                    Some(jittered),
+                )
+                .await?;
                 warn!(reason = %reason.code, delay_secs = jittered.as_secs(), attempt = attempt + 1,
                     "webhook not delivered: tried again later: {}", reason.message);
                 let app = webhooks::app_of_event(delivery);
-                context.metrics.webhook_delivery(app, WebhookOutcome::Retried);
+                context
+                    .metrics
+                    .webhook_delivery(app, WebhookOutcome::Retried);
                 if let Some(webhooks) = &context.webhooks {
                     webhooks.waiting(delivery, app, jittered);
                 }
@@ -279,7 +288,9 @@ pub(super) async fn park_message(
     if !is_lesson {
         let app = webhooks::app_of_event(delivery);
         warn!(reason = %reason.code, "webhook event parked: {}", reason.message);
-        context.metrics.webhook_delivery(app, WebhookOutcome::Parked);
+        context
+            .metrics
+            .webhook_delivery(app, WebhookOutcome::Parked);
         webhooks::parked(context, delivery);
         return Ok(());
     }
@@ -299,17 +310,18 @@ fn failure_of(
     failures: u32,
 ) -> Option<Failure> {
     let (replay_id, task_id) = lesson_ids();
-    let app = lesson_app().or_else(|| {
-        let envelope = amqp::envelope_of(&delivery.properties);
-        app_of(&delivery.data, &envelope, &context.policy.limits)
-    });
+    // Rejected before it became a record: what its body says, if readable.
+    let envelope = amqp::envelope_of(&delivery.properties);
+    let body = named(&delivery.data, &envelope, &context.policy.limits);
+    let app = lesson_app().or(body.app);
+    let task_id = task_id.or(body.task_id);
     if app.is_none() && replay_id.is_none() && task_id.is_none() {
         return None;
     }
     let table = delivery.properties.headers().as_ref();
     Some(Failure {
         sdkappid: app,
-        room_id: lesson_room(),
+        room_id: lesson_room().or(body.room_id),
         task_id,
         replay_id,
         reason: reason.code.as_str().to_owned(),

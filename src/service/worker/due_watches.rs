@@ -34,7 +34,12 @@ pub(super) async fn check_watch(context: &Context, delivery: &Delivery) -> Outco
         task_id = watch.task_id.as_str(),
         sdkappid = watch.sdkappid
     );
-    remember_lesson(None, Some(&watch.task_id), watch.room_id, Some(watch.sdkappid));
+    remember_lesson(
+        None,
+        Some(&watch.task_id),
+        watch.room_id,
+        Some(watch.sdkappid),
+    );
     let retry = watch.clone();
     match context.watcher.check(watch, now().unix_timestamp()).await {
         WatchCheck::Again(watch, delay) => Outcome::Watch(watch, delay),

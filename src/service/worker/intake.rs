@@ -29,7 +29,11 @@ pub(super) async fn sort(context: Arc<Context>, delivery: Delivery, lanes: Lanes
         }
         Lanes::Webhooks => {
             let kind = Kind::Webhook { app: None };
-            (app_of_event(&delivery), context.config.webhook_queue.as_str(), kind)
+            (
+                app_of_event(&delivery),
+                context.config.webhook_queue.as_str(),
+                kind,
+            )
         }
     };
     let app = app.filter(|app| context.lanes.contains(app));

@@ -160,8 +160,14 @@ pub(super) async fn publish_event(context: &Context, event: Event) -> Result<(),
         .with_type(WEBHOOK_TYPE.into())
         .with_timestamp(now().unix_timestamp().max(0) as u64)
         .with_headers(table);
-    amqp::publish_confirmed(&context.publisher, "", &webhooks.queue, &event.body, properties)
-        .await?;
+    amqp::publish_confirmed(
+        &context.publisher,
+        "",
+        &webhooks.queue,
+        &event.body,
+        properties,
+    )
+    .await?;
     context.metrics.webhook_event(event.kind);
     Ok(())
 }
@@ -175,23 +181,36 @@ pub(super) async fn deliver(context: &Context, delivery: &Delivery) -> Outcome {
     let app = app_of_event(delivery);
     let span = tracing::Span::current();
     tracing::record_all!(span, sdkappid = app);
-    let Some(id) = delivery.properties.message_id().as_ref().map(|m| m.to_string()) else {
+    let Some(id) = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|m| m.to_string())
+    else {
         return Outcome::Park(Rejection::new(
             ReasonCode::InvalidField,
             "not a webhook event: no message_id (its webhook-id)",
         ));
     };
-    let event = header_text(delivery.properties.headers().as_ref(), headers::WEBHOOK_EVENT)
-        .unwrap_or_default();
+    let event = header_text(
+        delivery.properties.headers().as_ref(),
+        headers::WEBHOOK_EVENT,
+    )
+    .unwrap_or_default();
     let Some(destination) = context.config.webhook_destination(app) else {
         // Its endpoint was removed from the settings since: the school no
         // longer asks to be told.
         info!(webhook_id = %id, %event, "no webhook endpoint for the event's app any more: dropped");
-        context.metrics.webhook_delivery(app, WebhookOutcome::Dropped);
+        context
+            .metrics
+            .webhook_delivery(app, WebhookOutcome::Dropped);
         webhooks.pending.settled(app, Some(&id));
         return Outcome::Done;
     };
-    let attempt = webhooks.sender.send(&destination, &id, &delivery.data).await;
+    let attempt = webhooks
+        .sender
+        .send(&destination, &id, &delivery.data)
+        .await;
     context
         .metrics
         .webhook_attempt(app, attempt.status, attempt.elapsed);
@@ -200,7 +219,9 @@ pub(super) async fn deliver(context: &Context, delivery: &Delivery) -> Outcome {
         Verdict::Delivered => {
             info!(webhook_id = %id, %event, %host, status = attempt.status,
                 elapsed_ms = attempt.elapsed.as_millis() as u64, "webhook delivered");
-            context.metrics.webhook_delivery(app, WebhookOutcome::Delivered);
+            context
+                .metrics
+                .webhook_delivery(app, WebhookOutcome::Delivered);
             webhooks.pending.settled(app, Some(&id));
             Outcome::Done
         }
@@ -227,7 +248,13 @@ pub(super) async fn deliver(context: &Context, delivery: &Delivery) -> Outcome {
 /// An event parked: no longer pending here.
 pub(super) fn parked(context: &Context, delivery: &Delivery) {
     if let Some(webhooks) = &context.webhooks {
-        let id = delivery.properties.message_id().as_ref().map(|m| m.to_string());
-        webhooks.pending.settled(app_of_event(delivery), id.as_deref());
+        let id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.to_string());
+        webhooks
+            .pending
+            .settled(app_of_event(delivery), id.as_deref());
     }
 }

@@ -1,0 +1,444 @@
+//! A school's backend told by signed webhooks, with real parts: RabbitMQ,
+//! the worker, and an endpoint (`scripts/webhook-receiver.py`) that checks
+//! every signature with the `standardwebhooks` reference library and plays
+//! the faults of a school's server: errors, silence, a cut connection,
+//! redirects, answers dripped byte by byte or 50 MB long, 410 Gone,
+//! `Retry-After`. Every event is delivered or parked with its reason; the
+//! same event always carries the same `webhook-id`; a hanging endpoint of
+//! one app does not hold another app's events; a killed worker and a
+//! restarted broker lose none.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::messages::one_camera;
+use common::receiver::{Receiver, assert_signed};
+use common::{
+    Broker, WorkerProcess, isolated_config, lesson_replay, metric, spawn_worker, spawn_worker_with,
+};
+use lesson_replay::broker::headers::callback_headers;
+use lesson_replay::config::apps::AppSettings;
+use lesson_replay::config::settings::Config;
+use lesson_replay::service::endpoints::Health;
+use lesson_replay::telemetry::metrics::Metrics;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+
+/// The specification's example secret, and a second one: rotation.
+const SECRET_A: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const SECRET_B: &str = "whsec_BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+
+const APP: i64 = 1400000001;
+
+/// A test's settings with webhooks to `url`, fast delays and a short deadline.
+fn webhook_config(test: &str, url: &str, secrets: &[&str]) -> Config {
+    let mut config = isolated_config(test);
+    config.webhook_url = Some(url.to_owned());
+    config.webhook_secrets = secrets.iter().map(|s| SecretString::from(*s)).collect();
+    config.webhook_queue = format!("{}.webhooks", config.work_queue);
+    config.webhook_delays_secs = vec![1, 4];
+    config.webhook_timeout_secs = 2;
+    config.validate().expect("valid settings");
+    config
+}
+
+/// A lesson of app `app` whose record the worker publishes (no probe, no archive).
+fn lesson(task: &str, room: i64) -> Vec<u8> {
+    one_camera(task, room, "https://1500.vod2.myqcloud.com/x/f0.mp4", 1000)
+}
+
+async fn publish_for(broker: &Broker, app: i64, body: &[u8]) {
+    let app = app.to_string();
+    broker
+        .publish(body, callback_headers(None, None, Some(&app)))
+        .await;
+}
+
+fn body(request: &Value) -> &Value {
+    &request["body"]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_and_failures_reach_the_endpoint_signed_once_per_event_id() {
+    let receiver = Receiver::start(&[SECRET_A, SECRET_B]);
+    let config = webhook_config(
+        "webhooks-events",
+        &receiver.url("school"),
+        &[SECRET_A, SECRET_B],
+    );
+    let broker = Broker::new(config).await;
+    let worker = spawn_worker(broker.config.clone()).await;
+    worker.wait_ready().await;
+
+    let good = lesson("task-good", 7001);
+    publish_for(&broker, APP, &good).await;
+    // The same callback again (TIC sends duplicates by design).
+    publish_for(&broker, APP, &good).await;
+    // A VOD host not allowed: parked as url_not_allowed.
+    let bad = one_camera("task-bad", 7002, "https://evil.example/f0.mp4", 1000);
+    publish_for(&broker, APP, &bad).await;
+
+    let log = receiver
+        .wait_for("school", 3, Duration::from_secs(30))
+        .await;
+    assert_signed(&log, 2);
+    let (ready, failed): (Vec<&Value>, Vec<&Value>) = log
+        .iter()
+        .partition(|r| body(r)["type"] == "lesson.replay_ready");
+    assert_eq!(ready.len(), 2, "{log:#?}");
+    assert_eq!(
+        ready[0]["webhook_id"], ready[1]["webhook_id"],
+        "one event, one id"
+    );
+    let (record, _) = broker
+        .next(&broker.config.records_queue, Duration::from_secs(5))
+        .await
+        .expect("the record is published");
+    assert_eq!(
+        body(ready[0])["data"]["record"],
+        record,
+        "the event carries the record"
+    );
+    assert_eq!(body(ready[0])["data"]["replay_id"], record["replay_id"]);
+
+    assert_eq!(failed.len(), 1, "{log:#?}");
+    let data = &body(failed[0])["data"];
+    assert_eq!(body(failed[0])["type"], "lesson.replay_failed");
+    assert_eq!(data["reason"], "url_not_allowed");
+    assert_eq!(data["task_id"], "task-bad");
+    assert_eq!(data["room_id"], 7002);
+    assert_eq!(data["sdkappid"], APP);
+    assert!(
+        data["message"].as_str().unwrap().contains("evil.example"),
+        "{data}"
+    );
+    assert_ne!(failed[0]["webhook_id"], ready[0]["webhook_id"]);
+
+    // The host is allowed after all: a replay that succeeds tells the school.
+    worker.stop().await;
+    let mut fixed = broker.config.clone();
+    fixed.vod_allowed_hosts.push("evil.example".into());
+    let worker = spawn_worker(fixed.clone()).await;
+    worker.wait_ready().await;
+    let replayed = lesson_replay(&fixed, &["dlq", "replay", "--reason", "url_not_allowed"]);
+    assert!(replayed.status.success(), "{replayed:?}");
+    let log = receiver
+        .wait_for("school", 4, Duration::from_secs(30))
+        .await;
+    assert_signed(&log, 2);
+    let late = body(&log[3]);
+    assert_eq!(late["type"], "lesson.replay_ready", "{late:#}");
+    assert_eq!(late["data"]["task_id"], "task-bad");
+    worker.stop().await;
+    broker.cleanup().await;
+}
+
+/// The endpoints of the fault test: each an app of its own, its script, and
+/// what becomes of its event.
+const FAULTS: [(&str, &str); 9] = [
+    ("flaky", "s500,ok"),
+    ("hang", "hang,ok"),
+    ("close", "close,ok"),
+    ("redirect", "redirect,ok"),
+    ("drip", "drip,ok"),
+    ("big", "big"),
+    ("later", "ra429:3,ok"),
+    ("gone", "s410"),
+    ("dead", "s500"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fault_of_an_endpoint_ends_delivered_or_parked_with_its_reason() {
+    let receiver = Receiver::start(&[SECRET_A]);
+    let mut config = webhook_config("webhooks-faults", &receiver.url("default"), &[SECRET_A]);
+    let apps: BTreeMap<&str, i64> = FAULTS
+        .iter()
+        .enumerate()
+        .map(|(n, (name, _))| (*name, 1400000100 + n as i64))
+        .collect();
+    for (name, app) in &apps {
+        config.apps.insert(
+            app.to_string(),
+            AppSettings {
+                webhook_url: Some(receiver.url(name)),
+                webhook_secrets: Some(vec![SecretString::from(SECRET_A)]),
+                ..AppSettings::default()
+            },
+        );
+    }
+    config.validate().expect("valid settings");
+    for (name, script) in FAULTS {
+        receiver.script(name, script).await;
+    }
+    let broker = Broker::new(config).await;
+    let metrics = Metrics::new();
+    let worker = spawn_worker_with(broker.config.clone(), Health::default(), metrics.clone()).await;
+    worker.wait_ready().await;
+    for (n, (name, app)) in apps.iter().enumerate() {
+        publish_for(&broker, *app, &lesson(name, 8000 + n as i64)).await;
+    }
+
+    // Delivered on the second attempt, the first having failed its own way.
+    for name in ["flaky", "hang", "close", "redirect", "drip", "later"] {
+        let log = receiver.wait_for(name, 2, Duration::from_secs(60)).await;
+        assert_eq!(log[1]["action"], "ok", "{name}: {log:#?}");
+        assert_eq!(
+            log[0]["webhook_id"], log[1]["webhook_id"],
+            "{name}: the same id on a retry"
+        );
+        assert_signed(&log, 1);
+    }
+    // A redirect is not followed: nothing reached where it pointed.
+    assert!(receiver.log("redirect-redirected").await.is_empty());
+    // Retry-After: 3 moved the second attempt to the 4 s tier (at most a
+    // fifth less); a plain failure waits the first tier, 1 s.
+    let gap = |log: &[Value]| {
+        log[1]["received_at"].as_f64().unwrap() - log[0]["received_at"].as_f64().unwrap()
+    };
+    let later = receiver.log("later").await;
+    assert!(
+        gap(&later) >= 3.0,
+        "Retry-After: 3 honoured: {}",
+        gap(&later)
+    );
+    let flaky = receiver.log("flaky").await;
+    assert!(
+        gap(&flaky) >= 0.75,
+        "the first delay (1 s, jittered): {}",
+        gap(&flaky)
+    );
+    assert!(gap(&flaky) < 3.0, "not the second delay: {}", gap(&flaky));
+
+    // The dead endpoint: 1 + 2 delays = 3 attempts, then parked.
+    let dead = receiver.wait_for("dead", 3, Duration::from_secs(60)).await;
+    let ids: BTreeSet<String> = dead.iter().map(|r| r["webhook_id"].to_string()).collect();
+    assert_eq!(ids.len(), 1);
+    let parked = wait_parked(&broker.config, 2).await;
+    let reasons: BTreeMap<String, String> = parked
+        .iter()
+        .map(|p| {
+            (
+                p["reason"].as_str().unwrap().to_owned(),
+                p["error"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert!(reasons["webhook_gone"].contains("410"), "{reasons:?}");
+    assert!(
+        reasons["webhook_failed"].contains("answered 500"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons["webhook_failed"].contains("3 attempts"),
+        "{reasons:?}"
+    );
+    // 200 with 50 MB is delivered at once; 410 is never tried again.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(receiver.log("big").await.len(), 1);
+    assert_eq!(receiver.log("gone").await.len(), 1);
+    assert_eq!(receiver.log("dead").await.len(), 3);
+
+    // The endpoint is back: a replay delivers the parked event, same id.
+    receiver.script("dead", "ok").await;
+    let replayed = lesson_replay(
+        &broker.config,
+        &["dlq", "replay", "--reason", "webhook_failed"],
+    );
+    assert!(replayed.status.success(), "{replayed:?}");
+    let dead = receiver.wait_for("dead", 4, Duration::from_secs(30)).await;
+    assert_eq!(dead[3]["action"], "ok");
+    assert_eq!(dead[3]["webhook_id"], dead[0]["webhook_id"]);
+
+    let series = |app: i64, outcome: &str| {
+        metric(
+            &metrics,
+            &format!(
+                "lesson_replay_webhook_deliveries_total{{app=\"{app}\",outcome=\"{outcome}\"}}"
+            ),
+        )
+    };
+    assert_eq!(series(apps["flaky"], "delivered"), 1);
+    assert_eq!(series(apps["flaky"], "retried"), 1);
+    assert_eq!(series(apps["gone"], "parked"), 1);
+    assert_eq!(series(apps["dead"], "parked"), 1);
+    assert_eq!(series(apps["dead"], "delivered"), 1);
+    worker.stop().await;
+    broker.cleanup().await;
+}
+
+/// `dlq list`'s lines, once at least `n` messages are parked.
+async fn wait_parked(config: &Config, n: usize) -> Vec<Value> {
+    for _ in 0..600 {
+        let listed = lesson_replay(config, &["dlq", "list"]);
+        let lines: Vec<Value> = String::from_utf8_lossy(&listed.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("fewer than {n} messages parked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_endpoint_holds_only_its_own_apps_events() {
+    let receiver = Receiver::start(&[SECRET_A]);
+    let mut config = webhook_config("webhooks-fair", &receiver.url("default"), &[SECRET_A]);
+    config.webhook_timeout_secs = 10;
+    config.webhook_concurrency = 2;
+    let (slow, quick) = (1400000201_i64, 1400000202_i64);
+    for (app, name) in [(slow, "slow"), (quick, "quick")] {
+        config.apps.insert(
+            app.to_string(),
+            AppSettings {
+                webhook_url: Some(receiver.url(name)),
+                webhook_secrets: Some(vec![SecretString::from(SECRET_A)]),
+                ..AppSettings::default()
+            },
+        );
+    }
+    receiver.script("slow", "hang").await;
+    let broker = Broker::new(config).await;
+    let worker = spawn_worker(broker.config.clone()).await;
+    worker.wait_ready().await;
+    for n in 0..6 {
+        publish_for(&broker, slow, &lesson(&format!("slow-{n}"), 9000 + n)).await;
+    }
+    for n in 0..3 {
+        publish_for(&broker, quick, &lesson(&format!("quick-{n}"), 9100 + n)).await;
+    }
+    let quick_log = receiver.wait_for("quick", 3, Duration::from_secs(30)).await;
+    assert_signed(&quick_log, 1);
+    // Meanwhile the slow app's lane holds its 2 events in flight, hanging;
+    // none has timed out yet, none of its others was sent.
+    let slow_log = receiver.log("slow").await;
+    assert!(
+        slow_log.len() <= 2 && slow_log.iter().all(|r| r["action"] == "hang"),
+        "{slow_log:#?}"
+    );
+    worker.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_command_sends_a_signed_event_and_says_what_the_endpoint_answered() {
+    let receiver = Receiver::start(&[SECRET_A, SECRET_B]);
+    let mut config = webhook_config("webhooks-cli", &receiver.url("cli"), &[SECRET_A]);
+    config.apps.insert(
+        APP.to_string(),
+        AppSettings {
+            webhook_url: Some(receiver.url("cli-app")),
+            webhook_secrets: Some(vec![SecretString::from(SECRET_B)]),
+            ..AppSettings::default()
+        },
+    );
+    let sent = lesson_replay(
+        &config,
+        &["webhook", "test", "--sdkappid", &APP.to_string()],
+    );
+    let stdout = String::from_utf8_lossy(&sent.stdout);
+    assert!(sent.status.success(), "{sent:?}");
+    assert!(stdout.contains("answered 204"), "{stdout}");
+    let log = receiver.log("cli-app").await;
+    assert_eq!(log.len(), 1);
+    assert_eq!(
+        log[0]["verified_by"],
+        serde_json::json!([1]),
+        "the app's own secret"
+    );
+    assert_eq!(body(&log[0])["type"], "webhook.test");
+    assert!(receiver.log("cli").await.is_empty());
+
+    receiver.script("cli", "s410").await;
+    let refused = lesson_replay(&config, &["webhook", "test"]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stdout).contains("answered 410"),
+        "{refused:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("410 Gone"),
+        "{refused:?}"
+    );
+    let none = lesson_replay(&config, &["webhook", "test", "--sdkappid", "1400000999"]);
+    // An app without a table falls back on the top-level endpoint.
+    assert_eq!(none.status.code(), Some(1), "{none:?}");
+    assert_eq!(receiver.log("cli").await.len(), 2);
+}
+
+/// The project's own RabbitMQ 4 node (scripts/ensure-rabbitmq4.sh): this
+/// test restarts its broker, which must not be the machine's shared one.
+fn own_broker() -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/ensure-rabbitmq4.sh");
+    let out = std::process::Command::new(script)
+        .output()
+        .expect("the script runs");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_and_a_restarted_broker_lose_no_event_mid_schedule() {
+    let receiver = Receiver::start(&[SECRET_A]);
+    let mut config = webhook_config("webhooks-kill", &receiver.url("school"), &[SECRET_A]);
+    config.amqp_url = SecretString::from(own_broker());
+    config.webhook_delays_secs = vec![3, 5, 8];
+    receiver.script("school", "s503").await;
+    let broker = Broker::new(config.clone()).await;
+    let mut worker = WorkerProcess::start(&config);
+    const EVENTS: usize = 6;
+    for n in 0..EVENTS {
+        publish_for(&broker, APP, &lesson(&format!("kill-{n}"), 9500 + n as i64)).await;
+    }
+    // Every event failed once and waits in a delay queue (or is being tried).
+    let first = receiver
+        .wait_for("school", EVENTS, Duration::from_secs(60))
+        .await;
+    let ids: BTreeSet<String> = first
+        .iter()
+        .map(|r| r["webhook_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), EVENTS, "{first:#?}");
+    worker.kill();
+    drop(broker);
+    let stop = std::process::Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/ensure-rabbitmq4.sh"
+    ))
+    .arg("stop")
+    .status()
+    .unwrap();
+    assert!(stop.success());
+    assert_eq!(own_broker(), config.amqp_url.expose_secret());
+    receiver.script("school", "ok").await;
+    let _worker = WorkerProcess::start(&config);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let log = receiver.log("school").await;
+        let delivered: BTreeSet<String> = log
+            .iter()
+            .filter(|r| r["action"] == "ok")
+            .map(|r| r["webhook_id"].as_str().unwrap().to_owned())
+            .collect();
+        if delivered == ids {
+            assert_signed(&log, 1);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "delivered {delivered:?} of {ids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let broker = Broker::new(config).await;
+    assert_eq!(
+        broker.depth(&broker.config.parking_queue).await,
+        0,
+        "nothing parked"
+    );
+    broker.cleanup().await;
+}
