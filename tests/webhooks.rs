@@ -404,6 +404,8 @@ async fn a_killed_worker_and_a_restarted_broker_lose_no_event_mid_schedule() {
         .collect();
     assert_eq!(ids.len(), EVENTS, "{first:#?}");
     worker.kill();
+    // Closed, not cleaned up: its queues keep the events.
+    let _ = broker.connection.close(200, "broker restarts".into()).await;
     drop(broker);
     let stop = std::process::Command::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
