@@ -341,6 +341,8 @@ s3_access_key_id = "TWOID"
 s3_secret_access_key = "TWOSECRET"
 s3_sse = "AES256"
 concurrency = 2
+webhook_url = "https://two.example/hooks"
+webhook_secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]
 "#;
 
     #[test]
@@ -412,6 +414,15 @@ concurrency = 2
                 "LESSON_REPLAY_APPS__1400000002__S3_SECRET_ACCESS_KEY",
                 "s3cr3t",
             );
+            jail.set_env(
+                "LESSON_REPLAY_APPS__1400000002__WEBHOOK_URL",
+                "https://two.example/hooks",
+            );
+            // Two secrets while one is rotated.
+            jail.set_env(
+                "LESSON_REPLAY_APPS__1400000002__WEBHOOK_SECRETS",
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw,whsec_BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=",
+            );
             let config = Config::load(None).expect("loads");
             let two = config.resolved(Some(1400000002));
             assert!(two.archive && !config.resolved(None).archive);
@@ -432,6 +443,18 @@ concurrency = 2
                 serde_json::to_value(&config).unwrap()
             );
             assert_eq!(tic_key(&again, 1400000002), "123456");
+            let hook = again.resolved(Some(1400000002)).webhook.expect("an endpoint");
+            assert_eq!(hook.url, "https://two.example/hooks");
+            let secrets: Vec<&str> = hook.secrets.iter().map(|s| s.expose_secret()).collect();
+            assert_eq!(
+                secrets,
+                [
+                    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                    "whsec_BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc="
+                ]
+            );
+            // Apps without an endpoint of their own: none at the top level either.
+            assert!(again.resolved(None).webhook.is_none());
             Ok(())
         });
     }
@@ -446,7 +469,14 @@ concurrency = 2
                 serde_json::to_string(&config).unwrap(),
             ];
             for text in &shown {
-                for secret in ["KEYTWO", "TWOID", "TWOSECRET", "DEFAULTSECRET", "KEYONE"] {
+                for secret in [
+                    "KEYTWO",
+                    "TWOID",
+                    "TWOSECRET",
+                    "DEFAULTSECRET",
+                    "KEYONE",
+                    "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                ] {
                     assert!(!text.contains(secret), "{secret} in {text}");
                 }
             }
@@ -519,11 +549,43 @@ concurrency = 2
                 "[tic_keys]\n1400000001 = \"LISTEDKEY\"\n[apps.1400000001]\ntic_key = \"OTHERKEY\"\n",
                 "apps.1400000001.tic_key",
             ),
+            // An endpoint signs with its own secrets, always.
+            (
+                "[apps.1400000001]\nwebhook_url = \"https://one.example/hooks\"\n",
+                "apps.1400000001.webhook_url: an endpoint needs at least one webhook secret",
+            ),
+            (
+                "[apps.1400000001]\nwebhook_secrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]\n",
+                "apps.1400000001.webhook_secrets is set but",
+            ),
+            (
+                "webhook_url = \"https://one.example/hooks\"\nwebhook_secrets = \"whsec_SHORTSECRET\"\n",
+                "webhook_url: secret 1 of 1",
+            ),
+            (
+                "webhook_url = \"https://one.example/hooks\"\nwebhook_secrets = \"HALFSECRETMfKQ9r8GKYqrTwjUPD8ILPZIo2La\"\n",
+                "starts with whsec_",
+            ),
+            (
+                "webhook_url = \"one.example:8080/hooks\"\nwebhook_secrets = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n",
+                "is not an http(s) URL",
+            ),
+            (
+                "webhook_secrets = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n",
+                "webhook_secrets is set but webhook_url is not",
+            ),
         ];
         for (toml, named) in cases {
             let error = refused(toml);
             assert!(error.contains(named), "{toml}: {error}");
-            for secret in ["HALFSECRET", "DEFAULTSECRET", "LISTEDKEY", "OTHERKEY"] {
+            for secret in [
+                "HALFSECRET",
+                "DEFAULTSECRET",
+                "LISTEDKEY",
+                "OTHERKEY",
+                "SHORTSECRET",
+                "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            ] {
                 assert!(!error.contains(secret), "{secret} in {error}");
             }
         }

@@ -195,7 +195,7 @@ impl Default for Config {
             webhook_delays_secs: vec![5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400],
             webhook_timeout_secs: 15,
             webhook_concurrency: 4,
-            webhook_max_record_bytes: 20 * 1024,
+            webhook_max_record_bytes: 256 * 1024,
             apps: Apps::new(),
         }
     }
