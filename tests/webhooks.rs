@@ -444,3 +444,77 @@ async fn a_killed_worker_and_a_restarted_broker_lose_no_event_mid_schedule() {
     );
     broker.cleanup().await;
 }
+
+/// The verification example of docs/operations.md, run with python3
+/// against what the worker signs: accepted as sent, refused when the body,
+/// the id or the time is not what was signed, accepted with one of two
+/// signatures (rotation).
+#[test]
+fn the_operations_guide_s_verification_example_accepts_what_the_worker_signs() {
+    use lesson_replay::webhook::sign::{Secret, signature};
+    let doc = include_str!("../docs/operations.md");
+    let example = doc
+        .split("<!-- verify-example:begin -->")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- verify-example:end -->").next())
+        .and_then(|block| block.split("```python\n").nth(1))
+        .and_then(|code| code.split("```").next())
+        .expect("docs/operations.md has the verification example");
+    let secret = Secret::parse(SECRET_A).unwrap();
+    let other = Secret::parse(SECRET_B).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let body =
+        r#"{"type":"lesson.replay_ready","timestamp":"2026-12-07T10:00:00Z","data":{"tracks":1}}"#;
+    let case = |id: &str, at: i64, signed: String, body: &str| {
+        serde_json::json!({"headers": {"webhook-id": id, "webhook-timestamp": at.to_string(),
+            "webhook-signature": signed}, "body": body})
+    };
+    let good = signature(std::slice::from_ref(&secret), "msg_1", now, body.as_bytes());
+    let cases = serde_json::json!([
+        case("msg_1", now, good.clone(), body),
+        case("msg_1", now, good.clone(), &body.replace("1}", "2}")),
+        case("msg_2", now, good.clone(), body),
+        case(
+            "msg_1",
+            now - 600,
+            signature(
+                std::slice::from_ref(&secret),
+                "msg_1",
+                now - 600,
+                body.as_bytes()
+            ),
+            body
+        ),
+        case(
+            "msg_1",
+            now,
+            signature(
+                &[other.clone(), secret.clone()],
+                "msg_1",
+                now,
+                body.as_bytes()
+            ),
+            body
+        ),
+        case(
+            "msg_1",
+            now,
+            signature(&[other], "msg_1", now, body.as_bytes()),
+            body
+        ),
+    ]);
+    let driver = format!(
+        "{example}\nimport json, sys\ncases = json.loads(sys.argv[2])\n\
+         print(json.dumps([verify(sys.argv[1], c['headers'], c['body'].encode()) for c in cases]))\n"
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &driver, SECRET_A, &cases.to_string()])
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "{out:?}");
+    let verdicts: Vec<bool> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(verdicts, [true, false, false, false, true, false]);
+}

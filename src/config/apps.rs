@@ -443,7 +443,10 @@ webhook_secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]
                 serde_json::to_value(&config).unwrap()
             );
             assert_eq!(tic_key(&again, 1400000002), "123456");
-            let hook = again.resolved(Some(1400000002)).webhook.expect("an endpoint");
+            let hook = again
+                .resolved(Some(1400000002))
+                .webhook
+                .expect("an endpoint");
             assert_eq!(hook.url, "https://two.example/hooks");
             let secrets: Vec<&str> = hook.secrets.iter().map(|s| s.expose_secret()).collect();
             assert_eq!(
