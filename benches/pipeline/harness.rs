@@ -42,6 +42,10 @@ pub(crate) struct Plan {
     /// Scenario A: app A's lessons and each one's file size, app B's
     /// lessons and each one's file size.
     pub(crate) fairness: (usize, u64, usize, u64),
+    /// Scenario B: lessons of the cost runs; app A's events (its endpoint
+    /// hanging) and app B's lessons of the fairness runs.
+    pub(crate) webhook_lessons: usize,
+    pub(crate) webhook_fairness: (usize, usize),
 }
 
 impl Plan {
@@ -63,6 +67,8 @@ impl Plan {
             wan_track_bytes: 256 * MIB,
             wan_check_bytes: 64 * MIB,
             fairness: (200, 24 * MIB, 10, MIB),
+            webhook_lessons: 5_000,
+            webhook_fairness: (64, 20),
         }
     }
 
@@ -84,6 +90,8 @@ impl Plan {
             wan_track_bytes: 6 * MIB,
             wan_check_bytes: 8 * MIB,
             fairness: (12, 6 * MIB, 3, MIB),
+            webhook_lessons: 200,
+            webhook_fairness: (16, 5),
         }
     }
 }

@@ -16,7 +16,10 @@
 //! 9. archiving over a WAN against `rclone copyurl` ([`wan`]);
 //! 10. fairness between apps (`BENCH_ONLY=a`): app B's lesson wait during
 //!     app A's backlog against an idle worker, and A's throughput against A
-//!     alone ([`fairness`]).
+//!     alone ([`fairness`]);
+//! 11. webhooks (`BENCH_ONLY=b`): deliveries/s and CPU per delivery beside
+//!     records alone; app B's events while app A's endpoint hangs, against
+//!     idle ([`webhooks`]).
 //!
 //! Writes `target/bench/summary.json` and prints a table ([`report`]).
 //! `--smoke` runs tiny sizes (CI), so the benchmark cannot rot; there, a missed
@@ -35,6 +38,7 @@ mod records;
 mod report;
 mod wan;
 mod wan_proxy;
+mod webhooks;
 
 use common::origin::Origin;
 use harness::{MIB, Plan, median, medians};
@@ -66,7 +70,7 @@ async fn main() {
         plan.archive_file_bytes / MIB
     );
     // BENCH_ONLY=2,3 runs some scenarios only (for profiling); the others
-    // report 0. Scenario 10 is `a`.
+    // report 0. Scenarios 10 and 11 are `a` and `b`.
     let only = std::env::var("BENCH_ONLY").ok();
     let wanted = |n: char| only.as_deref().is_none_or(|o| o.contains(n));
     let mut results = Results::default();
@@ -130,6 +134,10 @@ async fn main() {
     if wanted('a') {
         eprintln!("10. fairness between apps ...");
         results.fairness = fairness::run(&plan, &origin).await;
+    }
+    if wanted('b') {
+        eprintln!("11. webhooks ...");
+        results.webhooks = webhooks::run(&plan).await;
     }
     let missed = report::write(&plan, smoke, &results);
     if smoke && !missed.is_empty() {

@@ -53,6 +53,7 @@ pub(crate) struct Results {
     /// Scenario 9: archiving over a WAN, and the proxy's self-check.
     pub(crate) wan: crate::wan::WanResults,
     pub(crate) fairness: crate::fairness::FairnessResults,
+    pub(crate) webhooks: crate::webhooks::WebhookResults,
 }
 
 impl Results {
@@ -170,6 +171,11 @@ pub(crate) fn write(plan: &Plan, smoke: bool, r: &Results) -> Vec<&'static str> 
             json!(fair.a_throughput_ratio() >= 0.9),
         );
     }
+    // Scenario 11: B's events while A's endpoint hangs.
+    targets.insert(
+        "webhooks_b_p90_wait_le_2x_idle".into(),
+        json!(r.webhooks.b_p90_within_2x()),
+    );
     for (name, met) in &bounds {
         targets.insert((*name).into(), json!(met));
     }
@@ -232,6 +238,7 @@ pub(crate) fn write(plan: &Plan, smoke: bool, r: &Results) -> Vec<&'static str> 
     });
     summary["wan"] = crate::wan::summary(&r.wan);
     summary["fairness"] = crate::fairness::summary(&r.fairness);
+    summary["webhooks"] = crate::webhooks::summary(&r.webhooks);
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("summary.json");
@@ -369,7 +376,8 @@ fn print_table(plan: &Plan, r: &Results, records_ratio: f64, archive_ratio: f64,
     let rows = rows
         .into_iter()
         .chain(wan_rows(&r.wan))
-        .chain(fairness_rows(&r.fairness));
+        .chain(fairness_rows(&r.fairness))
+        .chain(crate::webhooks::rows(&r.webhooks));
     for (name, value, baseline, note) in rows {
         println!("{name:<24} {value:>16}   {baseline:<26} {note}");
     }
