@@ -428,7 +428,7 @@ async fn try_webhook(config: &Config, sdkappid: Option<i64>) -> Result<(), CliEr
     let event = crate::webhook::event::test(sdkappid, time::OffsetDateTime::now_utc());
     println!(
         "POST {} webhook-id {} ({} signature{})",
-        destination.url,
+        destination.shown(),
         event.id,
         destination.secrets.len(),
         if destination.secrets.len() == 1 {

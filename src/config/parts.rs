@@ -102,15 +102,16 @@ impl Config {
     }
 
     /// When failed webhook attempts are tried again: the delays, and an age
-    /// past which nothing is retried (their sum and a day: never reached
-    /// before the last delay).
+    /// past which nothing is retried, never reached before the last attempt
+    /// (every wait the longest — `Retry-After` each time — and a day).
     pub fn webhook_policy(&self) -> RetryPolicy {
         let tiers: Vec<Duration> = self
             .webhook_delays_secs
             .iter()
             .map(|s| Duration::from_secs(*s))
             .collect();
-        let max_age = tiers.iter().sum::<Duration>() + Duration::from_secs(24 * 3600);
+        let longest = tiers.iter().max().copied().unwrap_or_default();
+        let max_age = longest * tiers.len() as u32 + Duration::from_secs(24 * 3600);
         RetryPolicy { tiers, max_age }
     }
 

@@ -107,16 +107,13 @@ pub enum WebhookOutcome {
     Retried,
     /// Parked: 410 Gone, or the last attempt failed.
     Parked,
-    /// Its app has no endpoint any more: acknowledged, not sent.
-    Dropped,
 }
 
 impl WebhookOutcome {
-    pub const ALL: [WebhookOutcome; 4] = [
+    pub const ALL: [WebhookOutcome; 3] = [
         WebhookOutcome::Delivered,
         WebhookOutcome::Retried,
         WebhookOutcome::Parked,
-        WebhookOutcome::Dropped,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -124,7 +121,6 @@ impl WebhookOutcome {
             WebhookOutcome::Delivered => "delivered",
             WebhookOutcome::Retried => "retried",
             WebhookOutcome::Parked => "parked",
-            WebhookOutcome::Dropped => "dropped",
         }
     }
 }
@@ -668,7 +664,7 @@ impl Metrics {
                 webhook_deliveries: counter_vec(
                     &r,
                     "lesson_replay_webhook_deliveries_total",
-                    "Attempts to deliver a webhook event, by app and outcome (delivered, retried, parked, dropped).",
+                    "Attempts to deliver a webhook event, by app and outcome (delivered, retried, parked).",
                     &["app", "outcome"],
                 ),
                 webhook_attempt_seconds: {

@@ -28,6 +28,21 @@ pub struct Destination {
     pub secrets: Vec<Secret>,
 }
 
+impl Destination {
+    /// The URL as logs and commands show it: without a password or a query
+    /// (either may hold a token).
+    pub fn shown(&self) -> String {
+        let mut url = self.url.clone();
+        if url.password().is_some() {
+            let _ = url.set_password(Some("***"));
+        }
+        if url.query().is_some() {
+            url.set_query(Some("[REDACTED]"));
+        }
+        url.to_string()
+    }
+}
+
 /// What an attempt means for the event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -114,7 +129,7 @@ impl Sender {
                 status: None,
                 verdict: Verdict::Retry { at_least: None },
                 elapsed,
-                explanation: format!("no answer: {}", describe(&e)),
+                explanation: format!("no answer: {}", describe(e)),
                 answer: String::new(),
             },
             Ok(Ok((status, headers, answer))) => {
@@ -123,7 +138,7 @@ impl Sender {
                 let explanation = match (status, headers.get(LOCATION)) {
                     (300..=399, Some(to)) => format!(
                         "answered {status}, a redirect to {:?}: not followed",
-                        String::from_utf8_lossy(to.as_bytes())
+                        quote(to.as_bytes())
                     ),
                     _ if quoted.is_empty() => format!("answered {status}"),
                     _ => format!("answered {status}: {quoted}"),
@@ -189,10 +204,12 @@ fn quote(answer: &[u8]) -> String {
 }
 
 /// A transport error in a few words, its source chain included (reqwest's
-/// own text says only "error sending request").
-fn describe(error: &reqwest::Error) -> String {
+/// own text says only "error sending request"), without the URL: a token in
+/// its query would travel into logs and the parking queue's headers.
+fn describe(error: reqwest::Error) -> String {
+    let error = error.without_url();
     let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
+    let mut source = std::error::Error::source(&error);
     while let Some(cause) = source {
         text.push_str(": ");
         text.push_str(&cause.to_string());

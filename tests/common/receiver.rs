@@ -8,7 +8,13 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use lesson_replay::broker::headers::callback_headers;
+use lesson_replay::config::settings::Config;
+use secrecy::SecretString;
 use serde_json::Value;
+
+use crate::common::messages::one_camera;
+use crate::common::{Broker, isolated_config};
 
 pub struct Receiver {
     child: Child,
@@ -130,4 +136,34 @@ pub fn assert_signed(requests: &[Value], secrets: usize) {
         );
         assert_eq!(request["content_type"], "application/json");
     }
+}
+
+/// The specification's example secret, and a second one: rotation.
+pub const SECRET_A: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub const SECRET_B: &str = "whsec_BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+
+pub const APP: i64 = 1400000001;
+
+/// A test's settings with webhooks to `url`, fast delays and a short deadline.
+pub fn webhook_config(test: &str, url: &str, secrets: &[&str]) -> Config {
+    let mut config = isolated_config(test);
+    config.webhook_url = Some(url.to_owned());
+    config.webhook_secrets = secrets.iter().map(|s| SecretString::from(*s)).collect();
+    config.webhook_queue = format!("{}.webhooks", config.work_queue);
+    config.webhook_delays_secs = vec![1, 4];
+    config.webhook_timeout_secs = 2;
+    config.validate().expect("valid settings");
+    config
+}
+
+/// A lesson of app `app` whose record the worker publishes (no probe, no archive).
+pub fn lesson(task: &str, room: i64) -> Vec<u8> {
+    one_camera(task, room, "https://1500.vod2.myqcloud.com/x/f0.mp4", 1000)
+}
+
+pub async fn publish_for(broker: &Broker, app: i64, body: &[u8]) {
+    let app = app.to_string();
+    broker
+        .publish(body, callback_headers(None, None, Some(&app)))
+        .await;
 }

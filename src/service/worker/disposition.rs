@@ -132,9 +132,12 @@ pub(super) async fn send_to_wait(
 }
 
 /// Republish to the next delay tier (confirmed), or park when out of tiers.
-/// A webhook event waits in the webhook tiers, up to a fifth less than the
-/// tier's delay at random (events failing together do not all come back at
-/// once); `at_least` moves it to a longer tier.
+/// A webhook event waits in the webhook tiers, with a TTL of its own up to a
+/// fifth shorter than the tier's, at random (never shorter than `at_least`,
+/// which moves it to a longer tier). The broker expires a message only at
+/// the head of its queue, so this spreads events that failed apart in time,
+/// not a burst that failed together: what bounds a burst towards an endpoint
+/// is its lane's `webhook_concurrency`.
 pub(super) async fn retry_later(
     context: &Context,
     delivery: &Delivery,
@@ -157,7 +160,11 @@ pub(super) async fn retry_later(
             let queue = retry::tier_queue(base, delay);
             let (replay_id, task_id) = lesson_ids();
             if let Kind::Webhook { .. } = kind {
-                let jittered = delay.mul_f64(1.0 - fastrand::f64() / 5.0);
+                // Never sooner than the receiver asked (`Retry-After`).
+                let jittered = delay
+                    .mul_f64(1.0 - fastrand::f64() / 5.0)
+                    .max(at_least.unwrap_or_default())
+                    .min(delay);
                 send_to_wait(
                     context,
                     delivery,

@@ -198,14 +198,16 @@ pub(super) async fn deliver(context: &Context, delivery: &Delivery) -> Outcome {
     )
     .unwrap_or_default();
     let Some(destination) = context.config.webhook_destination(app) else {
-        // Its endpoint was removed from the settings since: the school no
-        // longer asks to be told.
-        info!(webhook_id = %id, %event, "no webhook endpoint for the event's app any more: dropped");
-        context
-            .metrics
-            .webhook_delivery(app, WebhookOutcome::Dropped);
-        webhooks.pending.settled(app, Some(&id));
-        return Outcome::Done;
+        // Not in this worker's settings (another worker's, during a rolling
+        // change; or removed since): kept and tried again, parked after the
+        // last attempt, never dropped.
+        return Outcome::Retry(Rejection::new(
+            ReasonCode::WebhookFailed,
+            format!(
+                "{event} event of app {}: no webhook endpoint in this worker's settings",
+                app.map_or_else(|| "unknown".to_owned(), |a| a.to_string())
+            ),
+        ));
     };
     let attempt = webhooks
         .sender
