@@ -106,11 +106,12 @@ async fn records_and_failures_reach_the_endpoint_signed_once_per_event_id() {
 
 /// The endpoints of the fault test: each an app of its own, its script, and
 /// what becomes of its event.
-const FAULTS: [(&str, &str); 9] = [
+const FAULTS: [(&str, &str); 10] = [
     ("flaky", "s500,ok"),
     ("hang", "hang,ok"),
     ("close", "close,ok"),
     ("redirect", "redirect,ok"),
+    ("private", "redirect-private,ok"),
     ("drip", "drip,ok"),
     ("big", "big"),
     ("later", "ra429:3,ok"),
@@ -150,7 +151,9 @@ async fn every_fault_of_an_endpoint_ends_delivered_or_parked_with_its_reason() {
     }
 
     // Delivered on the second attempt, the first having failed its own way.
-    for name in ["flaky", "hang", "close", "redirect", "drip", "later"] {
+    for name in [
+        "flaky", "hang", "close", "redirect", "private", "drip", "later",
+    ] {
         let log = receiver.wait_for(name, 2, Duration::from_secs(60)).await;
         assert_eq!(log[1]["action"], "ok", "{name}: {log:#?}");
         assert_eq!(
@@ -159,8 +162,16 @@ async fn every_fault_of_an_endpoint_ends_delivered_or_parked_with_its_reason() {
         );
         assert_signed(&log, 1);
     }
-    // A redirect is not followed: nothing reached where it pointed.
+    // A redirect is not followed: nothing reached where it pointed (the
+    // other one points at the cloud metadata address), and the parking
+    // reason would say where it pointed.
     assert!(receiver.log("redirect-redirected").await.is_empty());
+    let redirects = r#"lesson_replay_http_responses_total{class="3xx",target="webhook"}"#;
+    assert_eq!(
+        metric(&metrics, redirects),
+        2,
+        "both redirects taken as answers"
+    );
     // Retry-After: 3 moved the second attempt to the 4 s tier (at most a
     // fifth less); a plain failure waits the first tier, 1 s.
     let gap = |log: &[Value]| {
