@@ -25,6 +25,16 @@ use lesson_replay::telemetry::metrics::Metrics;
 use secrecy::SecretString;
 use serde_json::Value;
 
+/// App `app`'s events go to `url`, signed with `secret`.
+fn endpoint_of(config: &mut Config, app: i64, url: &str, secret: &str) {
+    let table = AppSettings {
+        webhook_url: Some(url.to_owned()),
+        webhook_secrets: Some(vec![SecretString::from(secret)]),
+        ..AppSettings::default()
+    };
+    config.apps.insert(app.to_string(), table);
+}
+
 fn body(request: &Value) -> &Value {
     &request["body"]
 }
@@ -129,14 +139,7 @@ async fn every_fault_of_an_endpoint_ends_delivered_or_parked_with_its_reason() {
         .map(|(n, (name, _))| (*name, 1400000100 + n as i64))
         .collect();
     for (name, app) in &apps {
-        config.apps.insert(
-            app.to_string(),
-            AppSettings {
-                webhook_url: Some(receiver.url(name)),
-                webhook_secrets: Some(vec![SecretString::from(SECRET_A)]),
-                ..AppSettings::default()
-            },
-        );
+        endpoint_of(&mut config, *app, &receiver.url(name), SECRET_A);
     }
     config.validate().expect("valid settings");
     for (name, script) in FAULTS {
@@ -284,14 +287,7 @@ async fn a_hanging_endpoint_holds_only_its_own_apps_events() {
     config.webhook_concurrency = 2;
     let (slow, quick) = (1400000201_i64, 1400000202_i64);
     for (app, name) in [(slow, "slow"), (quick, "quick")] {
-        config.apps.insert(
-            app.to_string(),
-            AppSettings {
-                webhook_url: Some(receiver.url(name)),
-                webhook_secrets: Some(vec![SecretString::from(SECRET_A)]),
-                ..AppSettings::default()
-            },
-        );
+        endpoint_of(&mut config, app, &receiver.url(name), SECRET_A);
     }
     receiver.script("slow", "hang").await;
     let broker = Broker::new(config).await;
@@ -324,14 +320,7 @@ async fn a_hanging_endpoint_holds_only_its_own_apps_events() {
 async fn the_test_command_sends_a_signed_event_and_says_what_the_endpoint_answered() {
     let receiver = Receiver::start(&[SECRET_A, SECRET_B]);
     let mut config = webhook_config("webhooks-cli", &receiver.url("cli"), &[SECRET_A]);
-    config.apps.insert(
-        APP.to_string(),
-        AppSettings {
-            webhook_url: Some(receiver.url("cli-app")),
-            webhook_secrets: Some(vec![SecretString::from(SECRET_B)]),
-            ..AppSettings::default()
-        },
-    );
+    endpoint_of(&mut config, APP, &receiver.url("cli-app"), SECRET_B);
     let sent = lesson_replay(
         &config,
         &["webhook", "test", "--sdkappid", &APP.to_string()],

@@ -159,6 +159,30 @@ impl Topology {
     }
 }
 
+/// A queue the workers consume: quorum, the delivery limit, and parked
+/// when the limit is reached (a message that crashes every worker).
+fn consumed(name: String, config: &TopologySettings) -> QueueSpec {
+    let mut arguments = vec![
+        ("x-queue-type", text("quorum")),
+        (DELIVERY_LIMIT, Arg::Int(config.delivery_limit.into())),
+    ];
+    arguments.extend(dead_letter_to(&config.parking_queue));
+    QueueSpec { name, arguments }
+}
+
+/// A delay queue: its messages wait `delay`, then dead-letter to `back_to`.
+fn waiting(name: String, delay: Duration, back_to: &str) -> QueueSpec {
+    let mut arguments = vec![
+        ("x-queue-type", text("quorum")),
+        (
+            "x-message-ttl",
+            Arg::Int(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+        ),
+    ];
+    arguments.extend(dead_letter_to(back_to));
+    QueueSpec { name, arguments }
+}
+
 /// The topology `config` asks for.
 pub fn plan(config: &TopologySettings) -> Topology {
     let mut queues = vec![QueueSpec {
@@ -168,93 +192,30 @@ pub fn plan(config: &TopologySettings) -> Topology {
             (DELIVERY_LIMIT, Arg::Int(PARKING_DELIVERY_LIMIT)),
         ],
     }];
-    let mut work = vec![
-        ("x-queue-type", text("quorum")),
-        (DELIVERY_LIMIT, Arg::Int(config.delivery_limit.into())),
-    ];
-    work.extend(dead_letter_to(&config.parking_queue));
     // Lanes: like the work queue, which sorts into them.
     for (_, lane) in lanes(config) {
-        queues.push(QueueSpec {
-            name: lane,
-            arguments: work.clone(),
-        });
+        queues.push(consumed(lane, config));
     }
-    queues.push(QueueSpec {
-        name: config.work_queue.clone(),
-        arguments: work,
-    });
+    queues.push(consumed(config.work_queue.clone(), config));
     for &delay in &config.retry_tiers {
-        let mut tier = vec![
-            ("x-queue-type", text("quorum")),
-            (
-                "x-message-ttl",
-                Arg::Int(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
-            ),
-        ];
-        tier.extend(dead_letter_to(&config.work_queue));
-        queues.push(QueueSpec {
-            name: tier_queue(&config.work_queue, delay),
-            arguments: tier,
-        });
+        let name = tier_queue(&config.work_queue, delay);
+        queues.push(waiting(name, delay, &config.work_queue));
     }
     // Watches: delay queues dead-letter into the due queue the workers consume.
-    // Like the work queue: a watch that crashes every worker ends parked.
     let due = due_queue(&config.work_queue);
-    let mut due_arguments = vec![
-        ("x-queue-type", text("quorum")),
-        (DELIVERY_LIMIT, Arg::Int(config.delivery_limit.into())),
-    ];
-    due_arguments.extend(dead_letter_to(&config.parking_queue));
-    queues.push(QueueSpec {
-        name: due.clone(),
-        arguments: due_arguments,
-    });
+    queues.push(consumed(due.clone(), config));
     for &delay in &config.watch_delays {
-        let mut waiting = vec![
-            ("x-queue-type", text("quorum")),
-            (
-                "x-message-ttl",
-                Arg::Int(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
-            ),
-        ];
-        waiting.extend(dead_letter_to(&due));
-        queues.push(QueueSpec {
-            name: delay_queue(&config.work_queue, delay),
-            arguments: waiting,
-        });
+        queues.push(waiting(delay_queue(&config.work_queue, delay), delay, &due));
     }
-    // Webhook events: like the work queue (lanes, a delivery limit that
-    // parks an event crashing every worker), with delay tiers of their own.
+    // Webhook events: like the work queue (lanes, delay tiers back to it).
     if let Some(webhooks) = &config.webhooks {
-        let mut intake = vec![
-            ("x-queue-type", text("quorum")),
-            (DELIVERY_LIMIT, Arg::Int(config.delivery_limit.into())),
-        ];
-        intake.extend(dead_letter_to(&config.parking_queue));
         for (_, lane) in webhook_lanes(config) {
-            queues.push(QueueSpec {
-                name: lane,
-                arguments: intake.clone(),
-            });
+            queues.push(consumed(lane, config));
         }
-        queues.push(QueueSpec {
-            name: webhooks.queue.clone(),
-            arguments: intake,
-        });
+        queues.push(consumed(webhooks.queue.clone(), config));
         for &delay in &webhooks.retry_tiers {
-            let mut tier = vec![
-                ("x-queue-type", text("quorum")),
-                (
-                    "x-message-ttl",
-                    Arg::Int(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
-                ),
-            ];
-            tier.extend(dead_letter_to(&webhooks.queue));
-            queues.push(QueueSpec {
-                name: tier_queue(&webhooks.queue, delay),
-                arguments: tier,
-            });
+            let name = tier_queue(&webhooks.queue, delay);
+            queues.push(waiting(name, delay, &webhooks.queue));
         }
     }
     // Read by consumers outside the worker: no delivery limit may drop a

@@ -195,6 +195,19 @@ impl Rejection {
     }
 }
 
+/// An error with its causes, as a reason's message says it: reqwest's own
+/// text says only "error sending request", its causes are in `source()`.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// The backticked first column of the Markdown table between
 /// `<!-- {name}:begin -->` and `<!-- {name}:end -->` in `doc`.
 #[cfg(test)]

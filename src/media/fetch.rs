@@ -16,7 +16,7 @@ use md5::{Digest, Md5};
 use reqwest::StatusCode;
 use reqwest::header::{self, HeaderMap};
 
-use crate::decision::reason::ReasonCode;
+use crate::decision::reason::{ReasonCode, error_chain};
 use crate::decision::record::Probe;
 use crate::decision::url_policy::UrlPolicy;
 use crate::media::guard::{GuardedResolver, Refused};
@@ -807,18 +807,6 @@ fn refused_by_guard(error: &(dyn std::error::Error + 'static)) -> bool {
         cause = e.source();
     }
     false
-}
-
-/// An error with its causes, which reqwest keeps in `source()`.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -14,7 +14,8 @@
 //! - `webhook.test`: sent by `lesson-replay webhook test`.
 
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::json;
+use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
@@ -72,36 +73,67 @@ fn id_of(parts: &[&str]) -> String {
     )
 }
 
-fn body(kind: &str, at: OffsetDateTime, data: Value) -> Vec<u8> {
-    let envelope = json!({
-        "type": kind,
-        "timestamp": at.format(&Rfc3339).unwrap_or_default(),
-        "data": data,
-    });
+/// The body of every event: `{"type", "timestamp", "data"}`.
+#[derive(Serialize)]
+struct Envelope<'a, T> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    timestamp: String,
+    data: T,
+}
+
+fn body<T: Serialize>(kind: &str, at: OffsetDateTime, data: T) -> Vec<u8> {
+    let envelope = Envelope {
+        kind,
+        timestamp: at.format(&Rfc3339).unwrap_or_default(),
+        data,
+    };
     serde_json::to_vec(&envelope).expect("an event always serializes")
 }
 
-/// The event of a published record. `max_record_bytes` bounds the record
-/// carried in the body.
-pub fn replay_ready(record: &Record, at: OffsetDateTime, max_record_bytes: usize) -> Event {
-    let full = serde_json::to_value(record).expect("a record always serializes");
-    let record_bytes = serde_json::to_vec(&full).map_or(0, |b| b.len());
-    let mut data = json!({
-        "replay_id": record.replay_id,
-        "sdkappid": record.sdkappid,
-        "room_id": record.room_id,
-        "task_id": record.task_id,
-        "started_at": record.started_at,
-        "duration_ms": record.duration_ms,
-        "tracks": record.tracks.len(),
-        "record_bytes": record_bytes,
-    });
-    if record_bytes <= max_record_bytes {
-        data["record"] = full;
-    } else {
-        data["record"] = Value::Null;
-        data["manifest_uri"] = manifest_uri(record).map_or(Value::Null, Value::String);
-    }
+/// `data` of `lesson.replay_ready`.
+#[derive(Serialize)]
+struct Ready<'a> {
+    replay_id: &'a str,
+    sdkappid: Option<i64>,
+    room_id: i64,
+    task_id: Option<&'a str>,
+    started_at: &'a str,
+    duration_ms: i64,
+    tracks: usize,
+    record_bytes: usize,
+    /// The record as published, or null when larger than the limit.
+    record: Option<&'a RawValue>,
+    /// Only when the record is not carried: where the archive keeps it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    manifest_uri: Option<Option<String>>,
+}
+
+/// The event of a published record, given as `record` and as the JSON
+/// published (`record_json`, carried as it is, not serialized again).
+/// `max_record_bytes` bounds the record carried in the body.
+pub fn replay_ready(
+    record: &Record,
+    record_json: &[u8],
+    at: OffsetDateTime,
+    max_record_bytes: usize,
+) -> Event {
+    let carried = record_json.len() <= max_record_bytes;
+    let raw = carried
+        .then(|| serde_json::from_slice::<&RawValue>(record_json).ok())
+        .flatten();
+    let data = Ready {
+        replay_id: &record.replay_id,
+        sdkappid: record.sdkappid,
+        room_id: record.room_id,
+        task_id: record.task_id.as_deref(),
+        started_at: &record.started_at,
+        duration_ms: record.duration_ms,
+        tracks: record.tracks.len(),
+        record_bytes: record_json.len(),
+        record: raw,
+        manifest_uri: (!carried).then(|| manifest_uri(record)),
+    };
     Event {
         id: id_of(&[REPLAY_READY, &record.replay_id]),
         kind: REPLAY_READY,
@@ -131,12 +163,11 @@ pub fn replay_failed(failure: &Failure, at: OffsetDateTime) -> Event {
                 .map(|t| format!("{}/{t}", failure.sdkappid.unwrap_or_default()))
         })
         .unwrap_or_else(|| failure.message_md5.clone());
-    let data = serde_json::to_value(failure).expect("a failure always serializes");
     Event {
         id: id_of(&[REPLAY_FAILED, &about, &failure.reason]),
         kind: REPLAY_FAILED,
         app: failure.sdkappid,
-        body: body(REPLAY_FAILED, at, data),
+        body: body(REPLAY_FAILED, at, failure),
     }
 }
 
@@ -159,7 +190,12 @@ pub fn test(app: Option<i64>, at: OffsetDateTime) -> Event {
 mod tests {
     use super::*;
     use crate::decision::record::{Archive, Kind, Record, SCHEMA_VERSION, Source, Track};
+    use serde_json::Value;
     use time::macros::datetime;
+
+    fn ready(record: &Record, at: OffsetDateTime, max: usize) -> Event {
+        replay_ready(record, &serde_json::to_vec(record).unwrap(), at, max)
+    }
 
     fn record(tracks: usize) -> Record {
         Record {
@@ -207,13 +243,13 @@ mod tests {
             datetime!(2026-12-07 10:00 UTC),
             datetime!(2026-12-08 10:00 UTC),
         );
-        let a = replay_ready(&record(1), t0, 20_000);
-        let b = replay_ready(&record(1), t1, 20_000);
+        let a = ready(&record(1), t0, 20_000);
+        let b = ready(&record(1), t1, 20_000);
         assert_eq!(a.id, b.id);
         assert!(a.id.starts_with("msg_") && a.id.len() == 36, "{}", a.id);
         let mut other = record(1);
         other.replay_id = "rp_2".into();
-        assert_ne!(replay_ready(&other, t0, 20_000).id, a.id);
+        assert_ne!(ready(&other, t0, 20_000).id, a.id);
         let failure = Failure {
             replay_id: Some("rp_1".into()),
             reason: "vod_not_found".into(),
@@ -233,7 +269,7 @@ mod tests {
     #[test]
     fn a_record_over_the_limit_is_told_where_it_is_not_carried() {
         let at = datetime!(2026-12-07 10:00 UTC);
-        let small = replay_ready(&record(2), at, 20_000);
+        let small = ready(&record(2), at, 20_000);
         let body: Value = serde_json::from_slice(&small.body).unwrap();
         assert_eq!(body["type"], REPLAY_READY);
         assert_eq!(body["timestamp"], "2026-12-07T10:00:00Z");
@@ -241,7 +277,7 @@ mod tests {
             body["data"]["record"]["tracks"].as_array().unwrap().len(),
             2
         );
-        let large = replay_ready(&record(200), at, 20_000);
+        let large = ready(&record(200), at, 20_000);
         assert!(large.body.len() < 2_000, "{}", large.body.len());
         let body: Value = serde_json::from_slice(&large.body).unwrap();
         assert!(body["data"]["record"].is_null());

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use reqwest::header::{CONTENT_TYPE, HeaderValue, LOCATION, RETRY_AFTER};
 use url::Url;
 
+use crate::decision::reason::error_chain;
 use crate::webhook::sign::{Secret, signature};
 
 /// An answer's body is read up to this much, then dropped (the connection
@@ -203,19 +204,10 @@ fn quote(answer: &[u8]) -> String {
         .to_owned()
 }
 
-/// A transport error in a few words, its source chain included (reqwest's
-/// own text says only "error sending request"), without the URL: a token in
-/// its query would travel into logs and the parking queue's headers.
+/// A transport error with its causes, without the URL: a token in its
+/// query would travel into logs and the parking queue's headers.
 fn describe(error: reqwest::Error) -> String {
-    let error = error.without_url();
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    error_chain(&error.without_url())
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Where a delivery leaves: its [`Outcome`] carried out (a retry to a delay
+//! Where a delivery leaves: its [`super::Outcome`] carried out (a retry to a delay
 //! tier, the parking queue, a watch scheduled), then the ack — or, when the
 //! broker did not take the outcome, a nack that requeues it.
 
@@ -9,37 +9,19 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::FieldTable;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use super::Context;
-use super::delivery::{lesson_app, lesson_ids, lesson_room};
-use super::due_watches::schedule_watch;
-use super::session::Kind;
-use super::webhooks;
+use super::handling::{lesson_app, lesson_ids, lesson_room};
+use super::{Kind, Outcome, now, rfc3339, webhooks};
 use crate::broker::amqp::{self, PublishError};
 use crate::broker::headers::{self, header_text, set_header};
 use crate::broker::retry::{self, RetryPolicy, RetryStep};
 use crate::decision::decide::named;
 use crate::decision::reason::Rejection;
-use crate::decision::watch::{Watch, delay_queue};
-use crate::telemetry::metrics::WebhookOutcome;
+use crate::decision::watch::{WATCH_TYPE, Watch, delay_queue};
+use crate::telemetry::metrics::{WatchEvent, WebhookOutcome};
 use crate::webhook::event::{self, Failure};
-
-/// What to do with a delivery once its processing is over.
-pub(super) enum Outcome {
-    /// Its record is published (or it was skipped): acknowledge.
-    Done,
-    /// Permanent failure: copy it to the parking queue, then acknowledge.
-    Park(Rejection),
-    /// Transient failure: retry it later through a delay tier.
-    Retry(Rejection),
-    /// Transient failure, and the other side asked for at least this long
-    /// (`Retry-After`): the first delay tier that is as long, else the longest.
-    RetryNoSooner(Rejection, Duration),
-    /// Watch this task: publish the watch to the delay queue of this delay,
-    /// then acknowledge.
-    Watch(Watch, Duration),
-}
 
 /// Carry out the outcome, then ack — or, when that failed, nack with requeue
 /// so the broker gives the message to another attempt.
@@ -83,14 +65,6 @@ pub(super) async fn ack_or_requeue(delivery: &Delivery, carried_out: Result<(), 
     if let Err(e) = settled {
         warn!(error = %e, "ack/nack failed (channel gone): the broker redelivers the message");
     }
-}
-
-pub(super) fn now() -> OffsetDateTime {
-    OffsetDateTime::now_utc()
-}
-
-pub(super) fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
 }
 
 /// The message's headers with the retry bookkeeping of one more failure.
@@ -337,4 +311,21 @@ fn failure_of(
         first_failed_at: header_text(table, headers::FIRST_SEEN).or_else(|| Some(rfc3339(now()))),
         message_md5: amqp::body_md5(&delivery.data),
     })
+}
+
+/// Publish `watch` to the delay queue of `delay`, confirmed.
+async fn schedule_watch(
+    context: &Context,
+    watch: &Watch,
+    delay: Duration,
+) -> Result<(), PublishError> {
+    let body = serde_json::to_vec(watch).expect("a watch always serializes");
+    let properties = amqp::json_properties()
+        .with_type(WATCH_TYPE.into())
+        .with_timestamp(now().unix_timestamp().max(0) as u64);
+    let queue = delay_queue(&context.config.work_queue, delay);
+    amqp::publish_confirmed(&context.publisher, "", &queue, &body, properties).await?;
+    info!(task = %watch.task_id, delay_secs = delay.as_secs(), checks = watch.checks, "watch scheduled");
+    context.metrics.watch(WatchEvent::Scheduled);
+    Ok(())
 }

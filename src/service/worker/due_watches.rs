@@ -1,18 +1,15 @@
 //! A due watch's handling: ask TIC, then publish the finished recording,
 //! watch again, or park.
 
-use std::time::Duration;
-
 use lapin::message::Delivery;
 use tracing::{info, warn};
 
 use super::Context;
-use super::delivery::remember_lesson;
-use super::disposition::{Outcome, now};
+use super::handling::remember_lesson;
 use super::lessons::publish_normalized;
-use crate::broker::amqp::{self, PublishError};
+use super::{Outcome, now, rescheduled};
 use crate::decision::reason::{ReasonCode, Rejection};
-use crate::decision::watch::{WATCH_TYPE, Watch, delay_queue};
+use crate::decision::watch::Watch;
 use crate::service::watches::WatchCheck;
 use crate::telemetry::metrics::WatchEvent;
 
@@ -79,30 +76,4 @@ pub(super) fn retry_watch(context: &Context, delivery: &Delivery, reason: Reject
         }
         Err(_) => Outcome::Park(reason),
     }
-}
-
-/// The outcome of a watch that is not checked now: watched later, or parked.
-pub(super) fn rescheduled(check: WatchCheck) -> Outcome {
-    match check {
-        WatchCheck::Again(watch, delay) => Outcome::Watch(watch, delay),
-        WatchCheck::Park(reason) => Outcome::Park(reason),
-        WatchCheck::Finished(_) => unreachable!("only a query finds a task finished"),
-    }
-}
-
-/// Publish `watch` to the delay queue of `delay`, confirmed.
-pub(super) async fn schedule_watch(
-    context: &Context,
-    watch: &Watch,
-    delay: Duration,
-) -> Result<(), PublishError> {
-    let body = serde_json::to_vec(watch).expect("a watch always serializes");
-    let properties = amqp::json_properties()
-        .with_type(WATCH_TYPE.into())
-        .with_timestamp(now().unix_timestamp().max(0) as u64);
-    let queue = delay_queue(&context.config.work_queue, delay);
-    amqp::publish_confirmed(&context.publisher, "", &queue, &body, properties).await?;
-    info!(task = %watch.task_id, delay_secs = delay.as_secs(), checks = watch.checks, "watch scheduled");
-    context.metrics.watch(WatchEvent::Scheduled);
-    Ok(())
 }

@@ -8,8 +8,8 @@ use tracing::warn;
 
 use super::Context;
 use super::disposition::{ack_or_requeue, shortest_tier};
-use super::session::{Kind, Lanes};
 use super::webhooks::app_of_event;
+use super::{Kind, Lanes};
 use crate::broker::amqp;
 use crate::broker::topology;
 use crate::decision::decide::app_of;

@@ -9,10 +9,9 @@ use time::format_description::well_known::Rfc3339;
 use tracing::{info, warn};
 
 use super::Context;
-use super::delivery::{handling_ms, lesson_ids, remember_lesson};
-use super::disposition::{Outcome, now};
-use super::due_watches::rescheduled;
+use super::handling::{handling_ms, lesson_ids, remember_lesson};
 use super::webhooks::publish_event;
+use super::{Outcome, now, rescheduled};
 use crate::broker::amqp::{self, PublishError};
 use crate::broker::headers::{self, header_text, set_header};
 use crate::decision::decide::{Decision, decide};
@@ -88,15 +87,20 @@ pub(super) async fn publish_normalized(
     // The record, then its event for the school's endpoint (when it has
     // one): both confirmed before the ack. A failure in between sends the
     // record again later (records are deduplicated by `message_id`).
-    let published = match publish_record(context, record, delivery).await {
-        Ok(()) if context.webhooks.is_some() => {
-            let event = webhook::event::replay_ready(record, now(), max_record_bytes(context));
+    let json = serde_json::to_vec(record).expect("a record always serializes");
+    let published = match (
+        publish_record(context, record, &json, delivery).await,
+        &context.webhooks,
+    ) {
+        (Ok(()), Some(webhooks)) if webhooks.tells(record.sdkappid) => {
+            let limit = webhooks.max_record_bytes;
+            let event = webhook::event::replay_ready(record, &json, now(), limit);
             publish_event(context, event)
                 .await
                 .map_err(|e| format!("the record is published but not its webhook event: {e}"))
         }
-        Ok(()) => Ok(()),
-        Err(e) => Err(e.to_string()),
+        (Ok(()), _) => Ok(()),
+        (Err(e), _) => Err(e.to_string()),
     };
     stage.observe_duration();
     match published {
@@ -121,13 +125,6 @@ pub(super) async fn publish_normalized(
         }
         Err(e) => Outcome::Retry(Rejection::new(ReasonCode::PublishFailed, e)),
     }
-}
-
-fn max_record_bytes(context: &Context) -> usize {
-    context
-        .webhooks
-        .as_ref()
-        .map_or(usize::MAX, |w| w.max_record_bytes)
 }
 
 /// How long ago the message arrived: its AMQP `timestamp` (set by the ingress
@@ -161,13 +158,14 @@ pub fn record_routing_key(record: &Record) -> String {
     format!("v1.{}.{app}", record.source.as_str())
 }
 
-/// Publish the record, confirmed, with `message_id` = replay_id for deduplication.
+/// Publish the record (its JSON, `body`), confirmed, with `message_id` =
+/// replay_id for deduplication.
 pub(super) async fn publish_record(
     context: &Context,
     record: &Record,
+    body: &[u8],
     delivery: &Delivery,
 ) -> Result<(), PublishError> {
-    let body = serde_json::to_vec(record).expect("a record always serializes");
     let mut properties = amqp::json_properties()
         .with_message_id(record.replay_id.as_str().into())
         .with_type("lesson-replay.v1".into())
@@ -191,7 +189,7 @@ pub(super) async fn publish_record(
         &context.publisher,
         &context.config.records_exchange,
         &record_routing_key(record),
-        &body,
+        body,
         properties,
     )
     .await;

@@ -1,17 +1,18 @@
 //! One broker connection: its channels, the topology, one consumer per feed,
-//! and the loop that hands each delivery to its handler.
+//! the loop that hands each delivery to its handler, and its ordered stop
+//! (drain the handlers within the grace period, then close).
 
 use std::sync::Arc;
 
 use futures_util::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
 use tracing::{info, warn};
 
 use super::delivery::handle_delivery;
 use super::intake::sort;
-use super::supervisor::{close, drain};
-use super::{Context, Shared, WorkerError};
+use super::{ABORT_CLEANUP, Context, Kind, Lanes, Shared, WorkerError};
 use crate::broker::amqp;
 use crate::broker::topology;
 use crate::config::settings::Config;
@@ -63,17 +64,9 @@ pub(super) async fn session(shared: &Shared, connected: impl FnOnce()) -> Result
     connected();
 
     let context = Arc::new(Context {
-        hooks: shared.hooks.clone(),
-        watcher: shared.watcher.clone(),
-        config: shared.config.clone(),
-        policy: shared.policy.clone(),
-        retry: shared.retry.clone(),
-        media: shared.media.clone(),
-        metrics: shared.metrics.clone(),
+        deps: shared.deps.clone(),
         publisher: publisher.clone(),
         abort: shared.abort.clone(),
-        lanes: Arc::new(config.app_ids()),
-        webhooks: shared.webhooks.clone(),
     });
     loop {
         tokio::select! {
@@ -170,19 +163,6 @@ pub fn watch_prefetch(concurrency: u16) -> u16 {
     (concurrency / 4).max(1)
 }
 
-/// Which queue a delivery came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Kind {
-    /// A TIC message to process: from the work queue (no apps configured) or
-    /// from the lane of `app` (`None`: the lane of every other app).
-    Message { app: Option<i64> },
-    /// A due watch.
-    Watch,
-    /// A webhook event to send: from the webhook queue (no apps) or from
-    /// the webhook lane of `app` (`None`: of every other app).
-    Webhook { app: Option<i64> },
-}
-
 /// What a consumer's deliveries go to.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Feed {
@@ -192,11 +172,27 @@ pub(super) enum Feed {
     Handle(Kind),
 }
 
-/// Which lanes a sorted queue feeds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Lanes {
-    /// The work queue's messages, by the app their body names.
-    Lessons,
-    /// The webhook events, by the app of their header.
-    Webhooks,
+/// Let in-flight handlers finish within the grace period; abort the rest.
+pub(super) async fn drain(shared: &Shared) {
+    shared.handlers.close();
+    let grace = shared.config.shutdown_grace();
+    if tokio::time::timeout(grace, shared.handlers.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            grace_secs = grace.as_secs(),
+            "in-flight messages did not finish in time: aborted, the broker requeues them"
+        );
+        shared.abort.cancel();
+        let _ = tokio::time::timeout(ABORT_CLEANUP, shared.handlers.wait()).await;
+    }
+    shared.media.wait_for_cleanup(ABORT_CLEANUP).await;
+}
+
+pub(super) async fn close<const N: usize>(connection: &Connection, channels: [&Channel; N]) {
+    for channel in channels {
+        let _ = channel.close(200, "shutdown".into()).await;
+    }
+    let _ = connection.close(200, "shutdown".into()).await;
 }

@@ -1,15 +1,14 @@
 //! The broker session's keeper: rebuilt with backoff when lost, a refused
-//! topology said once and rechecked now and then, and the ordered stop
-//! (drain the handlers within the grace period, then close).
+//! topology said once and rechecked now and then; a stop during a lost
+//! session drains the handlers ([`super::session::drain`]).
 
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use lapin::{Channel, Connection};
 use tracing::{error, info, warn};
 
-use super::session::session;
-use super::{ABORT_CLEANUP, MAX_RECONNECT_WAIT, Shared, WorkerError};
+use super::session::{drain, session};
+use super::{MAX_RECONNECT_WAIT, Shared, WorkerError};
 
 /// Keep a broker session running, rebuilding it with backoff whenever it is
 /// lost. A topology the broker refuses is said once, shown in `/readyz`, and
@@ -72,29 +71,4 @@ pub(super) async fn supervise(shared: &Shared) -> Result<(), WorkerError> {
             }
         }
     }
-}
-
-/// Let in-flight handlers finish within the grace period; abort the rest.
-pub(super) async fn drain(shared: &Shared) {
-    shared.handlers.close();
-    let grace = shared.config.shutdown_grace();
-    if tokio::time::timeout(grace, shared.handlers.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            grace_secs = grace.as_secs(),
-            "in-flight messages did not finish in time: aborted, the broker requeues them"
-        );
-        shared.abort.cancel();
-        let _ = tokio::time::timeout(ABORT_CLEANUP, shared.handlers.wait()).await;
-    }
-    shared.media.wait_for_cleanup(ABORT_CLEANUP).await;
-}
-
-pub(super) async fn close<const N: usize>(connection: &Connection, channels: [&Channel; N]) {
-    for channel in channels {
-        let _ = channel.close(200, "shutdown".into()).await;
-    }
-    let _ = connection.close(200, "shutdown".into()).await;
 }

@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 use tracing::info;
 
 use super::Context;
-use super::disposition::{Outcome, now};
+use super::{Outcome, now};
 use crate::broker::amqp::{self, PublishError};
 use crate::broker::headers::{self, header_text, set_header};
 use crate::broker::retry::RetryPolicy;
@@ -26,7 +26,7 @@ use crate::config::settings::Config;
 use crate::decision::reason::{ReasonCode, Rejection};
 use crate::telemetry::metrics::{Metrics, WebhookOutcome};
 use crate::webhook::event::{Event, WEBHOOK_TYPE};
-use crate::webhook::send::{Sender, Verdict};
+use crate::webhook::send::{Destination, Sender, Verdict};
 
 /// How long after its next attempt was due an event this worker saw fail
 /// still counts as pending here: by then another worker has tried it (and
@@ -40,6 +40,10 @@ pub(in crate::service) struct Webhooks {
     /// The queue events wait in (and the base of their lanes and tiers).
     pub(super) queue: String,
     pub(super) max_record_bytes: usize,
+    /// Each app's endpoint, resolved once: the apps with a table, then the
+    /// top level's for every other app (`None`: nowhere).
+    endpoints: HashMap<i64, Option<Destination>>,
+    default_endpoint: Option<Destination>,
     pending: Pending,
 }
 
@@ -54,11 +58,30 @@ impl Webhooks {
             policy: config.webhook_policy(),
             queue: config.webhook_queue.clone(),
             max_record_bytes: config.webhook_max_record_bytes,
+            endpoints: config
+                .app_ids()
+                .into_iter()
+                .map(|app| (app, config.webhook_destination(Some(app))))
+                .collect(),
+            default_endpoint: config.webhook_destination(None),
             pending: Pending {
                 metrics,
                 events: Mutex::default(),
             },
         }))
+    }
+
+    /// Where app `app`'s events go, as [`Config::webhook_destination`] says.
+    fn endpoint(&self, app: Option<i64>) -> Option<&Destination> {
+        match app.and_then(|app| self.endpoints.get(&app)) {
+            Some(own) => own.as_ref(),
+            None => self.default_endpoint.as_ref(),
+        }
+    }
+
+    /// Whether app `app`'s events go anywhere.
+    pub(super) fn tells(&self, app: Option<i64>) -> bool {
+        self.endpoint(app).is_some()
     }
 
     /// An event of app `app` waits `delay` for its next attempt.
@@ -147,7 +170,7 @@ pub(super) async fn publish_event(context: &Context, event: Event) -> Result<(),
     let Some(webhooks) = &context.webhooks else {
         return Ok(());
     };
-    if context.config.webhook_destination(event.app).is_none() {
+    if !webhooks.tells(event.app) {
         return Ok(());
     }
     let mut table = FieldTable::default();
@@ -197,7 +220,7 @@ pub(super) async fn deliver(context: &Context, delivery: &Delivery) -> Outcome {
         headers::WEBHOOK_EVENT,
     )
     .unwrap_or_default();
-    let Some(destination) = context.config.webhook_destination(app) else {
+    let Some(destination) = webhooks.endpoint(app) else {
         // Not in this worker's settings (another worker's, during a rolling
         // change; or removed since): kept and tried again, parked after the
         // last attempt, never dropped.
@@ -209,10 +232,7 @@ pub(super) async fn deliver(context: &Context, delivery: &Delivery) -> Outcome {
             ),
         ));
     };
-    let attempt = webhooks
-        .sender
-        .send(&destination, &id, &delivery.data)
-        .await;
+    let attempt = webhooks.sender.send(destination, &id, &delivery.data).await;
     context
         .metrics
         .webhook_attempt(app, attempt.status, attempt.elapsed);
